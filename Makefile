@@ -1,0 +1,40 @@
+# Two entry points, each sets up what it needs first:
+#   make demo   set up, then run the main job on the embedded default: serve model_repository/ with the local
+#               tritonserver and validate the served policy in CityLearn (KPIs, parity, plot) -> reports/demo/
+#   make test   set up, then run the whole test suite
+# Everything lands in .venv (override with VENV=...). Offline machines: CITYLEARN_LOCAL_DATASETS_PATH is pointed at
+# ../shared/citylearn/datasets when that folder exists.
+
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.maddpg-citylearn-installed
+SHARED_DATASETS := $(abspath ../shared/citylearn/datasets)
+
+ifneq ($(wildcard $(SHARED_DATASETS)),)
+export CITYLEARN_LOCAL_DATASETS_PATH ?= $(SHARED_DATASETS)
+export CITYLEARN_OFFLINE ?= 1
+endif
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	# The CPU build of torch first: the project's range accepts it and pip then keeps it.
+	$(BIN)/python -m pip install "torch==2.13.0"
+	$(BIN)/python -m pip install -e ".[test]"
+	# citylearn's declared dependencies (openstudio, doe_xstock, torchvision) are not needed to run the env.
+	$(BIN)/python -m pip install --no-deps "citylearn==3.0.2"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/maddpg-citylearn evaluate --serve model_repository --start 0 --end 719 --out reports/demo
+
+test: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) reports .pytest_cache
