@@ -1,4 +1,5 @@
-"""Before learning: roll the env once to estimate observation statistics and keep real observations for export.
+"""Before learning: roll the env once without control to estimate observation statistics, record the no-storage
+counterfactual the team reward needs, and keep real observations for export.
 
 The statistics are frozen for the whole run (a moving normaliser would shift the critic's inputs under it), and a
 sample of the rollout's observations travels in every checkpoint so that ``export`` can validate the ONNX graph on real
@@ -7,6 +8,7 @@ env data without building an env.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -18,6 +20,7 @@ from maddpg_client.layout import PolicyLayout
 
 from .checkpoint import Checkpoint
 from .networks import ActorSpec, PolicyNetwork
+from .team_reward import BaselineSeries
 
 REFERENCE_SAMPLE = 256
 
@@ -38,14 +41,10 @@ def rollout_observations(env, adapter: CityLearnAdapter, act: Controller, *, pro
     return np.stack(seen)
 
 
-def random_controller(layout: PolicyLayout, rng: np.random.Generator) -> Controller:
-    """Uniform actions inside each slot's bounds (padded slots 0): visits storage states that zero actions never do."""
-    low, high = layout.action_bounds()
-
-    def act(_: np.ndarray) -> np.ndarray:
-        return rng.uniform(low, high).astype(np.float32)
-
-    return act
+def zero_controller(layout: PolicyLayout) -> Controller:
+    """No control at all: every action 0 (batteries and chargers idle). The reference every KPI is a ratio to."""
+    zeros = np.zeros(layout.action_shape, dtype=np.float32)
+    return lambda _: zeros
 
 
 def observation_statistics(observations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -59,25 +58,46 @@ def reference_sample(observations: np.ndarray, rng: np.random.Generator, size: i
     return torch.from_numpy(observations[np.sort(rows)].astype(np.float32))
 
 
-def initial_checkpoint(spec: EnvSpec, actor_spec: ActorSpec = ActorSpec(), *, seed: int = 0,
-                       progress: bool = False) -> tuple[Checkpoint, np.ndarray]:
-    """A freshly initialised policy on the real env layout, with statistics from a random-action warm-up rollout.
+@dataclass
+class Warmup:
+    """What one no-control rollout of the training window tells us before learning starts."""
 
-    Returns the checkpoint (no trainer state) and the warm-up observations.
+    layout: PolicyLayout
+    observations: np.ndarray   # [steps + 1, agents, obs_width]
+    baseline: BaselineSeries   # the no-storage counterfactual the team reward is measured against
+
+
+def warmup(spec: EnvSpec, *, progress: bool = False) -> Warmup:
+    """Roll the window once with zero actions: observation statistics, reference observations, reward baseline.
+
+    Zero actions keep batteries idle, so the no-storage series CityLearn records are exactly the counterfactual, and
+    they do not depend on any policy.
     """
     env = spec.build()
     layout = layout_from_env(env, dataset=spec.dataset_name)
     adapter = CityLearnAdapter(layout, env, what="the new policy")
-    rng = np.random.default_rng(seed)
-    observations = rollout_observations(env, adapter, random_controller(layout, rng), progress=progress)
+    observations = rollout_observations(env, adapter, zero_controller(layout), progress=progress)
+    return Warmup(layout=layout, observations=observations, baseline=BaselineSeries.from_env(env))
+
+
+def fresh_policy(layout: PolicyLayout, observations: np.ndarray, actor_spec: ActorSpec = ActorSpec(), *,
+                 seed: int = 0) -> PolicyNetwork:
+    """Randomly initialised actors behind a normaliser fitted to ``observations``."""
     torch.manual_seed(seed)
     policy = PolicyNetwork(layout, actor_spec)
     policy.normaliser.set_statistics(*observation_statistics(observations))
-    checkpoint = Checkpoint(
-        layout=layout,
+    return policy
+
+
+def initial_checkpoint(spec: EnvSpec, actor_spec: ActorSpec = ActorSpec(), *, seed: int = 0,
+                       progress: bool = False) -> Checkpoint:
+    """An untrained policy on the real env layout (what `train --episodes 0` writes): for tests and smoke runs."""
+    result = warmup(spec, progress=progress)
+    policy = fresh_policy(result.layout, result.observations, actor_spec, seed=seed)
+    return Checkpoint(
+        layout=result.layout,
         actor_spec=actor_spec,
         policy=policy.state_dict(),
-        reference_observations=reference_sample(observations, rng),
-        summary={"trained": False, "seed": seed, "warmup_steps": int(len(observations) - 1)},
+        reference_observations=reference_sample(result.observations, np.random.default_rng(seed)),
+        summary={"trained": False, "seed": seed, "warmup_steps": int(len(result.observations) - 1)},
     )
-    return checkpoint, observations

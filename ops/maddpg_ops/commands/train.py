@@ -1,0 +1,60 @@
+"""``maddpg-citylearn train``: learn the cooperative MADDPG policy and write checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from maddpg_client.citylearn_env import EnvSpec
+
+
+@click.command("train")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML file of training settings (see configs/ctde.toml). Options below override it.")
+@click.option("--episodes", type=click.IntRange(min=0), default=None,
+              help="Passes over the training window. 0 writes an untrained (initialised) policy.")
+@click.option("--start", type=click.IntRange(min=0), default=None, help="First time step of the training window.")
+@click.option("--end", type=click.IntRange(min=0), default=None, help="Last time step of the training window (inclusive).")
+@click.option("--dataset", metavar="NAME|PATH", default=None,
+              help="CityLearn dataset name or schema.json path (default: the config's, else the 2022 EV dataset).")
+@click.option("--seed", type=int, default=None, help="Random seed (networks, exploration, replay sampling).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Where the networks learn.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/ctde", show_default=True,
+              help="Output folder: last.pt every episode, best.pt, final.pt, summary.json.")
+@click.option("--resume", type=click.Path(dir_okay=False), default=None,
+              help="Continue from a checkpoint written by train (last.pt): networks, optimisers, counters.")
+@click.option("--eval-start", type=click.IntRange(min=0), default=None,
+              help="Window of the final deterministic evaluation (default: the whole dataset).")
+@click.option("--eval-end", type=click.IntRange(min=0), default=None)
+@click.option("--evaluate-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also evaluate deterministically every N episodes and keep the best policy as best.pt.")
+@click.option("--progress/--no-progress", default=True, help="Progress bars.")
+def train(config_file, episodes, start, end, dataset, seed, device, out_dir, resume, eval_start, eval_end,
+          evaluate_every, progress):
+    """Train one actor per building with a centralised twin critic on the cooperative team reward.
+
+    \b
+    Decentralised execution: each actor sees only its own building. Centralised training: the critic sees every
+    building's observation and action. TD3 stabilisers: target networks, clipped double Q, target policy smoothing,
+    delayed actor updates; Gaussian exploration decayed over episodes.
+
+    \b
+    Example (the shipped model, see docs/model-card.md):
+      maddpg-citylearn train --config configs/ctde.toml --out runs/ctde
+      maddpg-citylearn export runs/ctde/best.pt
+    """
+    from maddpg_training.config import TrainConfig
+    from maddpg_training.trainer import train as run_training
+
+    config = TrainConfig.load(config_file) if config_file else TrainConfig()
+    config = config.override(episodes=episodes, start=start, end=end, dataset=dataset, seed=seed, device=device)
+    evaluation = EnvSpec(schema=config.dataset, start=eval_start, end=eval_end, random_seed=config.seed)
+    result = run_training(config, out_dir, resume=resume, progress=progress, evaluation=evaluation,
+                          evaluate_every=evaluate_every, say=lambda m: click.echo(m, err=True))
+    (result.out_dir / "summary.json").write_text(json.dumps(result.summary, indent=2))
+    kpis, service = result.summary["evaluation"], result.summary["evaluation_service"]
+    click.echo(f"final policy: {result.final_checkpoint}" + (f"  (best: {result.best_checkpoint})" if result.best_checkpoint else ""))
+    click.echo("deterministic evaluation (ratio to no control, lower is better): " +
+               ", ".join(f"{k} {v:.3f}" for k, v in kpis.items()))
+    click.echo(f"EV departures at acceptable charge: {service['ev_departures_acceptable']:.3f}")

@@ -1,0 +1,83 @@
+"""Shared fixtures: the real dataset, a checkpoint made by the project itself, an exported repository, a real server.
+
+Expensive things are session-scoped and built once: an initialised policy on the real env layout (one-week warm-up),
+its export, and one tritonserver on free ports that is stopped by PID at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATASET = "citylearn_challenge_2022_phase_all_plus_evs"
+ONE_WEEK = (0, 167)
+
+
+def _datasets_root() -> Path:
+    configured = os.environ.get("CITYLEARN_LOCAL_DATASETS_PATH")
+    candidates = [Path(configured)] if configured else []
+    candidates.append(REPO_ROOT.parent / "shared" / "citylearn" / "datasets")
+    for candidate in candidates:
+        if (candidate / DATASET / "schema.json").is_file():
+            return candidate.resolve()
+    raise pytest.UsageError(
+        f"the CityLearn dataset {DATASET} was not found (looked in {', '.join(map(str, candidates))}): set "
+        f"CITYLEARN_LOCAL_DATASETS_PATH to the folder that holds it (../shared/citylearn/datasets in CI)"
+    )
+
+
+def pytest_configure(config):
+    # Tests never reach the internet: CityLearn must read the local copy.
+    root = _datasets_root()
+    os.environ["CITYLEARN_LOCAL_DATASETS_PATH"] = str(root)
+    os.environ["CITYLEARN_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def schema_path() -> Path:
+    return _datasets_root() / DATASET / "schema.json"
+
+
+@pytest.fixture(scope="session")
+def week_spec(schema_path):
+    from maddpg_client.citylearn_env import EnvSpec
+
+    return EnvSpec(schema=str(schema_path), start=ONE_WEEK[0], end=ONE_WEEK[1])
+
+
+@pytest.fixture(scope="session")
+def initial_checkpoint_path(tmp_path_factory, week_spec) -> Path:
+    """An untrained policy on the real env layout, written by the project's own checkpoint code."""
+    from maddpg_training.bootstrap import initial_checkpoint
+    from maddpg_training.checkpoint import save_checkpoint
+    from maddpg_training.networks import ActorSpec
+
+    path = tmp_path_factory.mktemp("checkpoints") / "initial.pt"
+    # Small hidden layers keep the suite fast; the contract does not depend on them.
+    save_checkpoint(path, initial_checkpoint(week_spec, ActorSpec(hidden_sizes=(64, 64)), seed=7))
+    return path
+
+
+@pytest.fixture(scope="session")
+def exported_repository(tmp_path_factory, initial_checkpoint_path) -> Path:
+    from maddpg_export.pipeline import export_checkpoint
+
+    repository = tmp_path_factory.mktemp("model_repository")
+    export_checkpoint(initial_checkpoint_path, repository)
+    return repository
+
+
+@pytest.fixture(scope="session")
+def triton_server(exported_repository):
+    """One real tritonserver (bundled in nvidia-pytriton) for the whole session, on free ports."""
+    from maddpg_ops.local_triton import LocalTritonServer, free_ports
+
+    server = LocalTritonServer(exported_repository, ports=free_ports())
+    server.start(timeout=120)
+    try:
+        yield server
+    finally:
+        server.stop()

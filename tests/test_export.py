@@ -1,0 +1,243 @@
+"""`maddpg-citylearn export`: a validated ONNX graph written atomically as a new version with three Triton configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from tritonclient.grpc import model_config_pb2 as pb
+
+from maddpg_client.layout import INPUT_NAME, OUTPUT_NAME, PolicyLayout
+from maddpg_export.triton_config import parse_config
+from maddpg_ops.cli import cli
+from maddpg_training.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.citylearn
+MODEL = "maddpg_ctde"
+
+
+def run_export(*args: str):
+    return CliRunner().invoke(cli, ["export", *map(str, args)])
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def error_line(result) -> str:
+    """The one line a failed command prints: `Error: <what is wrong and what to do>`."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+@pytest.fixture()
+def repository(tmp_path) -> Path:
+    return tmp_path / "repo"
+
+
+def test_export_help_explains_the_command():
+    result = CliRunner().invoke(cli, ["export", "--help"])
+    assert result.exit_code == 0
+    for words in ("CHECKPOINT", "--repository", "--model", "--version", "--force", "observations", "actions"):
+        assert words in result.output
+
+
+def test_exporting_twice_writes_versions_1_and_2_and_keeps_both(initial_checkpoint_path, repository):
+    first = run_export(initial_checkpoint_path, "--repository", repository)
+    assert first.exit_code == 0, first.output
+    second = run_export(initial_checkpoint_path, "--repository", repository)
+    assert second.exit_code == 0, second.output
+    model_dir = repository / MODEL
+    assert sorted(p.name for p in model_dir.iterdir() if p.name.isdigit()) == ["1", "2"]
+    for version in ("1", "2"):
+        assert {p.name for p in (model_dir / version).iterdir()} == {"model.onnx", "model.py", "layout.json"}
+    assert not list(model_dir.glob(".staging-*"))
+    # The summary names what a user needs to know.
+    for words in ("version", "observations", "nodes", "KiB", "parity", "time"):
+        assert words in second.output
+
+
+def test_written_configs_agree_with_each_other_and_with_the_onnx_graph(exported_repository):
+    model_dir = exported_repository / MODEL
+    configs = {name: parse_config((model_dir / path).read_text()) for name, path in
+               {"default": "config.pbtxt", "cpu": "configs/cpu.pbtxt", "local": "configs/local.pbtxt"}.items()}
+    graph = onnx.load(model_dir / "1" / "model.onnx")
+    layout = PolicyLayout.from_json(configs["default"].parameters["layout"].string_value)
+    assert layout.observation_shape == (17, 52) and layout.action_shape == (17, 3)  # derived from citylearn 3.0.2
+
+    def graph_dims(value):
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    (graph_in,), (graph_out,) = graph.graph.input, graph.graph.output
+    assert (graph_in.name, graph_out.name) == (INPUT_NAME, OUTPUT_NAME)
+    assert isinstance(graph_dims(graph_in)[0], str) and isinstance(graph_dims(graph_out)[0], str)  # dynamic batch
+    assert graph_dims(graph_in)[1:] == [17, 52] and graph_dims(graph_out)[1:] == [17, 3]
+    for name, config in configs.items():
+        assert config.name == MODEL
+        assert config.max_batch_size > 0
+        assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [(INPUT_NAME, pb.TYPE_FP32, [17, 52])]
+        assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [(OUTPUT_NAME, pb.TYPE_FP32, [17, 3])]
+        assert PolicyLayout.from_json(config.parameters["layout"].string_value) == layout
+        assert config.dynamic_batching.default_queue_policy.max_queue_size > 0
+        assert config.dynamic_batching.default_queue_policy.default_timeout_microseconds > 0
+        assert len(config.model_warmup) >= 1
+    kinds = {name: [g.kind for g in config.instance_group] for name, config in configs.items()}
+    assert kinds["default"] == [pb.ModelInstanceGroup.KIND_GPU, pb.ModelInstanceGroup.KIND_CPU]
+    assert kinds["cpu"] == [pb.ModelInstanceGroup.KIND_CPU]
+    assert kinds["local"] == [pb.ModelInstanceGroup.KIND_CPU]
+    assert configs["default"].platform == configs["cpu"].platform == "onnxruntime_onnx"
+    assert configs["local"].backend == "python"
+
+
+def test_onnxruntime_on_the_written_file_matches_torch(exported_repository, initial_checkpoint_path):
+    checkpoint = load_checkpoint(initial_checkpoint_path)
+    policy = checkpoint.build_policy()
+    session = ort.InferenceSession(str(exported_repository / MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    real = checkpoint.reference_observations.numpy()
+    for batch in (1, 7, 256, 4096):
+        x = real[np.random.default_rng(batch).integers(0, len(real), batch)]
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        with torch.no_grad():
+            expected = policy(torch.from_numpy(x)).numpy()
+        assert got.shape == (batch, 17, 3)
+        assert np.abs(got - expected).max() <= 1e-5
+
+
+def test_actions_stay_finite_and_within_bounds_for_hostile_inputs(exported_repository):
+    session = ort.InferenceSession(str(exported_repository / MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    layout = PolicyLayout.from_json((exported_repository / MODEL / "1" / "layout.json").read_text())
+    low, high = layout.action_bounds()
+    hostile = np.array([np.nan, np.inf, -np.inf, 1e30, -1e30, 3.4e38, -3.4e38], dtype=np.float32)
+    for value in hostile:
+        x = np.full((2, 17, 52), value, dtype=np.float32)
+        actions = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        assert np.isfinite(actions).all(), value
+        assert (actions >= low).all() and (actions <= high).all(), value
+        assert (actions[:, ~layout.action_mask()] == 0).all(), "padded action slots must be exactly 0"
+
+
+def test_existing_version_is_refused_without_force_and_replaced_with_it(initial_checkpoint_path, repository):
+    assert run_export(initial_checkpoint_path, "-r", repository, "--version", "3").exit_code == 0
+    before = tree(repository)
+    refused = run_export(initial_checkpoint_path, "-r", repository, "--version", "3")
+    assert refused.exit_code != 0
+    assert "already exists" in refused.output and "--force" in refused.output
+    assert tree(repository) == before
+    forced = run_export(initial_checkpoint_path, "-r", repository, "--version", "3", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert sorted(p.name for p in (repository / MODEL).iterdir() if p.name.isdigit()) == ["3"]
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "foreign", "unsafe", "directory"])
+def test_bad_checkpoints_fail_with_one_clear_line_and_write_nothing(case, tmp_path, initial_checkpoint_path, repository):
+    path = tmp_path / "bad.pt"
+    if case == "truncated":
+        data = initial_checkpoint_path.read_bytes()
+        path.write_bytes(data[: len(data) // 3])
+    elif case == "foreign":
+        torch.save({"model": torch.zeros(3), "epoch": 4}, path)
+    elif case == "unsafe":
+        torch.save({"format": "maddpg-citylearn.checkpoint", "payload": Path("/etc")}, path)  # needs arbitrary unpickling
+    elif case == "directory":
+        path = tmp_path
+    result = run_export(path, "--repository", repository)
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    message = error_line(result)
+    expected = {"missing": "does not exist", "truncated": "truncated", "foreign": "not a checkpoint this tool can export",
+                "unsafe": "arbitrary unpickling", "directory": "is a directory"}[case]
+    assert expected in message
+    assert not repository.exists()
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_layout_is_refused(tmp_path, initial_checkpoint_path, repository):
+    payload = torch.load(initial_checkpoint_path, weights_only=True)
+    layout = json.loads(payload["layout"])
+    layout["agents"] = layout["agents"][:-1]  # 16 buildings declared, 17 actors stored
+    payload["layout"] = json.dumps(layout)
+    payload["reference_observations"] = None
+    path = tmp_path / "mismatch.pt"
+    torch.save(payload, path)
+    result = run_export(path, "--repository", repository)
+    assert result.exit_code == 1
+    assert "do not match" in result.output
+    assert not repository.exists()
+
+
+def test_a_repository_model_with_another_layout_is_not_mixed_in(tmp_path, initial_checkpoint_path, repository):
+    assert run_export(initial_checkpoint_path, "-r", repository).exit_code == 0
+    before = tree(repository)
+    payload = torch.load(initial_checkpoint_path, weights_only=True)
+    layout = json.loads(payload["layout"])
+    layout["agents"][0]["building"] = "Building_X"
+    payload["layout"] = json.dumps(layout)
+    path = tmp_path / "other.pt"
+    torch.save(payload, path)
+    result = run_export(path, "-r", repository)
+    assert result.exit_code == 1 and "--model" in result.output
+    assert tree(repository) == before
+
+
+def test_an_unwritable_repository_is_reported_before_any_work(tmp_path, initial_checkpoint_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the repository should go")
+    result = run_export(initial_checkpoint_path, "--repository", blocker / "repo")
+    assert result.exit_code == 1
+    assert "is a file" in result.output
+    assert blocker.read_text() == "a file where the repository should go"
+
+
+def test_validation_failures_are_all_reported_and_nothing_is_written(monkeypatch, initial_checkpoint_path, repository):
+    import maddpg_export.pipeline as pipeline
+    from maddpg_export.onnx_graph import export_onnx as real_export
+
+    def export_a_different_policy(policy, layout):
+        tampered = type(policy)(layout, policy.spec)
+        tampered.load_state_dict(policy.state_dict())
+        with torch.no_grad():
+            tampered.actors.mlp.layers[-1].bias.add_(0.5)  # not the trained actors any more
+        return real_export(tampered, layout)
+
+    monkeypatch.setattr(pipeline, "export_onnx", export_a_different_policy)
+    result = run_export(initial_checkpoint_path, "--repository", repository)
+    assert result.exit_code == 1
+    assert "export validation failed" in result.output and "nothing was written" in result.output
+    for family in ("real", "random", "extreme"):
+        for batch in (1, 7, 256, 4096):
+            assert f"{family} observations, batch {batch}: onnxruntime differs from torch" in result.output
+    assert not (repository / MODEL).exists() or not any(p.name.isdigit() for p in (repository / MODEL).iterdir())
+
+
+def test_an_export_killed_midway_never_leaves_a_partial_version(tmp_path, initial_checkpoint_path):
+    """Kill real export processes at many moments; every numbered version present must be complete."""
+    repository = tmp_path / "repo"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "maddpg_ops.cli", "export", str(initial_checkpoint_path), "-r", str(repository)]
+    complete = {"model.onnx", "model.py", "layout.json"}
+    for delay in (0.5, 1.5, 2.5, 3.5, 4.5, 5.0, 5.5, 6.0):
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        model_dir = repository / MODEL
+        if model_dir.exists():
+            for version in (p for p in model_dir.iterdir() if p.name.isdigit()):
+                assert {f.name for f in version.iterdir()} == complete, f"partial version after kill at {delay}s"
+                onnx.checker.check_model(onnx.load(version / "model.onnx"))
+    # Whatever was left behind, the next export cleans its staging debris and writes the next version.
+    assert subprocess.run(command, env=env, capture_output=True, timeout=300).returncode == 0
+    assert not list((repository / MODEL).glob(".staging-*"))
+    shutil.rmtree(repository)

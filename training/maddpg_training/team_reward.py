@@ -1,0 +1,184 @@
+"""The cooperative team reward: one number per step, shared by all 17 agents.
+
+CityLearn's schema reward (``Electric_Vehicles_Reward_Function``) gives 0 to the 10 buildings without a charger, and no
+CityLearn reward is a team reward. This one is built from what the evaluation measures (``env.evaluate()``):
+
+* **cost** and **emissions**: each building's KPI is ``sum_t max(0, x_bt) / sum_t max(0, x0_bt)`` (``x0`` = no storage)
+  and the district KPI is their mean. So each building's step term is its positive cost (emissions) minus the
+  no-storage one, divided by that building's average no-storage value, averaged over buildings.
+* **peak**: the district's daily and all-time peaks are maxima of the district net load; a smooth surrogate is the
+  squared positive district load, minus the no-storage one, in units of the average no-storage load.
+* **EV service**: when an EV leaves below the state of charge it asked for, the shortfall (fraction of capacity).
+* **appliance service**: a deferrable appliance cycle whose start window closed without it running.
+
+Subtracting the no-storage terms does not change which policy is best: they depend only on the exogenous data (loads,
+solar, prices), identical under every policy, so they only remove variance from the returns the critic must learn.
+
+Reward = -(w_cost * cost + w_emissions * emissions + w_peak * peak + w_ev * ev + w_appliance * appliance).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from maddpg_client.layout import PolicyLayout
+
+
+@dataclass(frozen=True)
+class TeamRewardWeights:
+    cost: float = 1.0
+    emissions: float = 1.0
+    peak: float = 1.0
+    ev: float = 1.0
+    appliance: float = 0.5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BaselineSeries:
+    """The no-storage counterfactual of one episode: ``[steps, buildings]`` per quantity, aligned with env steps."""
+
+    consumption: np.ndarray
+    cost: np.ndarray
+    emissions: np.ndarray
+
+    @classmethod
+    def from_env(cls, env) -> "BaselineSeries":
+        """Read from an env that has run to the end of its episode (CityLearn fills these as it steps)."""
+        def stack(attribute: str) -> np.ndarray:
+            return np.stack([np.asarray(getattr(b, attribute), dtype=np.float64) for b in env.buildings], axis=1)
+
+        return cls(
+            consumption=stack("net_electricity_consumption_without_storage"),
+            cost=stack("net_electricity_consumption_cost_without_storage"),
+            emissions=stack("net_electricity_consumption_emission_without_storage"),
+        )
+
+    def scales(self) -> "RewardScales":
+        positive = lambda x: np.clip(x, 0.0, None)  # noqa: E731
+        district = positive(self.consumption.sum(axis=1))
+        return RewardScales(
+            cost=np.maximum(positive(self.cost).mean(axis=0), 1e-6),
+            emissions=np.maximum(positive(self.emissions).mean(axis=0), 1e-6),
+            district_load=max(float(district.mean()), 1e-6),
+        )
+
+
+@dataclass(frozen=True)
+class RewardScales:
+    cost: np.ndarray        # [buildings] average positive no-storage cost per step
+    emissions: np.ndarray   # [buildings] average positive no-storage emissions per step
+    district_load: float    # average positive no-storage district load per step
+
+
+@dataclass(frozen=True)
+class _ChargerSlots:
+    agent: int
+    connected: int
+    departure_time: int
+    required_soc: int
+    soc: int
+
+
+@dataclass(frozen=True)
+class _ApplianceSlots:
+    agent: int
+    can_start: int
+    running: int
+
+
+class TeamReward:
+    """Computes the team reward of a step from the env's per-building series and the new observations."""
+
+    def __init__(self, layout: PolicyLayout, baseline: BaselineSeries, weights: TeamRewardWeights = TeamRewardWeights()):
+        self.layout = layout
+        self.baseline = baseline
+        self.scales = baseline.scales()
+        self.weights = weights
+        self.chargers = _find_chargers(layout)
+        self.appliances = _find_appliances(layout)
+
+    def components(self, t: int, consumption: np.ndarray, cost: np.ndarray, emissions: np.ndarray,
+                   observations: np.ndarray, previous: np.ndarray) -> dict[str, float]:
+        """Penalty terms (>= 0 is worse) of the step that produced series index ``t``.
+
+        ``consumption``/``cost``/``emissions``: ``[buildings]`` values of that step under the policy;
+        ``observations``/``previous``: ``[agents, obs_width]`` after and before the step.
+        """
+        b = self.baseline
+        cost_term = np.mean((np.maximum(cost, 0) - np.maximum(b.cost[t], 0)) / self.scales.cost)
+        emission_term = np.mean((np.maximum(emissions, 0) - np.maximum(b.emissions[t], 0)) / self.scales.emissions)
+        load = max(float(consumption.sum()), 0.0) / self.scales.district_load
+        load0 = max(float(b.consumption[t].sum()), 0.0) / self.scales.district_load
+        peak_term = load**2 - load0**2
+        ev_term = 0.0
+        for c in self.chargers:
+            row = observations[c.agent]
+            if row[c.connected] >= 0.5 and row[c.departure_time] <= 0.0:  # leaves before the next step
+                ev_term += max(0.0, float(row[c.required_soc] - row[c.soc]))
+        appliance_term = 0.0
+        for a in self.appliances:
+            window_closed = previous[a.agent, a.can_start] >= 0.5 and observations[a.agent, a.can_start] < 0.5
+            if window_closed and observations[a.agent, a.running] < 0.5 and previous[a.agent, a.running] < 0.5:
+                appliance_term += 1.0
+        return {"cost": float(cost_term), "emissions": float(emission_term), "peak": float(peak_term),
+                "ev": ev_term, "appliance": appliance_term}
+
+    def reward(self, components: dict[str, float]) -> float:
+        w = self.weights
+        return -(w.cost * components["cost"] + w.emissions * components["emissions"] + w.peak * components["peak"]
+                 + w.ev * components["ev"] + w.appliance * components["appliance"])
+
+    def step_reward(self, env, observations: np.ndarray, previous: np.ndarray) -> tuple[float, dict[str, float]]:
+        """The team reward of the step the env just took (reads the env's per-building series at that step)."""
+        t = env.time_step - 1
+        buildings = env.buildings
+        consumption = np.fromiter((b.net_electricity_consumption[t] for b in buildings), float, len(buildings))
+        cost = np.fromiter((b.net_electricity_consumption_cost[t] for b in buildings), float, len(buildings))
+        emissions = np.fromiter((b.net_electricity_consumption_emission[t] for b in buildings), float, len(buildings))
+        parts = self.components(t, consumption, cost, emissions, observations, previous)
+        return self.reward(parts), parts
+
+
+_CHARGER = re.compile(r"^electric_vehicle_charger_(?P<id>.+)_connected_state$")
+_APPLIANCE = re.compile(r"^deferrable_appliance_(?P<id>.+)_can_start$")
+
+
+def _find_chargers(layout: PolicyLayout) -> list[_ChargerSlots]:
+    found = []
+    for i, agent in enumerate(layout.agents):
+        names = list(agent.observation_names or ())
+        for name in names:
+            match = _CHARGER.match(name)
+            if not match:
+                continue
+            cid = match["id"]
+            prefix = f"connected_electric_vehicle_at_charger_{cid}_"
+            try:
+                found.append(_ChargerSlots(
+                    agent=i,
+                    connected=names.index(name),
+                    departure_time=names.index(prefix + "departure_time"),
+                    required_soc=names.index(prefix + "required_soc_departure"),
+                    soc=names.index(prefix + "soc"),
+                ))
+            except ValueError:
+                continue  # a charger without the EV observations: no service term for it
+    return found
+
+
+def _find_appliances(layout: PolicyLayout) -> list[_ApplianceSlots]:
+    found = []
+    for i, agent in enumerate(layout.agents):
+        names = list(agent.observation_names or ())
+        for name in names:
+            match = _APPLIANCE.match(name)
+            running = f"deferrable_appliance_{match['id']}_running" if match else None
+            if match and running in names:
+                found.append(_ApplianceSlots(agent=i, can_start=names.index(name), running=names.index(running)))
+    return found
