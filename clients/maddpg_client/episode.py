@@ -63,6 +63,7 @@ def run_episode(env, policy: Policy, *, reference: Policy | None = None, name: s
     actions_seen, parity = [], []
     env_seconds = inference_seconds = 0.0
     bar = tqdm(total=total, desc=name, unit="step", disable=not progress, leave=False)
+    started_at = time.time()  # wall clock: comparable across the processes of a multi-simulator run
     while not env.terminated:
         row = adapter.observations_to_array(observations)
         started = time.perf_counter()
@@ -77,6 +78,7 @@ def run_episode(env, policy: Policy, *, reference: Policy | None = None, name: s
         env_seconds += time.perf_counter() - started
         bar.update()
     bar.close()
+    stepped_at = time.time()
     return EpisodeResult(
         name=name,
         steps=total,
@@ -87,4 +89,5 @@ def run_episode(env, policy: Policy, *, reference: Policy | None = None, name: s
         inference_seconds=inference_seconds,
         actions=np.stack(actions_seen) if record_actions and actions_seen else None,
         parity=np.asarray(parity) if reference is not None else None,
+        extra={"started_at": started_at, "stepped_at": stepped_at},
     )

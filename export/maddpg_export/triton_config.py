@@ -107,3 +107,11 @@ def render_configs(layout: PolicyLayout, model_name: str, settings: ServingSetti
 
 def layout_from_config(config: pb.ModelConfig) -> PolicyLayout:
     return PolicyLayout.from_json(config.parameters[LAYOUT_PARAMETER].string_value)
+
+
+def with_instance_count(text: str, count: int) -> str:
+    """The same config with every instance group resized to ``count`` (used by ``serve --instances``)."""
+    config = parse_config(text)
+    for group in config.instance_group:
+        group.count = count
+    return to_text(config)

@@ -104,6 +104,7 @@ class LocalTritonServer:
     log_verbose: int = 0
     exit_timeout_s: int = 5  # how long a SIGTERMed server waits for open connections before it stops anyway
     stdout_path: Path | None = None  # where the server's output goes; default a temp file
+    instances: int | None = None     # resize the variant's instance groups (via a symlinked view of the repository)
 
     def __post_init__(self) -> None:
         self.repository = Path(self.repository)
@@ -111,6 +112,7 @@ class LocalTritonServer:
         self._workdir: Path | None = None
         self._shm_before: set[str] = set()
         self._log_handle = None
+        self._served_repository = self.repository
 
     # --- addresses ------------------------------------------------------------------------------------------------
     @property
@@ -133,7 +135,7 @@ class LocalTritonServer:
         binary = tritonserver_install()[0]
         return [
             str(binary),
-            f"--model-repository={self.repository.resolve()}",
+            f"--model-repository={self._served_repository.resolve()}",
             f"--model-config-name={self.config_name}",
             f"--backend-directory={backend_directory}",
             "--backend-config=python,shm-default-byte-size=4194304",
@@ -157,21 +159,24 @@ class LocalTritonServer:
         self._check_ports()
         binary, backend, stub = tritonserver_install()
         self._workdir = Path(tempfile.mkdtemp(prefix="maddpg-triton-"))
-        backend_dir = self._workdir / "backends"
-        (backend_dir / "python").mkdir(parents=True)
-        for source in (backend / "libtriton_python.so", backend / "triton_python_backend_utils.py", stub):
-            shutil.copy2(source, backend_dir / "python" / source.name)
-        if self.stdout_path is None:
-            self.stdout_path = self._workdir / "tritonserver.log"
-        self._log_handle = open(self.stdout_path, "ab")
-        self._shm_before = _shm_regions()
-        command = self.command(backend_dir)
-        log.info("starting %s", " ".join(command))
-        self.process = subprocess.Popen(
-            command, stdout=self._log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=_server_environment(binary), start_new_session=True,
-        )
         try:
+            if self.instances is not None:
+                self._served_repository = resized_repository(self.repository, self.instances, self.config_name,
+                                                             self._workdir)
+            backend_dir = self._workdir / "backends"
+            (backend_dir / "python").mkdir(parents=True)
+            for source in (backend / "libtriton_python.so", backend / "triton_python_backend_utils.py", stub):
+                shutil.copy2(source, backend_dir / "python" / source.name)
+            if self.stdout_path is None:  # outside the work dir: the log outlives the server, for post-mortems
+                self.stdout_path = Path(tempfile.gettempdir()) / f"maddpg-tritonserver-{os.getpid()}-{self.ports.http}.log"
+            self._log_handle = open(self.stdout_path, "ab")
+            self._shm_before = _shm_regions()
+            command = self.command(backend_dir)
+            log.info("starting %s", " ".join(command))
+            self.process = subprocess.Popen(
+                command, stdout=self._log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=_server_environment(binary), start_new_session=True,
+            )
             self._wait_ready(timeout)
         except BaseException:
             self.stop()
@@ -191,10 +196,6 @@ class LocalTritonServer:
         for name in leaked:
             (SHM_DIR / name).unlink(missing_ok=True)
         if self._workdir is not None:
-            if self.stdout_path is not None and self.stdout_path.parent == self._workdir:
-                kept = Path(tempfile.gettempdir()) / f"maddpg-tritonserver-{os.getpid()}-{self.ports.http}.log"
-                shutil.copy2(self.stdout_path, kept)
-                self.stdout_path = kept
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
         return status
@@ -257,6 +258,31 @@ class LocalTritonServer:
             f"tritonserver was not ready after {timeout:.0f} s (a model that cannot load, or a python stub that cannot "
             f"start, keeps it 'loading'); stopped it. Its log ends:\n{self.log_tail()}"
         )
+
+
+def resized_repository(repository: Path, instances: int, config_name: str, workdir: Path) -> Path:
+    """A view of ``repository`` under ``workdir`` whose ``config_name`` variant runs ``instances`` instances.
+
+    Version directories are symlinked, not copied, and the user's repository is never modified.
+    """
+    from maddpg_export.triton_config import with_instance_count  # protobuf only; no torch
+
+    view = workdir / "repository"
+    for model in (p for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        target = view / model.name
+        target.mkdir(parents=True)
+        for entry in model.iterdir():
+            if entry.name != "configs" and not entry.name.startswith("."):
+                (target / entry.name).symlink_to(entry.resolve())
+        variant = model / ("config.pbtxt" if config_name in ("", "default") else f"configs/{config_name}.pbtxt")
+        if not variant.is_file():
+            raise ServerStartError(f"model {model.name} has no {variant.relative_to(model)}: re-export it")
+        destination = target / variant.relative_to(model)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if destination.is_symlink():
+            destination.unlink()
+        destination.write_text(with_instance_count(variant.read_text(), instances))
+    return view
 
 
 def _server_environment(binary: Path) -> dict[str, str]:

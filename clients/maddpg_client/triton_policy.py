@@ -1,0 +1,349 @@
+"""The served policy, over Triton's HTTP or gRPC endpoint, synchronous or asyncio, with one vocabulary:
+
+    policy = TritonPolicy("localhost:8000", protocol="http")     # or AsyncTritonPolicy (same arguments)
+    policy.wait_until_ready(timeout=60)                         # server live and model loaded
+    policy.layout                                               # read from the model config `parameters`
+    actions = policy.act(observations)                          # [agents, obs_width] or [batch, agents, obs_width]
+
+Failures become the project's typed errors: :class:`PolicyUnavailableError` (connection refused, UNAVAILABLE; retried
+with backoff first), :class:`PolicyTimeoutError`, :class:`ModelNotFoundError`, :class:`BadInputError` (checked before
+sending, or reported by the server) and :class:`LayoutMismatchError` (a model without a maddpg-citylearn layout).
+
+A ``tritonclient.http`` client must stay in the thread that made it, so :class:`TritonPolicy` keeps one client per
+thread: one policy object can be shared by many threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from .errors import (
+    BadInputError,
+    LayoutMismatchError,
+    ModelNotFoundError,
+    PolicyError,
+    PolicyTimeoutError,
+    PolicyUnavailableError,
+)
+from .layout import DEFAULT_MODEL_NAME, INPUT_NAME, LAYOUT_PARAMETER, OUTPUT_NAME, PolicyLayout
+from .observations import as_batch
+
+Protocol = Literal["http", "grpc"]
+PROTOCOLS = ("http", "grpc")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries with exponential backoff and jitter, only for errors where retrying can help."""
+
+    attempts: int = 3
+    backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+
+    def delays(self):
+        for attempt in range(self.attempts - 1):
+            yield min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
+
+
+def classify_error(exc: BaseException, protocol: str, url: str, model: str) -> PolicyError:
+    """Map tritonclient / socket exceptions onto the project's typed errors."""
+    from tritonclient.utils import InferenceServerException
+
+    where = f"{protocol}://{url}"
+    if isinstance(exc, PolicyError):
+        return exc
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return PolicyTimeoutError(f"{where} did not answer in time; raise the client timeout or check the server load")
+    if isinstance(exc, InferenceServerException):
+        status = str(exc.status() or "")
+        message = exc.message() or str(exc)
+        if "DEADLINE_EXCEEDED" in status:
+            return PolicyTimeoutError(f"{where} did not answer in time ({message}); raise the client timeout")
+        if status in {"404", "StatusCode.NOT_FOUND"} or "unknown model" in message:
+            return ModelNotFoundError(f"{where} does not serve model {model!r} ({message}); check --model and the "
+                                      f"server's repository")
+        if status in {"400", "StatusCode.INVALID_ARGUMENT"}:
+            return BadInputError(f"{where} rejected the request: {message}")
+        if status in {"503", "StatusCode.UNAVAILABLE"} or "UNAVAILABLE" in status:
+            return PolicyUnavailableError(f"{where} is unavailable ({message}); is tritonserver running and ready?")
+        return PolicyError(f"{where} failed: [{status}] {message}")
+    if isinstance(exc, (ConnectionError, OSError)):
+        return PolicyUnavailableError(f"cannot connect to {where} ({exc}); is tritonserver running? "
+                                      f"(start one with `maddpg-citylearn serve`)")
+    return PolicyError(f"{where} failed: {type(exc).__name__}: {exc}")
+
+
+def _retryable(error: PolicyError) -> bool:
+    return isinstance(error, PolicyUnavailableError)
+
+
+def _config_dict(protocol: str, raw: Any) -> dict:
+    # gRPC's as_json form wraps the config in {"config": ...}; HTTP returns it bare.
+    return raw.get("config", raw) if protocol == "grpc" else raw
+
+
+def layout_from_config(config: dict, where: str) -> PolicyLayout:
+    parameter = (config.get("parameters") or {}).get(LAYOUT_PARAMETER)
+    if not parameter:
+        raise LayoutMismatchError(
+            f"model {config.get('name')!r} at {where} carries no `{LAYOUT_PARAMETER}` parameter: it was not exported "
+            f"by `maddpg-citylearn export`, so its observation layout is unknown"
+        )
+    return PolicyLayout.from_json(parameter["string_value"])
+
+
+def _split(batch: np.ndarray, limit: int) -> list[np.ndarray]:
+    return [batch] if limit <= 0 or len(batch) <= limit else [batch[i : i + limit] for i in range(0, len(batch), limit)]
+
+
+class TritonPolicy:
+    """Synchronous client of the served policy (HTTP or gRPC); thread-safe."""
+
+    def __init__(self, url: str = "localhost:8000", protocol: Protocol = "http", model: str = DEFAULT_MODEL_NAME,
+                 version: str = "", *, timeout: float = 10.0, retry: RetryPolicy = RetryPolicy(),
+                 allow_non_finite: bool = False, headers: dict[str, str] | None = None):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
+        self.url, self.protocol, self.model, self.version = _strip_scheme(url), protocol, model, str(version or "")
+        self.timeout, self.retry, self.allow_non_finite = timeout, retry, allow_non_finite
+        self.headers = headers
+        self._local = threading.local()
+        self._clients: list[Any] = []
+        self._lock = threading.Lock()
+        self._config: dict | None = None
+        self._layout: PolicyLayout | None = None
+
+    # --- transport ------------------------------------------------------------------------------------------------
+    def _client(self):
+        client = getattr(self._local, "client", None)
+        if client is None:
+            if self.protocol == "http":
+                import tritonclient.http as module
+
+                client = module.InferenceServerClient(self.url, connection_timeout=self.timeout,
+                                                      network_timeout=self.timeout)
+            else:
+                import tritonclient.grpc as module
+
+                client = module.InferenceServerClient(self.url)
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def _call(self, operation, *, retry: bool = True):
+        delays = iter(self.retry.delays() if retry else ())
+        while True:
+            try:
+                return operation(self._client())
+            except Exception as exc:  # noqa: BLE001 - classified below
+                error = classify_error(exc, self.protocol, self.url, self.model)
+                delay = next(delays, None) if _retryable(error) else None
+                if delay is None:
+                    raise error from exc
+                time.sleep(delay)
+
+    def _grpc_timeout(self) -> dict:
+        return {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+
+    # --- vocabulary -----------------------------------------------------------------------------------------------
+    def is_ready(self) -> bool:
+        """Server ready and model loaded, right now (no retry)."""
+        try:
+            return bool(self._call(lambda c: c.is_server_ready(headers=self.headers, **self._grpc_timeout())
+                                   and c.is_model_ready(self.model, self.version, headers=self.headers,
+                                                        **self._grpc_timeout()), retry=False))
+        except PolicyError:
+            return False
+
+    def wait_until_ready(self, timeout: float = 60.0, interval: float = 0.5) -> "TritonPolicy":
+        deadline = time.monotonic() + timeout
+        while not self.is_ready():
+            if time.monotonic() >= deadline:
+                raise PolicyUnavailableError(
+                    f"{self.protocol}://{self.url} was not ready to serve {self.model!r} within {timeout:.0f} s; "
+                    f"check that tritonserver runs and its log for model load errors"
+                )
+            time.sleep(interval)
+        return self
+
+    def model_config(self) -> dict:
+        if self._config is None:
+            raw = self._call(lambda c: c.get_model_config(self.model, self.version, headers=self.headers,
+                                                          **({"as_json": True, **self._grpc_timeout()}
+                                                             if self.protocol == "grpc" else {})))
+            self._config = _config_dict(self.protocol, raw)
+        return self._config
+
+    @property
+    def layout(self) -> PolicyLayout:
+        if self._layout is None:
+            self._layout = layout_from_config(self.model_config(), f"{self.protocol}://{self.url}")
+        return self._layout
+
+    def act(self, observations) -> np.ndarray:
+        """Actions for one district ``[agents, obs_width]`` or a batch ``[batch, agents, obs_width]``."""
+        batch, single = as_batch(observations, self.layout, allow_non_finite=self.allow_non_finite)
+        limit = int(self.model_config().get("max_batch_size", 0))
+        parts = [self._call(lambda c, part=part: self._infer(c, part)) for part in _split(batch, limit)]
+        actions = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return actions[0] if single else actions
+
+    def _infer(self, client, batch: np.ndarray) -> np.ndarray:
+        inputs, outputs = _request(self.protocol, batch)
+        result = client.infer(self.model, inputs, self.version, outputs=outputs, headers=self.headers,
+                              **self._grpc_timeout())
+        return result.as_numpy(OUTPUT_NAME)
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - closing a client of another thread may complain; nothing to do
+                pass
+        self._local = threading.local()
+
+    def __enter__(self) -> "TritonPolicy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncTritonPolicy:
+    """asyncio client of the served policy with the same vocabulary (``await policy.act(...)``).
+
+    Use inside one event loop: ``async with AsyncTritonPolicy(url) as policy: ...``. Many ``act`` calls may be in
+    flight at once; Triton's dynamic batcher groups them.
+    """
+
+    def __init__(self, url: str = "localhost:8000", protocol: Protocol = "http", model: str = DEFAULT_MODEL_NAME,
+                 version: str = "", *, timeout: float = 10.0, retry: RetryPolicy = RetryPolicy(),
+                 allow_non_finite: bool = False, headers: dict[str, str] | None = None):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
+        self.url, self.protocol, self.model, self.version = _strip_scheme(url), protocol, model, str(version or "")
+        self.timeout, self.retry, self.allow_non_finite = timeout, retry, allow_non_finite
+        self.headers = headers
+        self._client_instance = None
+        self._config: dict | None = None
+        self._layout: PolicyLayout | None = None
+
+    def _client(self):
+        if self._client_instance is None:
+            if self.protocol == "http":
+                import tritonclient.http.aio as module
+
+                self._client_instance = module.InferenceServerClient(self.url, conn_timeout=self.timeout)
+            else:
+                import tritonclient.grpc.aio as module
+
+                self._client_instance = module.InferenceServerClient(self.url)
+        return self._client_instance
+
+    async def _call(self, operation, *, retry: bool = True):
+        delays = iter(self.retry.delays() if retry else ())
+        while True:
+            try:
+                return await asyncio.wait_for(operation(self._client()), self.timeout)
+            except Exception as exc:  # noqa: BLE001 - classified below
+                error = classify_error(exc, self.protocol, self.url, self.model)
+                delay = next(delays, None) if _retryable(error) else None
+                if delay is None:
+                    raise error from exc
+                await asyncio.sleep(delay)
+
+    async def is_ready(self) -> bool:
+        async def check(c):
+            return await c.is_server_ready(headers=self.headers) and await c.is_model_ready(
+                self.model, self.version, headers=self.headers)
+
+        try:
+            return bool(await self._call(check, retry=False))
+        except PolicyError:
+            return False
+
+    async def wait_until_ready(self, timeout: float = 60.0, interval: float = 0.5) -> "AsyncTritonPolicy":
+        deadline = time.monotonic() + timeout
+        while not await self.is_ready():
+            if time.monotonic() >= deadline:
+                raise PolicyUnavailableError(
+                    f"{self.protocol}://{self.url} was not ready to serve {self.model!r} within {timeout:.0f} s"
+                )
+            await asyncio.sleep(interval)
+        await self.load_layout()
+        return self
+
+    async def model_config(self) -> dict:
+        if self._config is None:
+            kwargs = {"as_json": True} if self.protocol == "grpc" else {}
+            raw = await self._call(lambda c: c.get_model_config(self.model, self.version, headers=self.headers, **kwargs))
+            self._config = _config_dict(self.protocol, raw)
+        return self._config
+
+    async def load_layout(self) -> PolicyLayout:
+        if self._layout is None:
+            self._layout = layout_from_config(await self.model_config(), f"{self.protocol}://{self.url}")
+        return self._layout
+
+    @property
+    def layout(self) -> PolicyLayout:
+        if self._layout is None:
+            raise PolicyError("the layout is not loaded yet: `await policy.load_layout()` (or wait_until_ready) first")
+        return self._layout
+
+    async def act(self, observations) -> np.ndarray:
+        layout = await self.load_layout()
+        batch, single = as_batch(observations, layout, allow_non_finite=self.allow_non_finite)
+        limit = int((await self.model_config()).get("max_batch_size", 0))
+        parts = [await self._call(lambda c, part=part: self._infer(c, part)) for part in _split(batch, limit)]
+        actions = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return actions[0] if single else actions
+
+    async def _infer(self, client, batch: np.ndarray) -> np.ndarray:
+        inputs, outputs = _request(self.protocol, batch)
+        result = await client.infer(self.model, inputs, self.version, outputs=outputs, headers=self.headers)
+        return result.as_numpy(OUTPUT_NAME)
+
+    async def close(self) -> None:
+        if self._client_instance is not None:
+            await self._client_instance.close()
+            self._client_instance = None
+
+    async def __aenter__(self) -> "AsyncTritonPolicy":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+def _request(protocol: str, batch: np.ndarray):
+    """Input and requested output of one inference (binary tensors over HTTP; the aio clients use the same types)."""
+    if protocol == "http":
+        import tritonclient.http as module
+
+        tensor = module.InferInput(INPUT_NAME, list(batch.shape), "FP32")
+        tensor.set_data_from_numpy(batch, binary_data=True)
+        return [tensor], [module.InferRequestedOutput(OUTPUT_NAME, binary_data=True)]
+    import tritonclient.grpc as module
+
+    tensor = module.InferInput(INPUT_NAME, list(batch.shape), "FP32")
+    tensor.set_data_from_numpy(batch)
+    return [tensor], [module.InferRequestedOutput(OUTPUT_NAME)]
+
+
+def _strip_scheme(url: str) -> str:
+    # tritonclient wants host:port; users paste http://host:port.
+    for scheme in ("http://", "https://", "grpc://"):
+        if url.startswith(scheme):
+            return url[len(scheme):].rstrip("/")
+    return url.rstrip("/")

@@ -1,0 +1,157 @@
+"""Prove in CityLearn that a policy (served or local) is the trained one, and measure how well it controls the district.
+
+:func:`validate` runs the policy through an env window deterministically, optionally steps a reference policy in
+lockstep (parity), runs the reference controllers on the same window (zero actions, BasicBatteryRBC), and can run
+``envs`` simulators at once against one server so that Triton's dynamic batching has something to batch.
+
+Policies are given as *factories* (zero-argument callables returning an object with ``layout`` and ``act``): with
+``envs > 1`` each simulator runs in its own process and builds its own client there. Use picklable factories
+(``functools.partial`` of a module-level function or class) for that case.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable
+
+from .citylearn_env import EnvSpec, layout_from_env
+from .episode import EpisodeResult, Policy, run_episode
+from .errors import MaddpgCitylearnError
+from .local_policy import LocalPolicy
+from .metrics import ModelMetrics, scrape
+from .reference_controllers import BasicBatteryRBCPolicy, ZeroPolicy
+from .triton_policy import TritonPolicy
+
+PolicyFactory = Callable[[], Policy]
+# Any step where the policy and its reference differ by more than this is counted (the contract's parity bound).
+PARITY_TOLERANCE = 1e-6
+BARRIER_TIMEOUT_S = 300
+
+
+def triton_factory(url: str, protocol: str, model: str) -> PolicyFactory:
+    return partial(_ready_triton_policy, url, protocol, model)
+
+
+def local_factory(path: str, model: str) -> PolicyFactory:
+    return partial(LocalPolicy, path, model)
+
+
+def _ready_triton_policy(url: str, protocol: str, model: str) -> TritonPolicy:
+    return TritonPolicy(url, protocol=protocol, model=model).wait_until_ready(timeout=30)
+
+
+@dataclass
+class ValidationReport:
+    policy_name: str
+    env: dict[str, Any]
+    policy: EpisodeResult
+    baselines: dict[str, EpisodeResult] = field(default_factory=dict)
+    reference_name: str | None = None
+    throughput: dict[str, Any] = field(default_factory=dict)
+    layout_source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def parity_ok(self) -> bool | None:
+        value = self.policy.parity_max_abs_diff
+        return None if value is None else value <= PARITY_TOLERANCE
+
+    def to_dict(self) -> dict[str, Any]:
+        def result(r: EpisodeResult) -> dict[str, Any]:
+            return {"kpis": r.kpis, "service": r.service, "steps": r.steps,
+                    "env_ms_per_step": r.env_ms_per_step, "inference_ms_per_step": r.inference_ms_per_step}
+
+        parity = None
+        if self.policy.parity is not None:
+            parity = {"reference": self.reference_name, "max_abs_diff": self.policy.parity_max_abs_diff,
+                      "tolerance": PARITY_TOLERANCE,
+                      "steps_over_tolerance": int((self.policy.parity > PARITY_TOLERANCE).sum()), "ok": self.parity_ok}
+        return {
+            "policy": self.policy_name,
+            "model": self.layout_source,
+            "env": self.env,
+            "results": {"policy": result(self.policy), **{name: result(r) for name, r in self.baselines.items()}},
+            "parity": parity,
+            "throughput": self.throughput,
+        }
+
+
+def validate(policy: PolicyFactory, spec: EnvSpec, *, policy_name: str = "policy",
+             reference: PolicyFactory | None = None, reference_name: str | None = None, baselines: bool = True,
+             envs: int = 1, metrics_url: str | None = None, model: str | None = None, progress: bool = True,
+             say: Callable[[str], None] = lambda _: None) -> ValidationReport:
+    # Everything that can be wrong is checked before the long part: window, dataset, server, layout.
+    spec.check_window()
+    env = spec.build()
+    probe = policy()
+    env_layout = layout_from_env(env, dataset=spec.dataset_name)
+    probe.layout.require_compatible(env_layout, what=policy_name)
+    if reference is not None:
+        reference().layout.require_compatible(env_layout, what=reference_name or "the reference policy")
+    if envs < 1:
+        raise MaddpgCitylearnError("--envs must be at least 1")
+
+    before = scrape(metrics_url, model) if metrics_url and model else None
+    if envs == 1:
+        main = run_episode(env, probe, reference=reference() if reference else None, name=policy_name,
+                           progress=progress)
+        others: list[EpisodeResult] = []
+    else:
+        say(f"running {envs} simulators at once, one process each")
+        main, others = _run_concurrently(policy, reference, spec, envs, policy_name)
+    after = scrape(metrics_url, model) if metrics_url and model else None
+
+    runs = [main, *others]
+    steps = sum(r.steps for r in runs)
+    # Only the stepping counts: env construction, process start-up and KPI evaluation are not decisions.
+    wall = max(r.extra["stepped_at"] for r in runs) - min(r.extra["started_at"] for r in runs)
+    throughput = {
+        "envs": envs,
+        "wall_seconds": wall,
+        "district_steps_per_second": steps / wall,
+        "agent_decisions_per_second": steps * env_layout.n_agents / wall,
+    }
+    if before is not None and after is not None:
+        window: ModelMetrics = after - before
+        throughput["server"] = window.as_dict()
+        throughput["average_batch_size"] = window.average_batch_size
+
+    results = {}
+    if baselines:
+        for name, make in (("zero_actions", lambda e: ZeroPolicy(layout_from_env(e))),
+                           ("basic_battery_rbc", lambda e: BasicBatteryRBCPolicy(e))):
+            say(f"reference controller: {name}")
+            baseline_env = spec.build()
+            results[name] = run_episode(baseline_env, make(baseline_env), name=name, progress=progress)
+    return ValidationReport(
+        policy_name=policy_name,
+        env={"dataset": spec.dataset_name, "schema": str(spec.resolve_schema()), "start": spec.start, "end": spec.end,
+             "steps": main.steps, "citylearn_version": env_layout.citylearn_version},
+        policy=main,
+        baselines=results,
+        reference_name=reference_name,
+        throughput=throughput,
+        layout_source=dict(probe.layout.source),
+    )
+
+
+def _episode_in_worker(policy: PolicyFactory, reference: PolicyFactory | None, spec: EnvSpec, name: str,
+                       barrier) -> EpisodeResult:
+    env, own_policy = spec.build(), policy()
+    own_reference = reference() if reference else None
+    barrier.wait(timeout=BARRIER_TIMEOUT_S)  # all simulators start stepping together, after their slow set-up
+    return run_episode(env, own_policy, reference=own_reference, name=name)
+
+
+def _run_concurrently(policy, reference, spec, envs, name) -> tuple[EpisodeResult, list[EpisodeResult]]:
+    # spawn, not fork: the parent holds gRPC/HTTP clients and threads that must not be duplicated.
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(max_workers=envs, mp_context=context) as pool:
+        barrier = manager.Barrier(envs)
+        futures = [pool.submit(_episode_in_worker, policy, reference if i == 0 else None, spec, f"{name}[{i}]",
+                               barrier) for i in range(envs)]
+        results = [f.result() for f in futures]
+    return results[0], results[1:]

@@ -1,0 +1,98 @@
+"""``maddpg-citylearn evaluate``: run a served or local policy through CityLearn, with KPIs, parity and a picture."""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+from pathlib import Path
+
+import click
+
+from ..options import env_options, env_spec_from, model_option
+
+
+@click.command("evaluate")
+@click.option("--url", default=None, metavar="HOST:PORT", help="A running Triton server (HTTP :8000 or gRPC :8001).")
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
+@click.option("--local", "local_repository", type=click.Path(exists=True), default=None, metavar="REPO",
+              help="No server: run model.onnx from this repository (or model dir / file) in process.")
+@click.option("--serve", "serve_repository", type=click.Path(exists=True, file_okay=False), default=None,
+              metavar="REPO", help="Start the local tritonserver on REPO for this run (free ports), evaluate through "
+                                   "it, stop it afterwards.")
+@model_option
+@env_options()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/evaluate", show_default=True,
+              help="Where report.json and report.png go.")
+@click.option("--reference-onnx", type=click.Path(exists=True), default=None, metavar="REPO",
+              help="Step this model.onnx (in process) in lockstep and record the action difference (parity).")
+@click.option("--reference-checkpoint", type=click.Path(exists=True, dir_okay=False), default=None, metavar="CKPT",
+              help="Step the checkpoint's torch actors in lockstep instead (needs torch).")
+@click.option("--baselines/--no-baselines", default=True, show_default=True,
+              help="Also run zero actions and BasicBatteryRBC on the same window.")
+@click.option("--envs", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Simulators running at once against the server (one process each): exercises dynamic batching.")
+@click.option("--metrics-url", default=None, metavar="URL",
+              help="Triton metrics endpoint for batch statistics (default: the server's host, port 8002).")
+@click.option("--progress/--no-progress", default=True)
+def evaluate(url, protocol, local_repository, serve_repository, model_name, schema, dataset, start, end, out_dir,
+             reference_onnx, reference_checkpoint, baselines, envs, metrics_url, progress):
+    """Validate a policy in the CityLearn env and report its KPIs.
+
+    \b
+    Pick the policy with exactly one of --url (a running Triton), --local (model.onnx in process) or --serve
+    (starts the local tritonserver for the run). It is stepped deterministically through the window; the report has
+    the district KPIs of env.evaluate() (ratios to no control), EV and appliance service levels, the same figures
+    for zero actions and BasicBatteryRBC, parity against a reference, ms per step, and a plot.
+
+    \b
+    Examples:
+      maddpg-citylearn evaluate --serve model_repository --start 0 --end 167
+      maddpg-citylearn evaluate --url localhost:8001 --protocol grpc --reference-onnx model_repository
+      maddpg-citylearn evaluate --url localhost:8000 --envs 4 --no-baselines
+    """
+    from maddpg_client.report import format_table, write_report
+    from maddpg_client.validation import local_factory, triton_factory, validate
+
+    chosen = [o for o in (url, local_repository, serve_repository) if o]
+    if len(chosen) != 1:
+        raise click.UsageError("pick the policy with exactly one of --url, --local or --serve")
+    if reference_onnx and reference_checkpoint:
+        raise click.UsageError("pass at most one of --reference-onnx and --reference-checkpoint")
+    spec = env_spec_from(schema, dataset, start, end)
+    spec.check_window()  # before starting any server
+
+    reference, reference_name = None, None
+    if reference_checkpoint:
+        from maddpg_training.torch_policy import TorchPolicy
+
+        reference, reference_name = partial(TorchPolicy.from_checkpoint, reference_checkpoint), f"torch {reference_checkpoint}"
+    elif reference_onnx or serve_repository:
+        path = reference_onnx or serve_repository
+        reference, reference_name = local_factory(path, model_name), f"onnxruntime {path}"
+
+    with contextlib.ExitStack() as stack:
+        if serve_repository:
+            from maddpg_ops.local_triton import LocalTritonServer, free_ports
+
+            click.echo(f"starting the local tritonserver on {serve_repository} ...", err=True)
+            server = stack.enter_context(LocalTritonServer(Path(serve_repository), ports=free_ports()))
+            url = server.http_url if protocol == "http" else server.grpc_url
+            metrics_url = metrics_url or server.metrics_url
+        if url:
+            policy, name = triton_factory(url, protocol, model_name), f"Triton {protocol}://{url}"
+            metrics_url = metrics_url or _default_metrics_url(url)
+        else:
+            policy, name = local_factory(local_repository, model_name), f"onnxruntime {local_repository}"
+        report = validate(policy, spec, policy_name=name, reference=reference, reference_name=reference_name,
+                          baselines=baselines, envs=envs, metrics_url=metrics_url if url else None, model=model_name,
+                          progress=progress, say=lambda m: click.echo(f"... {m}", err=True))
+    paths = write_report(report, out_dir)
+    click.echo(format_table(report))
+    click.echo(f"\nreport: {paths['json']}\nplot:   {paths['plot']}")
+    if report.parity_ok is False:
+        raise click.ClickException("the served actions differ from the reference: this is not the same policy")
+
+
+def _default_metrics_url(url: str) -> str:
+    host = url.split("://")[-1].rsplit(":", 1)[0]
+    return f"http://{host}:8002/metrics"
