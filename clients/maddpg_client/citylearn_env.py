@@ -78,8 +78,9 @@ class EnvSpec:
             return None
         try:
             spec = json.loads(schema.read_text())
+            root = schema.parent / (spec.get("root_directory") or "")  # absolute root_directory wins over the join
             first = next(iter(spec["buildings"].values()))
-            with open(schema.parent / first["energy_simulation"], newline="") as handle:
+            with open(root / first["energy_simulation"], newline="") as handle:
                 return sum(1 for _ in csv.reader(handle)) - 1
         except (OSError, KeyError, StopIteration, json.JSONDecodeError) as exc:
             raise EnvironmentSetupError(f"cannot read the dataset described by {schema}: {exc}") from exc

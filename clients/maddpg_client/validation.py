@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from .citylearn_env import EnvSpec, layout_from_env
 from .episode import EpisodeResult, Policy, run_episode
-from .errors import MaddpgCitylearnError
+from .errors import MaddpgCitylearnError, PolicyUnavailableError
 from .local_policy import LocalPolicy
 from .metrics import ModelMetrics, scrape
 from .reference_controllers import BasicBatteryRBCPolicy, ZeroPolicy
@@ -81,7 +81,8 @@ class ValidationReport:
 
 def validate(policy: PolicyFactory, spec: EnvSpec, *, policy_name: str = "policy",
              reference: PolicyFactory | None = None, reference_name: str | None = None, baselines: bool = True,
-             envs: int = 1, metrics_url: str | None = None, model: str | None = None, progress: bool = True,
+             envs: int = 1, metrics_url: str | None = None, metrics_optional: bool = False,
+             model: str | None = None, progress: bool = True,
              say: Callable[[str], None] = lambda _: None) -> ValidationReport:
     # Everything that can be wrong is checked before the long part: window, dataset, server, layout.
     spec.check_window()
@@ -94,7 +95,18 @@ def validate(policy: PolicyFactory, spec: EnvSpec, *, policy_name: str = "policy
     if envs < 1:
         raise MaddpgCitylearnError("--envs must be at least 1")
 
-    before = scrape(metrics_url, model) if metrics_url and model else None
+    def snapshot() -> ModelMetrics | None:
+        if not (metrics_url and model):
+            return None
+        try:
+            return scrape(metrics_url, model)
+        except PolicyUnavailableError as exc:
+            if not metrics_optional:
+                raise
+            say(f"no batch statistics: {exc}")
+            return None
+
+    before = snapshot()
     if envs == 1:
         main = run_episode(env, probe, reference=reference() if reference else None, name=policy_name,
                            progress=progress)
@@ -102,7 +114,7 @@ def validate(policy: PolicyFactory, spec: EnvSpec, *, policy_name: str = "policy
     else:
         say(f"running {envs} simulators at once, one process each")
         main, others = _run_concurrently(policy, reference, spec, envs, policy_name)
-    after = scrape(metrics_url, model) if metrics_url and model else None
+    after = snapshot() if before is not None else None
 
     runs = [main, *others]
     steps = sum(r.steps for r in runs)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,6 +38,7 @@ from maddpg_client.errors import ServerStartError
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
+_TRITON_ERROR = re.compile(r"^E\d{4} ")
 # Shared-memory regions the python backend creates (one per model instance and one for the server's stubs).
 SHM_PREFIXES = ("triton_python_backend_shm_region_",)
 
@@ -213,6 +215,16 @@ class LocalTritonServer:
         with open(self.stdout_path, errors="replace") as handle:
             return "".join(deque(handle, maxlen=lines))
 
+    def log_summary(self, errors: int = 8, tail: int = 4) -> str:
+        """Triton's own error lines (``E<date> ...``: why a model did not load) and the last lines of its log."""
+        if self.stdout_path is None or not self.stdout_path.exists():
+            return "(no server log)"
+        with open(self.stdout_path, errors="replace") as handle:
+            lines = handle.readlines()
+        found = [line for line in lines if _TRITON_ERROR.match(line)][:errors]
+        last = [line for line in lines[-tail:] if line not in found]
+        return "".join(found + last).rstrip() + f"\n(full log: {self.stdout_path})"
+
     def __enter__(self) -> "LocalTritonServer":
         return self.start() if self.process is None else self
 
@@ -248,15 +260,15 @@ class LocalTritonServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServerStartError(
-                    f"tritonserver exited with status {self.process.returncode} before it was ready; its log ends:\n"
-                    f"{self.log_tail()}"
+                    f"tritonserver exited with status {self.process.returncode} before it was ready:\n"
+                    f"{self.log_summary()}"
                 )
             if self.is_ready():
                 return
             time.sleep(0.2)
         raise ServerStartError(
             f"tritonserver was not ready after {timeout:.0f} s (a model that cannot load, or a python stub that cannot "
-            f"start, keeps it 'loading'); stopped it. Its log ends:\n{self.log_tail()}"
+            f"start, keeps it 'loading'); stopped it:\n{self.log_summary()}"
         )
 
 

@@ -44,6 +44,7 @@ class TrainConfig:
     exploration_end: float = 0.05
     exploration_decay_episodes: int = 8   # ... over this many episodes, then held
     grad_clip: float = 1.0
+    preactivation_penalty: float = 0.01   # keeps actors out of tanh saturation (see trainer)
 
     # --- team reward ---------------------------------------------------------------------------------------------------
     reward: TeamRewardWeights = field(default_factory=TeamRewardWeights)

@@ -106,11 +106,18 @@ class StackedActors(nn.Module):
         super().__init__()
         self.mlp = StackedMLP(layout.n_agents, layout.obs_width, spec.hidden_sizes, layout.action_width)
         self.register_buffer("action_mask", torch.as_tensor(layout.action_mask(), dtype=torch.float32))
+        # Start near action 0 (DDPG's small final layer): no agent begins pinned at a bound.
+        with torch.no_grad():
+            self.mlp.layers[-1].weight.uniform_(-3e-3, 3e-3)
+            self.mlp.layers[-1].bias.uniform_(-3e-3, 3e-3)
+
+    def preactivation(self, z: torch.Tensor) -> torch.Tensor:
+        """Actions before the tanh squashing, ``[batch, agents, action_width]``."""
+        return self.mlp(z.transpose(0, 1)).transpose(0, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """``z``: ``[batch, agents, obs_width]`` normalised -> ``[batch, agents, action_width]`` in [-1, 1], padding 0."""
-        unit = torch.tanh(self.mlp(z.transpose(0, 1))).transpose(0, 1)
-        return unit * self.action_mask
+        return torch.tanh(self.preactivation(z)) * self.action_mask
 
 
 class ActionScaler(nn.Module):

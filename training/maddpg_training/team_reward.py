@@ -8,8 +8,11 @@ CityLearn reward is a team reward. This one is built from what the evaluation me
   no-storage one, divided by that building's average no-storage value, averaged over buildings.
 * **peak**: the district's daily and all-time peaks are maxima of the district net load; a smooth surrogate is the
   squared positive district load, minus the no-storage one, in units of the average no-storage load.
-* **EV service**: when an EV leaves below the state of charge it asked for, the shortfall (fraction of capacity).
-  Weighted so that draining a parked car never pays for itself.
+* **EV service**: what counts is the shortfall (fraction of capacity below the state of charge the EV asked for)
+  when it leaves. Paid out densely instead: every step a plugged-in EV's shortfall grows is penalised, every step it
+  shrinks is rewarded. Summed over a stay this is the shortfall at departure minus the one at arrival (exogenous), so
+  the objective is the same, but the critic sees the consequence of charging or draining a car at once instead of
+  hours later (measured: with a penalty only at departure the policy learned to drain parked cars, service 0.006).
 * **appliance service**: a deferrable appliance cycle whose start window closed without it running.
 
 Subtracting the no-storage terms does not change which policy is best: they depend only on the exogenous data (loads,
@@ -33,9 +36,9 @@ class TeamRewardWeights:
     cost: float = 1.0
     emissions: float = 1.0
     peak: float = 0.25
-    # One unit of EV shortfall is a whole battery (tens of kWh): it must outweigh what discharging that energy
-    # into the building would save, or the policy learns to drain parked cars (measured: service 0.006 at weight 1).
-    ev: float = 10.0
+    # One unit of EV shortfall is a whole battery (tens of kWh): worth more than what discharging that energy into
+    # the building would save, or the policy learns to drain parked cars.
+    ev: float = 5.0
     appliance: float = 2.0
 
     def to_dict(self) -> dict:
@@ -121,10 +124,10 @@ class TeamReward:
         peak_term = load**2 - load0**2
         ev_term = 0.0
         for c in self.chargers:
-            row = observations[c.agent]
-            # departure_time counts hours down to 0 on the last connected step; -1 means "unknown", not "leaving".
-            if row[c.connected] >= 0.5 and abs(row[c.departure_time]) < 0.5:
-                ev_term += max(0.0, float(row[c.required_soc] - row[c.soc]))
+            now, before = observations[c.agent], previous[c.agent]
+            # The same EV stayed plugged in through this step (it was not on its last connected step before).
+            if now[c.connected] >= 0.5 and before[c.connected] >= 0.5 and before[c.departure_time] >= 0.5:
+                ev_term += _shortfall(now, c) - _shortfall(before, c)
         appliance_term = 0.0
         for a in self.appliances:
             window_closed = previous[a.agent, a.can_start] >= 0.5 and observations[a.agent, a.can_start] < 0.5
@@ -147,6 +150,10 @@ class TeamReward:
         emissions = np.fromiter((b.net_electricity_consumption_emission[t] for b in buildings), float, len(buildings))
         parts = self.components(t, consumption, cost, emissions, observations, previous)
         return self.reward(parts), parts
+
+
+def _shortfall(row: np.ndarray, c: "_ChargerSlots") -> float:
+    return max(0.0, float(row[c.required_soc] - row[c.soc]))
 
 
 _CHARGER = re.compile(r"^electric_vehicle_charger_(?P<id>.+)_connected_state$")

@@ -11,7 +11,7 @@ The algorithm, per environment step ``t``::
         y    = r + gamma * min(Q1', Q2')(o', a')                           clipped double Q
         minimise (Q_k(o, a) - y)^2 for both heads                          centralised critic sees all o and a
         every `policy_delay` critic updates:
-            maximise Q1(o, mu(o))  w.r.t. all actors at once               each actor gets dQ/da_i of its own action
+            maximise Q1(o, mu(o)) - lambda * |pre-tanh mu(o)|^2            each actor gets dQ/da_i of its own action
             Polyak-average the targets (rate tau)
 
 Episode ends are time limits, not terminal states: the target always bootstraps.
@@ -96,7 +96,11 @@ class MADDPG:
 
         if self.updates % cfg.policy_delay == 0:
             self.critic.requires_grad_(False)  # the actor step must not leave gradients on the critic
-            actor_loss = -self.critic(z, self.actors(z))[0].mean()
+            preactivation = self.actors.preactivation(z) * self.action_mask
+            q = self.critic(z, torch.tanh(preactivation) * self.action_mask)[0]
+            # A small pull towards the unsaturated range: a saturated tanh has no gradient, and an actor pinned at
+            # a bound early (e.g. "always discharge the EV") could never learn its way back.
+            actor_loss = -q.mean() + cfg.preactivation_penalty * preactivation.pow(2).mean()
             self.actor_optimizer.zero_grad(set_to_none=True)
             actor_loss.backward()
             nn.utils.clip_grad_norm_(self.actors.parameters(), cfg.grad_clip)

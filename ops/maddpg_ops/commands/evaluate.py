@@ -70,6 +70,7 @@ def evaluate(url, protocol, local_repository, serve_repository, model_name, sche
         path = reference_onnx or serve_repository
         reference, reference_name = local_factory(path, model_name), f"onnxruntime {path}"
 
+    metrics_optional = metrics_url is None  # a guessed endpoint may not exist; an explicit one must
     with contextlib.ExitStack() as stack:
         if serve_repository:
             from maddpg_ops.local_triton import LocalTritonServer, free_ports
@@ -84,7 +85,8 @@ def evaluate(url, protocol, local_repository, serve_repository, model_name, sche
         else:
             policy, name = local_factory(local_repository, model_name), f"onnxruntime {local_repository}"
         report = validate(policy, spec, policy_name=name, reference=reference, reference_name=reference_name,
-                          baselines=baselines, envs=envs, metrics_url=metrics_url if url else None, model=model_name,
+                          baselines=baselines, envs=envs, metrics_url=metrics_url if url else None,
+                          metrics_optional=metrics_optional, model=model_name,
                           progress=progress, say=lambda m: click.echo(f"... {m}", err=True))
     paths = write_report(report, out_dir)
     click.echo(format_table(report))

@@ -62,7 +62,7 @@ def serve(repository, host, http_port, grpc_port, metrics_port, instances, confi
             if server.process is None or server.process.poll() is not None:
                 status = server.process.returncode if server.process else "?"
                 raise click.ClickException(
-                    f"tritonserver exited unexpectedly (status {status}); its log ends:\n{server.log_tail()}")
+                    f"tritonserver exited unexpectedly (status {status}):\n{server.log_summary()}")
         click.echo("stopping tritonserver ...", err=True)
     finally:
         server.stop()

@@ -1,0 +1,119 @@
+"""`maddpg-citylearn serve` as a user runs it: a real process, real ports, Ctrl-C, busy ports, broken repositories."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from maddpg_ops.local_triton import SHM_DIR, SHM_PREFIXES, free_ports
+
+pytestmark = pytest.mark.triton
+
+
+def serve_command(repository: Path, ports, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "maddpg_ops.cli", "serve", "--repository", str(repository),
+            "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), *extra]
+
+
+def wait_for_line(process: subprocess.Popen, needle: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    seen = ""
+    os.set_blocking(process.stdout.fileno(), False)
+    while time.monotonic() < deadline:
+        chunk = process.stdout.read()  # bytes, non-blocking: None when nothing arrived yet
+        if chunk:
+            seen += chunk.decode(errors="replace")
+            if needle in seen:
+                return seen
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"{needle!r} not printed within {timeout}s; output so far:\n{seen}")
+
+
+def children_named(parent: int, name: str) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,ppid,comm"], capture_output=True, text=True).stdout
+    return [int(pid) for pid, ppid, comm in (line.split(None, 2) for line in out.splitlines()[1:])
+            if int(ppid) == parent and comm.strip() == name]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def shm_regions() -> set[str]:
+    return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(SHM_PREFIXES)} if SHM_DIR.is_dir() else set()
+
+
+def test_serve_prints_endpoints_serves_and_stops_cleanly_on_ctrl_c(exported_repository):
+    ports = free_ports()
+    shm_before = shm_regions()
+    process = subprocess.Popen(serve_command(exported_repository, ports), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    try:
+        output = wait_for_line(process, "ready:", timeout=120)
+        assert f"http://127.0.0.1:{ports.http}" in output and f"127.0.0.1:{ports.grpc}" in output
+        assert f"127.0.0.1:{ports.metrics}/metrics" in output
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/health/ready", timeout=5) as response:
+            assert response.status == 200
+        servers = children_named(process.pid, "tritonserver")
+        assert len(servers) == 1, "serve should have started exactly one tritonserver"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not alive(servers[0]), "tritonserver outlived serve"
+    assert shm_regions() <= shm_before, "shared-memory regions were left behind"
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/health/ready", timeout=2)
+
+
+def test_a_second_serve_on_a_busy_port_fails_fast_and_clearly(triton_server, exported_repository):
+    started = time.monotonic()
+    result = subprocess.run(serve_command(exported_repository, triton_server.ports), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1
+    assert time.monotonic() - started < 30
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and f"port {triton_server.ports.http}" in errors[0] and "already in use" in errors[0]
+    assert triton_server.is_ready(), "the running server must not be disturbed"
+
+
+def test_a_repository_without_versions_is_refused_before_starting(tmp_path):
+    (tmp_path / "maddpg_ctde").mkdir()
+    result = subprocess.run(serve_command(tmp_path, free_ports()), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "has no numbered version directory" in result.stderr
+
+
+def test_a_model_that_cannot_load_ends_with_the_server_log_and_leaves_nothing_behind(tmp_path, exported_repository):
+    broken = tmp_path / "repo"
+    shutil.copytree(exported_repository, broken)
+    (broken / "maddpg_ctde" / "1" / "model.py").write_text("raise RuntimeError('this stub cannot start')\n")
+    shm_before = shm_regions()
+    started = time.monotonic()
+    result = subprocess.run(serve_command(broken, free_ports(), "--ready-timeout", "60"), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1
+    assert time.monotonic() - started < 90
+    assert "tritonserver" in result.stderr and "this stub cannot start" in result.stderr
+    assert shm_regions() <= shm_before
+
+
+def test_serve_help_lists_the_options_users_need():
+    result = subprocess.run([sys.executable, "-m", "maddpg_ops.cli", "serve", "--help"], capture_output=True, text=True)
+    for option in ("--repository", "--http-port", "--grpc-port", "--metrics-port", "--instances"):
+        assert option in result.stdout
