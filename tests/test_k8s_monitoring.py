@@ -17,6 +17,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -322,11 +323,17 @@ def test_dashboard_queries_are_valid_promql_on_recorded_series(promtool, monitor
 # --- the metrics exist on a real server ------------------------------------------------------------------------------
 @pytest.mark.triton
 def test_every_triton_metric_used_is_exported_by_tritonserver(monitoring, triton_server):
-    with urllib.request.urlopen(triton_server.metrics_url, timeout=10) as response:
-        exported = set(re.findall(r"^# TYPE (nv_[a-z_]+) ", response.read().decode(), re.MULTILINE))
     texts = [r["expr"] for r in rules_of(monitoring)] + dashboard_queries(dashboard_of(monitoring))
     texts += [adapter_rule()["seriesQuery"], adapter_rule()["metricsQuery"]]
     used = {name for text in texts for name in re.findall(r"(?<![:\w])nv_[a-z_]+", text)}  # not recorded names
     assert "nv_inference_queue_duration_us" in used
-    missing = used - exported - GPU_ONLY_METRICS
+    # CPU/GPU metrics appear after Triton's first collection (every --metrics-interval-ms, 2 s by default).
+    deadline = time.monotonic() + 15
+    while True:
+        with urllib.request.urlopen(triton_server.metrics_url, timeout=10) as response:
+            exported = set(re.findall(r"^# TYPE (nv_[a-z_]+) ", response.read().decode(), re.MULTILINE))
+        missing = used - exported - GPU_ONLY_METRICS
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert not missing, f"metrics used by the rules/dashboard/adapter that tritonserver does not export: {missing}"
