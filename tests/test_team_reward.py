@@ -17,7 +17,7 @@ def two_buildings():
     """Building A has a charger and an appliance; building B only a battery."""
     layout = layout_from_names(
         ["A", "B"],
-        [["hour", *CHARGER, *APPLIANCE], ["hour"]],
+        [["hour", *CHARGER, *APPLIANCE], ["hour", "electrical_storage_soc"]],
         [["electrical_storage", "electric_vehicle_storage_charger_c1", "deferrable_appliance_d1"], ["electrical_storage"]],
         [[-1, -1, 0], [-1]], [[1, 1, 1], [1]],
     )
@@ -26,13 +26,15 @@ def two_buildings():
         consumption=np.array([[2.0, 1.0]] * steps),
         cost=np.array([[0.4, 0.1]] * steps),
         emissions=np.array([[0.8, 0.2]] * steps),
+        battery_capacity=np.array([6.4, 6.4]),
     )
     return layout, baseline
 
 
-def rows(connected=0.0, departure=-1.0, required=-0.1, soc=-0.1, can_start=0.0, running=0.0):
+def rows(connected=0.0, departure=-1.0, required=-0.1, soc=-0.1, can_start=0.0, running=0.0, battery=0.0):
     a = np.zeros((2, 7), np.float32)
     a[0, 1:7] = [connected, departure, required, soc, can_start, running]
+    a[1, 1] = battery
     return a
 
 
@@ -110,6 +112,20 @@ def test_an_appliance_window_that_closes_without_a_run_is_penalised():
     assert missed == -2.0 and started == 0.0
 
 
+def test_energy_put_into_a_battery_is_credited_when_it_goes_in_and_debited_when_it_comes_out():
+    layout, baseline = two_buildings()
+    reward = TeamReward(layout, baseline, TeamRewardWeights(cost=0, emissions=0, peak=0, ev=0, appliance=0, storage=1),
+                        gamma=0.99)
+    value_per_kwh = reward.scales.stored_kwh_value[1]
+    assert value_per_kwh == pytest.approx(2.0 / (1.0 * 2))  # building B imports 1 kWh per step on average
+    charge, _ = reward_of(reward, [2.0, 1.0], [0.4, 0.1], [0.8, 0.2], after=rows(battery=0.5), before=rows(battery=0.0))
+    assert charge == pytest.approx(0.99 * 0.5 * 6.4 * value_per_kwh)
+    discharge, _ = reward_of(reward, [2.0, 1.0], [0.4, 0.1], [0.8, 0.2], after=rows(battery=0.0), before=rows(battery=0.5))
+    assert discharge == pytest.approx(-0.5 * 6.4 * value_per_kwh)
+    # Potential-based: a round trip through the battery earns nothing by itself (only discounting remains).
+    assert charge + discharge == pytest.approx(-0.01 * 0.5 * 6.4 * value_per_kwh)
+
+
 @pytest.mark.citylearn
 def test_on_the_real_env_no_control_earns_nothing_but_ev_and_appliance_terms(week_spec):
     """Zero actions reproduce the no-storage baseline: cost, emission and peak terms vanish step by step."""
@@ -119,11 +135,12 @@ def test_on_the_real_env_no_control_earns_nothing_but_ev_and_appliance_terms(wee
     warm = warmup(week_spec)
     reward = TeamReward(warm.layout, warm.baseline)
     assert len(reward.chargers) == 8 and len(reward.appliances) == 1  # found by name in the real layout
+    assert len(reward.battery_soc) == 17 and (warm.baseline.battery_capacity > 0).all()
     env = week_spec.build()
     adapter = CityLearnAdapter(warm.layout, env)
     observations, _ = env.reset()
     previous = adapter.observations_to_array(observations)
-    totals = dict.fromkeys(("cost", "emissions", "peak"), 0.0)
+    totals = dict.fromkeys(("cost", "emissions", "peak", "storage"), 0.0)
     while not env.terminated:
         observations, *_ = env.step(adapter.actions_to_lists(np.zeros(warm.layout.action_shape)))
         current = adapter.observations_to_array(observations)

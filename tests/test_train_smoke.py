@@ -36,7 +36,7 @@ def test_training_writes_checkpoints_a_summary_and_a_deterministic_evaluation(sm
     assert summary["episodes"] == 2 and summary["env_steps"] == 2 * 199
     assert len(summary["history"]) == 2
     for episode in summary["history"]:
-        assert episode["steps_per_second"] > 0 and set(episode["reward_terms"]) == {"cost", "emissions", "peak", "ev", "appliance"}
+        assert episode["steps_per_second"] > 0 and set(episode["reward_terms"]) == {"cost", "emissions", "peak", "ev", "appliance", "storage"}
     assert set(summary["evaluation"]) >= {"cost_total", "carbon_emissions_total", "daily_peak_average", "all_time_peak_average"}
     assert "ev_departures_acceptable" in summary["evaluation_service"]
     assert "deterministic evaluation" in result.output and "EV departures" in result.output

@@ -103,8 +103,8 @@ def _split(batch: np.ndarray, limit: int) -> list[np.ndarray]:
     return [batch] if limit <= 0 or len(batch) <= limit else [batch[i : i + limit] for i in range(0, len(batch), limit)]
 
 
-class TritonPolicy:
-    """Synchronous client of the served policy (HTTP or gRPC); thread-safe."""
+class _ServedPolicy:
+    """What the sync and asyncio clients share: where the model is, how to call it, and its cached config."""
 
     def __init__(self, url: str = "localhost:8000", protocol: Protocol = "http", model: str = DEFAULT_MODEL_NAME,
                  version: str = "", *, timeout: float = 10.0, retry: RetryPolicy = RetryPolicy(),
@@ -114,11 +114,28 @@ class TritonPolicy:
         self.url, self.protocol, self.model, self.version = _strip_scheme(url), protocol, model, str(version or "")
         self.timeout, self.retry, self.allow_non_finite = timeout, retry, allow_non_finite
         self.headers = headers
+        self._config: dict | None = None
+        self._layout: PolicyLayout | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.protocol}://{self.url}"
+
+    def _not_ready(self, timeout: float) -> PolicyUnavailableError:
+        return PolicyUnavailableError(
+            f"{self.where} was not ready to serve {self.model!r} within {timeout:.0f} s; check that tritonserver "
+            f"runs and its log for model load errors"
+        )
+
+
+class TritonPolicy(_ServedPolicy):
+    """Synchronous client of the served policy (HTTP or gRPC); thread-safe."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._local = threading.local()
         self._clients: list[Any] = []
         self._lock = threading.Lock()
-        self._config: dict | None = None
-        self._layout: PolicyLayout | None = None
 
     # --- transport ------------------------------------------------------------------------------------------------
     def _client(self):
@@ -167,10 +184,7 @@ class TritonPolicy:
         deadline = time.monotonic() + timeout
         while not self.is_ready():
             if time.monotonic() >= deadline:
-                raise PolicyUnavailableError(
-                    f"{self.protocol}://{self.url} was not ready to serve {self.model!r} within {timeout:.0f} s; "
-                    f"check that tritonserver runs and its log for model load errors"
-                )
+                raise self._not_ready(timeout)
             time.sleep(interval)
         return self
 
@@ -185,7 +199,7 @@ class TritonPolicy:
     @property
     def layout(self) -> PolicyLayout:
         if self._layout is None:
-            self._layout = layout_from_config(self.model_config(), f"{self.protocol}://{self.url}")
+            self._layout = layout_from_config(self.model_config(), self.where)
         return self._layout
 
     def act(self, observations) -> np.ndarray:
@@ -219,24 +233,16 @@ class TritonPolicy:
         self.close()
 
 
-class AsyncTritonPolicy:
+class AsyncTritonPolicy(_ServedPolicy):
     """asyncio client of the served policy with the same vocabulary (``await policy.act(...)``).
 
     Use inside one event loop: ``async with AsyncTritonPolicy(url) as policy: ...``. Many ``act`` calls may be in
     flight at once; Triton's dynamic batcher groups them.
     """
 
-    def __init__(self, url: str = "localhost:8000", protocol: Protocol = "http", model: str = DEFAULT_MODEL_NAME,
-                 version: str = "", *, timeout: float = 10.0, retry: RetryPolicy = RetryPolicy(),
-                 allow_non_finite: bool = False, headers: dict[str, str] | None = None):
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
-        self.url, self.protocol, self.model, self.version = _strip_scheme(url), protocol, model, str(version or "")
-        self.timeout, self.retry, self.allow_non_finite = timeout, retry, allow_non_finite
-        self.headers = headers
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._client_instance = None
-        self._config: dict | None = None
-        self._layout: PolicyLayout | None = None
 
     def _client(self):
         if self._client_instance is None:
@@ -276,9 +282,7 @@ class AsyncTritonPolicy:
         deadline = time.monotonic() + timeout
         while not await self.is_ready():
             if time.monotonic() >= deadline:
-                raise PolicyUnavailableError(
-                    f"{self.protocol}://{self.url} was not ready to serve {self.model!r} within {timeout:.0f} s"
-                )
+                raise self._not_ready(timeout)
             await asyncio.sleep(interval)
         await self.load_layout()
         return self
@@ -292,7 +296,7 @@ class AsyncTritonPolicy:
 
     async def load_layout(self) -> PolicyLayout:
         if self._layout is None:
-            self._layout = layout_from_config(await self.model_config(), f"{self.protocol}://{self.url}")
+            self._layout = layout_from_config(await self.model_config(), self.where)
         return self._layout
 
     @property

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maddpg_client.errors import RepositoryError
+from maddpg_client.files import atomic_write
 from maddpg_client.layout import PolicyLayout
 
 from .triton_config import DEFAULT_CONFIG, layout_from_config, parse_config
@@ -133,7 +134,7 @@ class ModelRepository:
                 os.rename(staging, final)
             _fsync_dir(directory)
             for relative, text in configs.items():
-                _replace_file(directory / relative, text.encode())
+                atomic_write(directory / relative, lambda handle, data=text.encode(): handle.write(data))
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise RepositoryError(f"writing version {number} into {directory} failed: {exc}") from exc
@@ -154,20 +155,6 @@ def _write_synced(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _replace_file(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fsync_dir(path: Path) -> None:

@@ -2,7 +2,11 @@
 
 Every source yields the same thing, a :class:`PolicySource`: a torch module mapping raw ``observations [batch, agents,
 obs_width]`` to ``actions [batch, agents, action_width]`` with sanitising, normalisation, clipping and padding inside it,
-the layout that describes it, and real env observations to validate the ONNX graph against.
+the layout that describes it, and observations to validate the ONNX graph against (real env observations where the
+source allows it).
+
+Two kinds are recognised: this project's checkpoints (``maddpg-ctde``) and the seed project's CooperativeMADDPG
+checkpoints (``seed-cooperative-maddpg``, see :mod:`maddpg_export.seed_cooperative`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from maddpg_client.layout import PolicyLayout
 from maddpg_training.bootstrap import rollout_observations
 from maddpg_training.checkpoint import CHECKPOINT_FORMAT, checkpoint_from_payload, read_payload
 
+from .seed_cooperative import SEED_KIND, SeedCheckpoint, is_seed_checkpoint, needs_numpy_arrays
+
 # Steps of env rollout used as validation data when a checkpoint carries no observations of its own (one week).
 VALIDATION_ROLLOUT_STEPS = 168
 
@@ -36,7 +42,7 @@ class PolicySource:
 
 def load_policy_source(path: str | os.PathLike, *, env_spec: EnvSpec | None = None,
                        say: Callable[[str], None] = lambda _: None) -> PolicySource:
-    payload, digest = read_payload(path)
+    payload, digest = read_payload(path, allow_numpy_arrays=_stores_numpy_arrays(path))
     if payload.get("format") == CHECKPOINT_FORMAT:
         checkpoint = checkpoint_from_payload(payload, path=Path(path), sha256=digest)
         layout = checkpoint.layout.with_source(
@@ -52,10 +58,33 @@ def load_policy_source(path: str | os.PathLike, *, env_spec: EnvSpec | None = No
         else:
             observations = observations.numpy()
         return PolicySource("maddpg-ctde", layout, policy, observations)
+    if is_seed_checkpoint(payload):
+        say("recognised a CooperativeMADDPG checkpoint of the seed project")
+        seed = SeedCheckpoint.from_payload(payload, where=f"seed checkpoint {path}")
+        if env_spec is not None:
+            say("--schema/--dataset are not used for seed checkpoints: their env (citylearn 2.5.0) is not installed")
+        # Validation data: the file carries no observations, and real ones would need the citylearn 2.5.0 env it was
+        # trained on (citylearn 3.0.2's buildings have more observations than a 2.5.0 model takes). Parity of ONNX
+        # and torch is a numerical property, so synthetic observations at the training data's scale (from the
+        # checkpoint's own statistics) prove it; the layout records that this is what was used.
+        layout = seed.layout(sha256=digest, checkpoint_file=Path(path).name)
+        return PolicySource(SEED_KIND, layout, seed.build_policy(), seed.validation_observations())
     raise CheckpointError(
         f"{path} is not a checkpoint this tool can export (keys: {', '.join(sorted(map(str, payload))[:8])}); "
-        f"expected a maddpg-citylearn checkpoint from `maddpg-citylearn train`"
+        f"expected a maddpg-citylearn checkpoint from `maddpg-citylearn train` or a seed-project CooperativeMADDPG "
+        f"checkpoint"
     )
+
+
+def _stores_numpy_arrays(path: str | os.PathLike) -> bool:
+    """Whether the file pickles numpy arrays (the seed format does): only then are their globals allow-listed.
+
+    The pickle is inspected without loading it; if that fails, the strict load reports what is wrong with the file.
+    """
+    try:
+        return needs_numpy_arrays(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - missing, truncated, not a zip: read_payload says which
+        return False
 
 
 def collect_observations(policy: torch.nn.Module, layout: PolicyLayout, env_spec: EnvSpec | None,

@@ -15,25 +15,38 @@ Writes are atomic (temp file + rename in the same directory): a crash never leav
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from numpy.core.multiarray import _reconstruct
 
 from maddpg_client.errors import CheckpointError
+from maddpg_client.files import atomic_write
 from maddpg_client.layout import PolicyLayout
 
 from .networks import ActorSpec, PolicyNetwork
 
 CHECKPOINT_FORMAT = "maddpg-citylearn.checkpoint"
 CHECKPOINT_VERSION = 1
+# What a pickled float64 numpy array needs (the seed project's checkpoints store their observation statistics so),
+# by the name the pickle uses. Allow-listed only with read_payload(..., allow_numpy_arrays=True); numpy 2 writes
+# _reconstruct under numpy._core. Any other global is still refused.
+NUMPY_ARRAY_GLOBALS = {
+    "numpy.core.multiarray._reconstruct": _reconstruct,
+    "numpy._core.multiarray._reconstruct": _reconstruct,
+    "numpy.ndarray": np.ndarray,
+    "numpy.dtype": np.dtype,
+    "numpy.dtypes.Float64DType": np.dtypes.Float64DType,
+}
 
 
 @dataclass
@@ -65,7 +78,6 @@ class Checkpoint:
 def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> Path:
     """Write ``checkpoint`` atomically to ``path`` (parents created). Returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
@@ -78,29 +90,26 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> Path:
         "trainer": checkpoint.trainer,
         "summary": json.loads(json.dumps(checkpoint.summary)),  # plain JSON types only: weights_only must load it
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: torch.save(payload, handle))
     return path
 
 
-def read_payload(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
-    """``torch.load(weights_only=True)`` with errors that say what is wrong. Returns (payload, sha256)."""
+def read_payload(path: str | os.PathLike, allow_numpy_arrays: bool = False) -> tuple[dict[str, Any], str]:
+    """``torch.load(weights_only=True)`` with errors that say what is wrong. Returns (payload, sha256).
+
+    ``allow_numpy_arrays`` also admits float64 numpy arrays (:data:`NUMPY_ARRAY_GLOBALS`), for the seed format.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist: pass the .pt file written by `maddpg-citylearn train`")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory: pass the checkpoint file itself (e.g. {path}/final.pt)")
     digest = _sha256(path)
+    allowed = (torch.serialization.safe_globals([(obj, name) for name, obj in NUMPY_ARRAY_GLOBALS.items()])
+               if allow_numpy_arrays else contextlib.nullcontext())
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with allowed:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"checkpoint {path} refused: loading it would need arbitrary unpickling ({_first_line(exc)}). Only tensors "

@@ -198,7 +198,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
         policy = fresh_policy(layout, warm.observations, actor_spec, seed=config.seed)
         learner = MADDPG(policy, config, device)
     reference = reference_sample(warm.observations, np.random.default_rng(config.seed))
-    team_reward = TeamReward(layout, warm.baseline, config.reward)
+    team_reward = TeamReward(layout, warm.baseline, config.reward, gamma=config.gamma)
     buffer = ReplayBuffer(config.buffer_size, layout.observation_shape, layout.action_shape)
     env = spec.build()
     adapter = CityLearnAdapter(layout, env, what="the policy being trained")
