@@ -85,14 +85,15 @@ def test_peaks_are_penalised_more_than_proportionally():
     assert shaved > 0
 
 
-def test_charging_a_parked_ev_towards_its_target_is_rewarded_and_draining_it_penalised():
+def test_draining_a_parked_ev_below_its_target_is_penalised_and_charging_it_credited_less():
     layout, baseline = two_buildings()
-    reward = TeamReward(layout, baseline, TeamRewardWeights(cost=0, emissions=0, peak=0, ev=5, appliance=0))
+    weights = TeamRewardWeights(cost=0, emissions=0, peak=0, ev=5, ev_charge_credit=0.1, appliance=0, storage=0)
+    reward = TeamReward(layout, baseline, weights)
     before = rows(connected=1, departure=5, required=0.8, soc=0.5)
-    charged, parts = reward_of(reward, [2.0, 1.0], [0.4, 0.1], [0.8, 0.2], after=rows(1, 4, 0.8, 0.6), before=before)
-    assert parts["ev"] == pytest.approx(-0.1, abs=1e-6) and charged == pytest.approx(0.5, abs=1e-5)
-    drained, _ = reward_of(reward, [2.0, 1.0], [0.4, 0.1], [0.8, 0.2], after=rows(1, 4, 0.8, 0.4), before=before)
-    assert drained == pytest.approx(-0.5, abs=1e-5)
+    drained, parts = reward_of(reward, [2.0, 1.0], [0.4, 0.1], [0.8, 0.2], after=rows(1, 4, 0.8, 0.4), before=before)
+    assert parts["ev"] == pytest.approx(0.1, abs=1e-6) and drained == pytest.approx(-0.5, abs=1e-5)
+    charged, _ = reward_of(reward, [2.0, 1.0], [0.4, 0.1], [0.8, 0.2], after=rows(1, 4, 0.8, 0.6), before=before)
+    assert charged == pytest.approx(0.05, abs=1e-5)
     # Charging beyond the requested state of charge earns nothing more.
     full = rows(connected=1, departure=5, required=0.8, soc=0.9)
     beyond, _ = reward_of(reward, [2.0, 1.0], [0.4, 0.1], [0.8, 0.2], after=rows(1, 4, 0.8, 1.0), before=full)

@@ -68,7 +68,8 @@ def export_checkpoint(
 
     say("tracing the policy into ONNX")
     onnx_model = export_onnx(source.policy, source.layout)
-    say("validating: onnx.checker, onnxruntime vs torch on real, random and extreme observations")
+    say(f"validating: onnx.checker, onnxruntime vs torch on {source.reference_description}, random and extreme "
+        f"observations")
     report = validate_export(onnx_model, source.policy, source.layout, source.reference_observations)
 
     onnx_bytes = onnx_model.SerializeToString()

@@ -38,6 +38,7 @@ class PolicySource:
     layout: PolicyLayout
     policy: torch.nn.Module
     reference_observations: np.ndarray
+    reference_description: str = "real env observations"  # what reference_observations are, for messages
 
 
 def load_policy_source(path: str | os.PathLike, *, env_spec: EnvSpec | None = None,
@@ -68,7 +69,8 @@ def load_policy_source(path: str | os.PathLike, *, env_spec: EnvSpec | None = No
         # and torch is a numerical property, so synthetic observations at the training data's scale (from the
         # checkpoint's own statistics) prove it; the layout records that this is what was used.
         layout = seed.layout(sha256=digest, checkpoint_file=Path(path).name)
-        return PolicySource(SEED_KIND, layout, seed.build_policy(), seed.validation_observations())
+        return PolicySource(SEED_KIND, layout, seed.build_policy(), seed.validation_observations(),
+                            "synthetic observations at the checkpoint's own normalisation scale")
     raise CheckpointError(
         f"{path} is not a checkpoint this tool can export (keys: {', '.join(sorted(map(str, payload))[:8])}); "
         f"expected a maddpg-citylearn checkpoint from `maddpg-citylearn train` or a seed-project CooperativeMADDPG "

@@ -2,7 +2,8 @@
 
 Every check runs; all failures are gathered and raised together (:class:`ExportValidationError`), and the caller writes
 nothing. Checks: ``onnx.checker`` (full), the tensor interface (names, dtype, static widths, dynamic batch axis), and
-onnxruntime against torch at several batch sizes on real env observations, on random observations and on extreme ones
+onnxruntime against torch at several batch sizes on the source's reference observations (real env observations for
+this project's checkpoints), on random observations and on extreme ones
 (NaN, +-inf, +-1e30), where actions must also stay finite, inside each slot's bounds, and exactly 0 in padded slots.
 """
 
@@ -40,10 +41,10 @@ class ValidationReport:
         return max((c.max_abs_diff for c in self.cases), default=float("nan"))
 
 
-def validation_inputs(real: np.ndarray, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Three families of ``[batch, agents, obs_width]`` inputs derived from real observations."""
-    rows = real[rng.integers(0, len(real), size=batch)].astype(np.float32)
-    low, high = real.min(axis=0), real.max(axis=0)
+def validation_inputs(reference: np.ndarray, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Three families of ``[batch, agents, obs_width]`` inputs derived from the reference observations."""
+    rows = reference[rng.integers(0, len(reference), size=batch)].astype(np.float32)
+    low, high = reference.min(axis=0), reference.max(axis=0)
     span = np.maximum(high - low, 1.0)
     random = rng.uniform(low - span, high + span, size=rows.shape).astype(np.float32)
     extreme = rows.copy()
@@ -51,14 +52,14 @@ def validation_inputs(real: np.ndarray, batch: int, rng: np.random.Generator) ->
     count = max(len(EXTREME_VALUES), flat.size // 10)
     positions = rng.choice(flat.size, size=count, replace=False)
     flat[positions] = np.resize(EXTREME_VALUES, count)  # every extreme value appears at least once
-    return {"real": rows, "random": random, "extreme": extreme}
+    return {"reference": rows, "random": random, "extreme": extreme}
 
 
 def validate_export(
     model: onnx.ModelProto,
     policy: torch.nn.Module,
     layout: PolicyLayout,
-    real_observations: np.ndarray,
+    reference_observations: np.ndarray,
     *,
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
     tolerance: float = TOLERANCE,
@@ -84,7 +85,7 @@ def validate_export(
     rng = np.random.default_rng(seed)
     policy = policy.eval()
     for batch in batch_sizes:
-        for family, inputs in validation_inputs(real_observations, batch, rng).items():
+        for family, inputs in validation_inputs(reference_observations, batch, rng).items():
             where = f"{family} observations, batch {batch}"
             try:
                 got = session.run([OUTPUT_NAME], {INPUT_NAME: inputs})[0]

@@ -112,8 +112,8 @@ def read_payload(path: str | os.PathLike, allow_numpy_arrays: bool = False) -> t
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"checkpoint {path} refused: loading it would need arbitrary unpickling ({_first_line(exc)}). Only tensors "
-            f"and plain containers are accepted; never load untrusted pickles"
+            f"checkpoint {path} refused: loading it would need arbitrary unpickling (it references "
+            f"{_unsafe_globals(path)}). Only tensors and plain containers are accepted; never load untrusted pickles"
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
         raise CheckpointError(
@@ -170,6 +170,15 @@ def checkpoint_from_payload(payload: dict[str, Any], *, path: Path | None = None
     )
     checkpoint.build_policy()  # fail now, with the message above, if weights and layout disagree
     return checkpoint
+
+
+def _unsafe_globals(path: Path) -> str:
+    """The Python objects a refused pickle names (read from the file without unpickling it)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - the refusal stands; only the detail is missing
+        return "objects outside the allowed set"
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "") if names else "objects outside the allowed set"
 
 
 def _sha256(path: Path) -> str:

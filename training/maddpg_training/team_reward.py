@@ -10,9 +10,11 @@ CityLearn reward is a team reward. This one is built from what the evaluation me
   squared positive district load, minus the no-storage one, in units of the average no-storage load.
 * **EV service**: what counts is the shortfall (fraction of capacity below the state of charge the EV asked for)
   when it leaves. Paid out densely instead: every step a plugged-in EV's shortfall grows is penalised, every step it
-  shrinks is rewarded. Summed over a stay this is the shortfall at departure minus the one at arrival (exogenous), so
-  the objective is the same, but the critic sees the consequence of charging or draining a car at once instead of
-  hours later (measured: with a penalty only at departure the policy learned to drain parked cars, service 0.006).
+  shrinks is credited (at ``ev_charge_credit`` of the penalty rate). The critic sees the consequence of charging or
+  draining a car at once instead of hours later (measured: with a penalty only at departure the policy learned to
+  drain parked cars, service 0.006). The asymmetry makes "never drain a car below its target" a firm rule and
+  "charge it" an opportunity taken when energy is cheap: no-control never charges cars, so every kWh charged raises
+  the cost ratio.
 * **appliance service**: a deferrable appliance cycle whose start window closed without it running.
 * **stored energy** (shaping): ``gamma * phi(s') - phi(s)`` with ``phi`` = the energy in the batteries valued at
   what a kWh of each building's average import costs in the cost and emission terms. Potential-based shaping does not
@@ -42,9 +44,12 @@ class TeamRewardWeights:
     cost: float = 1.0
     emissions: float = 1.0
     peak: float = 0.25
-    # One unit of EV shortfall is a whole car battery (40-80 kWh): worth far more than what discharging that energy
-    # into the building would save, or the policy learns to drain parked cars (measured at weight 5: it did).
+    # One unit of EV shortfall is a whole car battery (40-80 kWh): draining it must cost far more than that energy
+    # saves in the building, or the policy learns to drain parked cars (measured at weight 5: it did) ...
     ev: float = 20.0
+    # ... while charging towards the target earns only this fraction of that: enough to charge when energy is cheap
+    # or free (solar surplus), not to charge at any price (measured at 1.0: EV service 0.47 but cost 1.7).
+    ev_charge_credit: float = 0.1
     appliance: float = 2.0
     storage: float = 1.0
 
@@ -152,7 +157,8 @@ class TeamReward:
             now, before = observations[c.agent], previous[c.agent]
             # The same EV stayed plugged in through this step (it was not on its last connected step before).
             if now[c.connected] >= 0.5 and before[c.connected] >= 0.5 and before[c.departure_time] >= 0.5:
-                ev_term += _shortfall(now, c) - _shortfall(before, c)
+                change = _shortfall(now, c) - _shortfall(before, c)
+                ev_term += change if change > 0 else self.weights.ev_charge_credit * change
         appliance_term = 0.0
         for a in self.appliances:
             window_closed = previous[a.agent, a.can_start] >= 0.5 and observations[a.agent, a.can_start] < 0.5
