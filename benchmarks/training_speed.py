@@ -87,17 +87,17 @@ class SeedStyleLearner:
 
 def update_cost(layout, batch_size: int, repeats: int) -> dict[str, float]:
     generator = torch.Generator().manual_seed(0)
-    buffer = ReplayBuffer(batch_size * 4, layout.observation_shape, layout.action_shape)
+    buffer = ReplayBuffer(batch_size * 4, layout.observation_shape, layout.action_shape, layout.n_agents + 1)
     for _ in range(batch_size * 4):
-        buffer.add(torch.randn(layout.observation_shape), torch.rand(layout.action_shape) * 2 - 1, 0.1,
-                   torch.randn(layout.observation_shape))
+        buffer.add(torch.randn(layout.observation_shape), torch.rand(layout.action_shape) * 2 - 1,
+                   torch.randn(layout.n_agents + 1) * 0.1, torch.randn(layout.observation_shape))
     # policy_delay=1: every update also updates the actors, like the seed's loop (an upper bound for ours).
     stacked = MADDPG(PolicyNetwork(layout, ActorSpec()), TrainConfig(policy_delay=1), torch.device("cpu"))
     seed_style = SeedStyleLearner(layout.n_agents, layout.obs_width, layout.action_width)
     timings = {}
     for name, step in (("stacked (this project)", lambda b: stacked.update(b)),
                        ("17 separate networks, Python loop (seed style)",
-                        lambda b: seed_style.update(b.observations, b.actions, b.rewards, b.next_observations))):
+                        lambda b: seed_style.update(b.observations, b.actions, b.rewards.sum(-1), b.next_observations))):
         step(buffer.sample(batch_size, generator))  # warm-up
         started = time.perf_counter()
         for _ in range(repeats):

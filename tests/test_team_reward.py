@@ -49,6 +49,7 @@ def test_doing_exactly_what_the_baseline_does_scores_zero():
     layout, baseline = two_buildings()
     reward = TeamReward(layout, baseline)
     value, parts = reward_of(reward, [2.0, 1.0], [0.4, 0.1], [0.8, 0.2])
+    assert all(type(v) is float for v in parts.values()), "plain floats: they are saved in weights_only checkpoints"
     assert value == pytest.approx(0.0)
     assert all(v == pytest.approx(0.0) for v in parts.values())
 
@@ -63,6 +64,22 @@ def test_cost_and_emissions_are_relative_to_each_buildings_own_baseline():
     assert in_a["cost"] == pytest.approx(in_b["cost"]) == pytest.approx(0.5)
     cheaper, _ = reward_of(reward, [2.0, 1.0], [0.2, 0.1], [0.8, 0.2])
     assert cheaper > 0
+
+
+def test_the_shares_sum_to_the_team_reward_and_each_building_share_is_its_own_doing():
+    layout, baseline = two_buildings()
+    reward = TeamReward(layout, baseline)
+    before = rows(connected=1, departure=5, required=0.8, soc=0.5, battery=0.2)
+    after = rows(connected=1, departure=4, required=0.8, soc=0.45, battery=0.4)
+    args = (0, np.array([2.5, 0.7]), np.array([0.5, 0.05]), np.array([0.9, 0.1]), after, before)
+    shares = reward.split(*reward.terms(*args))
+    assert shares.shape == (3,)  # two buildings and the district
+    assert shares.sum() == pytest.approx(reward.reward(reward.components(*args)))
+    # Building B's share moves with B's cost and battery only; A's car and cost do not touch it.
+    other = (0, np.array([2.5, 0.7]), np.array([0.9, 0.05]), np.array([0.9, 0.1]),
+             rows(connected=1, departure=4, required=0.8, soc=0.3, battery=0.4), before)
+    changed = reward.split(*reward.terms(*other))
+    assert changed[1] == pytest.approx(shares[1]) and changed[0] < shares[0]
 
 
 def test_exports_are_not_costs():

@@ -45,6 +45,19 @@ def test_training_writes_checkpoints_a_summary_and_a_deterministic_evaluation(sm
     assert final.reference_observations is not None and final.layout.observation_shape == (17, 52)
 
 
+def test_the_policy_charges_parked_cars_but_never_discharges_them(smoke_run):
+    out, _ = smoke_run
+    final = load_checkpoint(out / "final.pt")
+    chargers = [(i, j) for i, agent in enumerate(final.layout.agents) for j, name in enumerate(agent.action_names)
+                if name.startswith("electric_vehicle_storage_")]
+    assert len(chargers) == 8
+    assert all(final.layout.agents[i].action_low[j] == 0.0 for i, j in chargers)
+    with torch.no_grad():
+        actions = final.build_policy()(torch.randn(512, 17, 52) * 10)
+    assert all((actions[:, i, j] >= 0).all() for i, j in chargers)
+    assert (actions[:, :, 0] < 0).any(), "batteries may still discharge"
+
+
 def test_learning_changed_the_actors(smoke_run, tmp_path, schema_path):
     out, _ = smoke_run
     untrained = tmp_path / "untrained"

@@ -8,7 +8,7 @@ env data without building an env.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -78,6 +78,19 @@ def warmup(spec: EnvSpec, *, progress: bool = False) -> Warmup:
     adapter = CityLearnAdapter(layout, env, what="the new policy")
     observations = rollout_observations(env, adapter, zero_controller(layout), progress=progress)
     return Warmup(layout=layout, observations=observations, baseline=BaselineSeries.from_env(env))
+
+
+EV_CHARGER_ACTION_PREFIX = "electric_vehicle_storage_"
+
+
+def without_ev_discharge(layout: PolicyLayout) -> PolicyLayout:
+    """The same layout with every EV charger action bounded below by 0 (charge only, never vehicle-to-grid)."""
+    agents = []
+    for agent in layout.agents:
+        low = tuple(max(lo, 0.0) if name.startswith(EV_CHARGER_ACTION_PREFIX) else lo
+                    for name, lo in zip(agent.action_names or (), agent.action_low))
+        agents.append(replace(agent, action_low=low or agent.action_low))
+    return replace(layout, agents=tuple(agents))
 
 
 def fresh_policy(layout: PolicyLayout, observations: np.ndarray, actor_spec: ActorSpec = ActorSpec(), *,

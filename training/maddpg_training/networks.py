@@ -121,7 +121,12 @@ class StackedActors(nn.Module):
 
 
 class ActionScaler(nn.Module):
-    """Unit actions in [-1, 1] -> each slot's env bounds; padded slots stay exactly 0."""
+    """Unit actions in [-1, 1] -> env actions: the same numbers, clipped to each slot's bounds.
+
+    Clipping rather than stretching [-1, 1] onto [low, high] keeps 0 meaning "do nothing" in every slot: an actor at
+    rest (tanh 0) leaves batteries, chargers and appliances alone. (Stretching would make the rest point of a [0, 1]
+    slot 0.5: every EV charged at half power; measured: cost ratio 1.5.) Padded slots have bounds [0, 0]: always 0.
+    """
 
     def __init__(self, layout: PolicyLayout):
         super().__init__()
@@ -130,9 +135,7 @@ class ActionScaler(nn.Module):
         self.register_buffer("high", torch.as_tensor(high))
 
     def forward(self, unit: torch.Tensor) -> torch.Tensor:
-        scaled = self.low + (unit + 1.0) * 0.5 * (self.high - self.low)
-        # Guard the bounds against float rounding: the contract promises actions inside [low, high].
-        return torch.minimum(torch.maximum(scaled, self.low), self.high)
+        return torch.minimum(torch.maximum(unit, self.low), self.high)
 
 
 class PolicyNetwork(nn.Module):
@@ -157,18 +160,22 @@ class PolicyNetwork(nn.Module):
 
 
 class TwinCentralCritic(nn.Module):
-    """Centralised critic of CTDE: Q(all normalised observations, all unit actions) for the shared team reward.
+    """Centralised critic of CTDE: Q(all normalised observations, all unit actions), one value per reward share.
 
-    With one team reward every agent's MADDPG critic would learn the same function, so one centralised critic serves
-    all 17 actors. Two heads (clipped double Q, TD3) are stacked into one batched MLP.
+    The team reward is a sum of shares (each building's own terms, and the district's peak term: see
+    ``team_reward.TeamReward.split``); the critic predicts the return of every share and the team's Q is their sum.
+    Same inputs and the same objective as one scalar critic, but 18 learning targets instead of one: the share of a
+    building responds to that building's action, which is the credit assignment MADDPG otherwise has to discover in a
+    single number. Two independent critics (clipped double Q, TD3) are stacked into one batched MLP.
     """
 
     def __init__(self, layout: PolicyLayout, hidden_sizes: tuple[int, ...] = (256, 256)):
         super().__init__()
         in_features = layout.n_agents * (layout.obs_width + layout.action_width)
-        self.heads = StackedMLP(2, in_features, hidden_sizes, 1)
+        self.shares = layout.n_agents + 1
+        self.heads = StackedMLP(2, in_features, hidden_sizes, self.shares)
 
     def forward(self, z: torch.Tensor, unit_actions: torch.Tensor) -> torch.Tensor:
-        """``[batch, agents, obs_width]`` and ``[batch, agents, action_width]`` -> ``[2, batch]`` (both heads)."""
+        """``[batch, agents, obs_width]`` and ``[batch, agents, action_width]`` -> ``[2, batch, shares]``."""
         x = torch.cat([z.flatten(1), unit_actions.flatten(1)], dim=1)
-        return self.heads(x.unsqueeze(0).expand(2, -1, -1)).squeeze(-1)
+        return self.heads(x.unsqueeze(0).expand(2, -1, -1))

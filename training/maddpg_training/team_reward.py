@@ -132,41 +132,63 @@ class TeamReward:
         self.appliances = _find_appliances(layout)
         self.battery_soc = _find_slots(layout, "electrical_storage_soc")
 
-    def stored_energy_potential(self, observations: np.ndarray) -> float:
-        """phi(s): the batteries' stored energy in reward units."""
-        value = 0.0
+    def stored_energy(self, observations: np.ndarray) -> np.ndarray:
+        """phi(s) per building: the energy in its battery, in reward units."""
+        value = np.zeros(self.layout.n_agents)
         for agent, slot in self.battery_soc:
-            value += float(observations[agent, slot]) * self.baseline.battery_capacity[agent] * self.scales.stored_kwh_value[agent]
+            value[agent] = (observations[agent, slot] * self.baseline.battery_capacity[agent]
+                            * self.scales.stored_kwh_value[agent])
         return value
 
-    def components(self, t: int, consumption: np.ndarray, cost: np.ndarray, emissions: np.ndarray,
-                   observations: np.ndarray, previous: np.ndarray) -> dict[str, float]:
-        """Penalty terms (>= 0 is worse) of the step that produced series index ``t``.
+    def terms(self, t: int, consumption: np.ndarray, cost: np.ndarray, emissions: np.ndarray,
+              observations: np.ndarray, previous: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
+        """Unweighted terms of the step that produced series index ``t``: per building and the district peak.
 
         ``consumption``/``cost``/``emissions``: ``[buildings]`` values of that step under the policy;
-        ``observations``/``previous``: ``[agents, obs_width]`` after and before the step.
+        ``observations``/``previous``: ``[agents, obs_width]`` after and before the step. Penalties are >= 0 when
+        worse than no storage; ``storage`` is the shaping credit.
         """
-        b = self.baseline
-        cost_term = np.mean((np.maximum(cost, 0) - np.maximum(b.cost[t], 0)) / self.scales.cost)
-        emission_term = np.mean((np.maximum(emissions, 0) - np.maximum(b.emissions[t], 0)) / self.scales.emissions)
-        load = max(float(consumption.sum()), 0.0) / self.scales.district_load
-        load0 = max(float(b.consumption[t].sum()), 0.0) / self.scales.district_load
-        peak_term = load**2 - load0**2
-        ev_term = 0.0
+        b, n = self.baseline, self.layout.n_agents
+        # Means over buildings, as the district KPIs are: each building carries 1/n of them.
+        per_building = {
+            "cost": (np.maximum(cost, 0) - np.maximum(b.cost[t], 0)) / self.scales.cost / n,
+            "emissions": (np.maximum(emissions, 0) - np.maximum(b.emissions[t], 0)) / self.scales.emissions / n,
+            "ev": np.zeros(n),
+            "appliance": np.zeros(n),
+            "storage": self.gamma * self.stored_energy(observations) - self.stored_energy(previous),
+        }
         for c in self.chargers:
             now, before = observations[c.agent], previous[c.agent]
             # The same EV stayed plugged in through this step (it was not on its last connected step before).
             if now[c.connected] >= 0.5 and before[c.connected] >= 0.5 and before[c.departure_time] >= 0.5:
                 change = _shortfall(now, c) - _shortfall(before, c)
-                ev_term += change if change > 0 else self.weights.ev_charge_credit * change
-        appliance_term = 0.0
+                per_building["ev"][c.agent] += change if change > 0 else self.weights.ev_charge_credit * change
         for a in self.appliances:
             window_closed = previous[a.agent, a.can_start] >= 0.5 and observations[a.agent, a.can_start] < 0.5
             if window_closed and observations[a.agent, a.running] < 0.5 and previous[a.agent, a.running] < 0.5:
-                appliance_term += 1.0
-        storage_term = self.gamma * self.stored_energy_potential(observations) - self.stored_energy_potential(previous)
-        return {"cost": float(cost_term), "emissions": float(emission_term), "peak": float(peak_term),
-                "ev": ev_term, "appliance": appliance_term, "storage": storage_term}
+                per_building["appliance"][a.agent] += 1.0
+        load = max(float(consumption.sum()), 0.0) / self.scales.district_load
+        load0 = max(float(b.consumption[t].sum()), 0.0) / self.scales.district_load
+        return per_building, load**2 - load0**2
+
+    def split(self, per_building: dict[str, np.ndarray], peak: float) -> np.ndarray:
+        """The weighted team reward as ``[buildings + 1]`` shares: each building's own terms, then the district's.
+
+        The shares sum to the team reward. A building's share depends only on its own actions (its cost, emissions,
+        car, appliance and battery); the district share (the peak) on everyone's. The critic learns one value per
+        share, which tells each actor what its own action did.
+        """
+        w = self.weights
+        own = (w.storage * per_building["storage"]
+               - (w.cost * per_building["cost"] + w.emissions * per_building["emissions"]
+                  + w.ev * per_building["ev"] + w.appliance * per_building["appliance"]))
+        return np.append(own, -w.peak * peak)
+
+    def components(self, t: int, consumption: np.ndarray, cost: np.ndarray, emissions: np.ndarray,
+                   observations: np.ndarray, previous: np.ndarray) -> dict[str, float]:
+        """Unweighted district totals of each term (for logs and tests)."""
+        per_building, peak = self.terms(t, consumption, cost, emissions, observations, previous)
+        return {**{name: float(values.sum()) for name, values in per_building.items()}, "peak": float(peak)}
 
     def reward(self, components: dict[str, float]) -> float:
         w = self.weights
@@ -174,15 +196,17 @@ class TeamReward:
                 - (w.cost * components["cost"] + w.emissions * components["emissions"] + w.peak * components["peak"]
                    + w.ev * components["ev"] + w.appliance * components["appliance"]))
 
-    def step_reward(self, env, observations: np.ndarray, previous: np.ndarray) -> tuple[float, dict[str, float]]:
-        """The team reward of the step the env just took (reads the env's per-building series at that step)."""
+    def step_reward(self, env, observations: np.ndarray, previous: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        """The step the env just took: its reward shares ``[buildings + 1]`` (summing to the team reward) and the
+        unweighted district totals of each term. Reads the env's per-building series at that step."""
         t = env.time_step - 1
         buildings = env.buildings
         consumption = np.fromiter((b.net_electricity_consumption[t] for b in buildings), float, len(buildings))
         cost = np.fromiter((b.net_electricity_consumption_cost[t] for b in buildings), float, len(buildings))
         emissions = np.fromiter((b.net_electricity_consumption_emission[t] for b in buildings), float, len(buildings))
-        parts = self.components(t, consumption, cost, emissions, observations, previous)
-        return self.reward(parts), parts
+        per_building, peak = self.terms(t, consumption, cost, emissions, observations, previous)
+        totals = {**{name: float(values.sum()) for name, values in per_building.items()}, "peak": float(peak)}
+        return self.split(per_building, peak), totals
 
 
 def _shortfall(row: np.ndarray, c: "_ChargerSlots") -> float:

@@ -4,14 +4,14 @@ The algorithm, per environment step ``t``::
 
     o_t            = every building's own observation (normalised with statistics frozen after the warm-up)
     a_t^i          = mu_i(o_t^i) + N(0, sigma_episode)          decentralised: actor i sees only building i
-    r_t            = team_reward(t)                              one reward shared by all agents
-    store (o_t, a_t, r_t, o_{t+1})
+    r_t            = team_reward(t), split into shares r_t^j      one reward for the team, sum_j r_t^j
+    store (o_t, a_t, r_t^., o_{t+1})
     every `update_every` steps, on a minibatch:
         a'   = clip(mu'(o') + clip(N(0, target_noise), +-c), +-1)          target policy smoothing
-        y    = r + gamma * min(Q1', Q2')(o', a')                           clipped double Q
-        minimise (Q_k(o, a) - y)^2 for both heads                          centralised critic sees all o and a
+        y^j  = r^j + gamma * min(Q1'^j, Q2'^j)(o', a')                     clipped double Q, per share
+        minimise sum_j (Q_k^j(o, a) - y^j)^2 for both critics              centralised critic sees all o and a
         every `policy_delay` critic updates:
-            maximise Q1(o, mu(o)) - lambda * |pre-tanh mu(o)|^2            each actor gets dQ/da_i of its own action
+            maximise sum_j Q1^j(o, mu(o)) - lambda * |pre-tanh mu(o)|^2    the team's Q; each actor gets dQ/da_i
             Polyak-average the targets (rate tau)
 
 Episode ends are time limits, not terminal states: the target always bootstraps.
@@ -20,6 +20,7 @@ Episode ends are time limits, not terminal states: the target always bootstraps.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
@@ -37,7 +38,7 @@ from maddpg_client.episode import run_episode
 from maddpg_client.errors import CheckpointError
 from maddpg_client.kpis import district_kpis, headline_score, service_levels
 
-from .bootstrap import fresh_policy, reference_sample, warmup
+from .bootstrap import fresh_policy, reference_sample, warmup, without_ev_discharge
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .networks import ActorSpec, PolicyNetwork, TwinCentralCritic
@@ -83,7 +84,7 @@ class MADDPG:
         with torch.no_grad():
             noise = (torch.randn_like(a) * cfg.target_noise).clamp(-cfg.target_noise_clip, cfg.target_noise_clip)
             a_next = (self.target_actors(z_next) + noise).clamp(-1.0, 1.0) * self.action_mask
-            target = r + cfg.gamma * self.target_critic(z_next, a_next).min(dim=0).values
+            target = r + cfg.gamma * self.target_critic(z_next, a_next).min(dim=0).values  # [batch, shares]
 
         q = self.critic(z, a)
         critic_loss = (q - target.unsqueeze(0)).pow(2).mean(dim=1).sum()
@@ -92,12 +93,12 @@ class MADDPG:
         nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
         self.critic_optimizer.step()
         self.updates += 1
-        stats = {"critic_loss": critic_loss.item(), "q": q[0].detach().mean().item()}
+        stats = {"critic_loss": critic_loss.item(), "q": q[0].detach().sum(dim=-1).mean().item()}
 
         if self.updates % cfg.policy_delay == 0:
             self.critic.requires_grad_(False)  # the actor step must not leave gradients on the critic
             preactivation = self.actors.preactivation(z) * self.action_mask
-            q = self.critic(z, torch.tanh(preactivation) * self.action_mask)[0]
+            q = self.critic(z, torch.tanh(preactivation) * self.action_mask)[0].sum(dim=-1)  # the team's Q
             # A small pull towards the unsaturated range: a saturated tanh has no gradient, and an actor pinned at
             # a bound early (e.g. "always discharge the EV") could never learn its way back.
             actor_loss = -q.mean() + cfg.preactivation_penalty * preactivation.pow(2).mean()
@@ -179,7 +180,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
 
     say(f"warm-up: one no-control pass over {spec.dataset_name} for observation statistics and the reward baseline")
     warm = warmup(spec, progress=progress)
-    layout = warm.layout
+    layout = warm.layout if config.allow_ev_discharge else without_ev_discharge(warm.layout)
     actor_spec = ActorSpec(hidden_sizes=config.actor_hidden)
     state = Progress()
     generator = torch.Generator().manual_seed(config.seed)
@@ -188,6 +189,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
         layout.require_compatible(checkpoint.layout, what=f"checkpoint {resume}")
         if checkpoint.trainer is None:
             raise CheckpointError(f"{resume} holds no trainer state (it is an exported or initial policy); cannot resume")
+        layout = checkpoint.layout  # its action bounds are part of what was trained
         policy = checkpoint.build_policy()
         learner = MADDPG(policy, config, device)
         learner.load_state_dict(checkpoint.trainer["learner"])
@@ -199,7 +201,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
         learner = MADDPG(policy, config, device)
     reference = reference_sample(warm.observations, np.random.default_rng(config.seed))
     team_reward = TeamReward(layout, warm.baseline, config.reward, gamma=config.gamma)
-    buffer = ReplayBuffer(config.buffer_size, layout.observation_shape, layout.action_shape)
+    buffer = ReplayBuffer(config.buffer_size, layout.observation_shape, layout.action_shape, layout.n_agents + 1)
     env = spec.build()
     adapter = CityLearnAdapter(layout, env, what="the policy being trained")
     # Per-step work stays on the CPU (frozen normaliser, action scaling, acting copy of the actors): with a GPU
@@ -210,8 +212,9 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
         return save_checkpoint(out_dir / name, Checkpoint(
             layout=layout, actor_spec=actor_spec, policy={k: v.cpu() for k, v in policy.state_dict().items()},
             reference_observations=reference, summary=summary,
-            trainer={"learner": learner.state_dict(), "progress": state.__dict__, "generator": generator.get_state(),
-                     "config": config.to_dict()},
+            # Counters and history as plain JSON types: the checkpoint must load with weights_only=True.
+            trainer={"learner": learner.state_dict(), "progress": json.loads(json.dumps(state.__dict__)),
+                     "generator": generator.get_state(), "config": config.to_dict()},
         ))
 
     for episode in range(state.episodes_done, config.episodes):
@@ -234,10 +237,11 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
                 env_actions = to_env(unit[None])[0].numpy()
             raw_list, *_ = env.step(adapter.actions_to_lists(env_actions))
             next_raw = adapter.observations_to_array(raw_list)
-            reward, parts = team_reward.step_reward(env, next_raw, raw)
+            shares, parts = team_reward.step_reward(env, next_raw, raw)
             with torch.no_grad():
                 z_next = normalise(torch.from_numpy(next_raw)[None])[0]
-            buffer.add(z, unit, reward, z_next)
+            buffer.add(z, unit, torch.from_numpy(shares.astype(np.float32)), z_next)
+            reward = float(shares.sum())
             raw, z = next_raw, z_next
             state.env_steps += 1
             episode_return += reward
