@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -53,8 +53,12 @@ class EpisodeResult:
 
 
 def run_episode(env, policy: Policy, *, reference: Policy | None = None, name: str = "policy",
-                progress: bool = False, record_actions: bool = False) -> EpisodeResult:
-    """Reset ``env`` and step it to the end with ``policy``; the env's names are checked against the layout first."""
+                progress: bool = False, record_actions: bool = False,
+                before_act: Callable[[], None] | None = None) -> EpisodeResult:
+    """Reset ``env`` and step it to the end with ``policy``; the env's names are checked against the layout first.
+
+    ``before_act`` runs before every policy call (simulators stepping in lockstep wait on a shared barrier there).
+    """
     adapter = CityLearnAdapter(policy.layout, env, what=name)
     if reference is not None:
         reference.layout.require_compatible(adapter.env_layout, what="the reference policy")
@@ -66,6 +70,8 @@ def run_episode(env, policy: Policy, *, reference: Policy | None = None, name: s
     started_at = time.time()  # wall clock: comparable across the processes of a multi-simulator run
     while not env.terminated:
         row = adapter.observations_to_array(observations)
+        if before_act is not None:
+            before_act()
         started = time.perf_counter()
         actions = np.asarray(policy.act(row))
         inference_seconds += time.perf_counter() - started

@@ -2,7 +2,9 @@
 
 :func:`validate` runs the policy through an env window deterministically, optionally steps a reference policy in
 lockstep (parity), runs the reference controllers on the same window (zero actions, BasicBatteryRBC), and can run
-``envs`` simulators at once against one server so that Triton's dynamic batching has something to batch.
+``envs`` simulators at once against one server so that Triton's dynamic batching has something to batch. The
+simulators step in lockstep, like a fleet of co-simulations on a shared clock: every step, all of them ask for their
+actions at the same moment, which is when a server can batch.
 
 Policies are given as *factories* (zero-argument callables returning an object with ``layout`` and ``act``): with
 ``envs > 1`` each simulator runs in its own process and builds its own client there. Use picklable factories
@@ -155,7 +157,8 @@ def _episode_in_worker(policy: PolicyFactory, reference: PolicyFactory | None, s
     env, own_policy = spec.build(), policy()
     own_reference = reference() if reference else None
     barrier.wait(timeout=BARRIER_TIMEOUT_S)  # all simulators start stepping together, after their slow set-up
-    return run_episode(env, own_policy, reference=own_reference, name=name)
+    return run_episode(env, own_policy, reference=own_reference, name=name,
+                       before_act=lambda: barrier.wait(timeout=BARRIER_TIMEOUT_S))
 
 
 def _run_concurrently(policy, reference, spec, envs, name) -> tuple[EpisodeResult, list[EpisodeResult]]:

@@ -29,7 +29,10 @@ class ServingSettings:
 
     max_batch_size: int = 4096
     # Dynamic batching: how long the first request of a batch may wait for company, and the queue bound.
-    max_queue_delay_us: int = 200
+    # 0: requests that queue while every instance is busy are still merged (average batch ~3-7 at concurrency 16),
+    # but a lone request is not held back; 100-500 us cost every request at concurrency 1 that much and bought no
+    # throughput here (docs/benchmarks.md). A GPU deployment with expensive executions may want to raise it.
+    max_queue_delay_us: int = 0
     queue_timeout_us: int = 1_000_000       # a request waiting longer than this is rejected, not served late
     max_queue_size: int = 4096              # beyond this the server answers UNAVAILABLE at once
     gpu_instances: int = 1

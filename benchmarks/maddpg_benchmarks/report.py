@@ -1,0 +1,481 @@
+"""The results of a run as ``benchmarks.json`` (everything), ``benchmarks.md`` (tables, decisions, machine, command)
+and ``benchmarks.png`` (decisions/s against p99 latency)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+# One agent's decision: Linear(52, 256), Linear(256, 256), Linear(256, 3), two FLOPs per multiply-add.
+FLOPS_PER_DECISION = 2 * (52 * 256 + 256 * 256 + 256 * 3)
+PACKAGES = ("numpy", "onnxruntime", "onnx", "torch", "tritonclient", "nvidia-pytriton", "grpcio", "fastapi",
+            "uvicorn", "pydantic", "maddpg-citylearn")
+LABELS = {
+    "triton-http": "Triton, HTTP",
+    "triton-grpc": "Triton, gRPC",
+    "seed-fastapi": "seed-style FastAPI + torch",
+    "onnxruntime-inprocess": "in-process onnxruntime",
+    "torch-stacked-inprocess": "in-process torch (stacked actors)",
+    "torch-seed-loop-inprocess": "in-process torch (seed's 17-actor loop)",
+}
+
+
+# --- the machine --------------------------------------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "cpu_model": _cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gib": _memory_gib(),
+        "gpu": "none used (CPU only)",
+        "os": platform.platform(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "packages": versions,
+        "loadavg_start": list(os.getloadavg()),
+        "busy_processes_start": busy_processes(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    return None
+
+
+def busy_processes(interval_s: float = 0.5, threshold: float = 0.1) -> list[dict[str, Any]]:
+    """Other processes using more than ``threshold`` of a core: what the benchmark shared the machine with."""
+    def sample() -> dict[int, tuple[str, int]]:
+        ticks = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as handle:
+                    raw = handle.read()
+            except OSError:
+                continue
+            name = _command(entry.name) or raw[raw.index(b"(") + 1 : raw.rindex(b")")].decode(errors="replace")
+            fields = raw.rsplit(b")", 1)[1].split()
+            ticks[int(entry.name)] = (name, int(fields[11]) + int(fields[12]))
+        return ticks
+
+    first = sample()
+    time.sleep(interval_s)
+    second = sample()
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = []
+    for pid, (name, after) in second.items():
+        if pid in first:
+            share = (after - first[pid][1]) / tick / interval_s
+            if share >= threshold:
+                busy.append({"pid": pid, "name": name, "cores": round(share, 2)})
+    return sorted(busy, key=lambda p: -p["cores"])
+
+
+def _command(pid: str) -> str:
+    """``python3 maddpg-citylearn train``: the base names of a process's first three arguments."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = [a.decode(errors="replace") for a in handle.read().split(b"\0") if a]
+    except OSError:
+        return ""
+    return " ".join(Path(a).name if "/" in a else a for a in argv[:3])[:60]
+
+
+# --- files --------------------------------------------------------------------------------------------------------
+def write_report(data: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "benchmarks.json", "markdown": out_dir / "benchmarks.md",
+             "plot": out_dir / "benchmarks.png"}
+    paths["json"].write_text(json.dumps(data, indent=1, default=_jsonable) + "\n")
+    plot(data, paths["plot"])
+    paths["markdown"].write_text(markdown(data, plot_name=paths["plot"].name))
+    return paths
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(12, 6), dpi=110)
+    series: dict[tuple[str, int], list[dict]] = {}
+    for r in data["results"]:
+        if r["requests"]:
+            series.setdefault((r["target"], r["districts"]), []).append(r)
+    styles = {"triton-http": ("tab:blue", "o"), "triton-grpc": ("tab:green", "s"), "seed-fastapi": ("tab:red", "^"),
+              "onnxruntime-inprocess": ("black", "*"), "torch-stacked-inprocess": ("tab:gray", "P"),
+              "torch-seed-loop-inprocess": ("tab:brown", "X")}
+    order = list(LABELS)
+    for (target, districts), rows in sorted(series.items(), key=lambda item: (
+            order.index(item[0][0]) if item[0][0] in order else len(order), item[0][1])):
+        rows = sorted(rows, key=lambda r: r["concurrency"])
+        color, marker = styles.get(target, ("tab:purple", "d"))
+        x = [r["decisions_per_s"] for r in rows]
+        y = [r["p99_ms"] for r in rows]
+        dashed = districts > 1
+        ax.plot(x, y, marker=marker, color=color, linestyle="--" if dashed else "-",
+                markersize=11 if marker == "*" else 7,
+                label=f"{LABELS.get(target, target)}, {districts} district{'s' if districts > 1 else ''}/request")
+        for r, xi, yi in zip(rows, x, y):
+            text = f"c{r['concurrency']}" if len(rows) > 1 else f"{districts}/call"
+            ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("agent decisions per second (districts x 17 per second), log scale")
+    ax.set_ylabel("p99 latency (ms), log scale")
+    ax.set_title("Throughput vs p99 latency (cN = concurrency N; lower right is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --- markdown -----------------------------------------------------------------------------------------------------
+def _f(value, digits=2, unit="") -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    if isinstance(value, float) and abs(value) >= 1000:
+        return f"{value:,.0f}{unit}"
+    return f"{value:.{digits}f}{unit}"
+
+
+def _find(results, target, concurrency, districts):
+    return next((r for r in results if (r["target"], r["concurrency"], r["districts"]) == (target, concurrency,
+                                                                                          districts)), None)
+
+
+def results_table(results: list[dict]) -> list[str]:
+    lines = ["| Contender | Setup | Districts / request | Concurrency | Requests/s | Decisions/s | p50 ms | p95 ms | "
+             "p99 ms | Errors | Avg batch (rows / execution) | Client CPU (cores) | Server CPU (cores) |",
+             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    order = list(LABELS)
+    rows = sorted(results, key=lambda r: (order.index(r["target"]) if r["target"] in order else 99, r["districts"],
+                                          r["concurrency"]))
+    for r in rows:
+        triton = r.get("triton") or {}
+        lines.append(
+            f"| {LABELS.get(r['target'], r['target'])} | {r['config']} | {r['districts']} | {r['concurrency']} | "
+            f"{_f(r['requests_per_s'], 0)} | {_f(r['decisions_per_s'], 0)} | {_f(r['p50_ms'], 3)} | "
+            f"{_f(r['p95_ms'], 3)} | {_f(r['p99_ms'], 3)} | {r['errors']} | "
+            f"{_f(triton.get('average_batch_size'), 1)} | {_f(r['client_cpu_cores'])} | "
+            f"{_f(r.get('server_cpu_cores'))} |")
+    return lines
+
+
+def goals_table(goals: list[dict]) -> list[str]:
+    lines = ["| Goal | Measured | Ratio | Target | Met |", "|---|---|--:|--:|---|"]
+    for g in goals:
+        met = "n/a" if g["met"] is None else ("**yes**" if g["met"] else "**no**")
+        target = "-" if g["target"] is None else f"{g['target']:g}x"
+        measured = f"{g['measured']} ({g['detail']})" if g.get("detail") else g["measured"]
+        lines.append(f"| {g['goal']} | {measured} | {_f(g['ratio'], 2)}{'x' if g['ratio'] else ''} | "
+                     f"{target} | {met} |")
+    return lines
+
+
+def tuning_section(group: dict) -> list[str]:
+    lines = [f"### {group['question']}", ""]
+    if not group["variants"]:
+        return lines + [f"Not measured: {group['note']}.", ""]
+    lines += ["| Variant | p50 ms, c1 | p99 ms, c1 | Requests/s, c16 | p99 ms, c16 | Avg batch, c16 | "
+              "Decisions/s, c16 x 64 districts | p99 ms, c16 x 64 | Client CPU, c16 | Server CPU, c16 | Score |",
+              "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for v in group["variants"]:
+        results = v["results"]
+        c1, c16 = _find(results, v["results"][0]["target"], 1, 1), _find(results, v["results"][0]["target"], 16, 1)
+        big = _find(results, v["results"][0]["target"], 16, 64)
+        default = " (served default)" if group.get("same_default", True) else " (default)"
+        label = v["label"] + (default if v["is_default"] else "") + (" **kept**" if v["label"] == group["winner"] else "")
+        batch = (c16 or {}).get("triton") or {}
+        lines.append(
+            f"| {label} | {_f((c1 or {}).get('p50_ms'), 3)} | {_f((c1 or {}).get('p99_ms'), 3)} | "
+            f"{_f((c16 or {}).get('requests_per_s'), 0)} | {_f((c16 or {}).get('p99_ms'), 2)} | "
+            f"{_f(batch.get('average_batch_size'), 1)} | {_f((big or {}).get('decisions_per_s'), 0)} | "
+            f"{_f((big or {}).get('p99_ms'), 1)} | {_f((c16 or {}).get('client_cpu_cores'))} | "
+            f"{_f((c16 or {}).get('server_cpu_cores'))} | {v['score']:.2f} |")
+    lines += ["", *floors_table(group), decision(group), ""]
+    return lines
+
+
+def decision(group: dict) -> str:
+    scores = {v["label"]: v["score"] for v in group["variants"]}
+    winner, default, verdict = group["winner"], group["default"], group.get("decision", "")
+    note = f" ({group['note']})" if group.get("note") else ""
+    noise = f"{(group.get('noise', 1.0) - 1) * 100:.0f}%"
+    if verdict == "fastest, used for the comparison":
+        return f"**Decision: `{winner}`**, its fastest setup here, is what the comparison runs{note}."
+    if verdict == "default is best":
+        return f"**Decision: keep `{default}`**, the best score in this run{note}."
+    if verdict.startswith("within noise"):
+        best = max(scores, key=scores.get)
+        return (f"**Decision: keep `{default}`**: `{best}` scored {scores[best]:.2f} against {scores[default]:.2f}, "
+                f"a gap inside this run's noise ({noise}: how much the served default's own figures moved between "
+                f"the groups it ran in){note}.")
+    return (f"**Decision: `{winner}`**: {scores[winner]:.2f} against {scores.get(default, 0):.2f} for `{default}`, "
+            f"more than this run's noise ({noise}){note}.")
+
+
+def floors_table(group: dict) -> list[str]:
+    if not group.get("floors"):
+        return []
+    lines = ["The graphs alone, in process (onnxruntime, one thread, one caller):", "",
+             "| Graph | Districts / call | p50 ms | p99 ms | Decisions/s |", "|---|--:|--:|--:|--:|"]
+    for r in sorted(group["floors"], key=lambda r: (r["districts"], r["target"])):
+        lines.append(f"| {r['target'].removesuffix(' in process')} | {r['districts']} | {_f(r['p50_ms'], 3)} | "
+                     f"{_f(r['p99_ms'], 3)} | {_f(r['decisions_per_s'], 0)} |")
+    by_size: dict[int, dict[str, float]] = {}
+    for r in group["floors"]:
+        by_size.setdefault(r["districts"], {})[r["target"]] = r["decisions_per_s"]
+    default = f"{group['default']} in process"
+    sentences = []
+    for size, rates in sorted(by_size.items()):
+        for target, rate in rates.items():
+            if target != default and rates.get(default):
+                sentences.append(f"{target.removesuffix(' in process')} does {rate / rates[default]:.2f}x the "
+                                 f"decisions/s of {group['default']} with {size} district(s) per call")
+    return lines + ["", "In process, " + "; ".join(sentences) + ".", ""] if sentences else lines + [""]
+
+
+def markdown(data: dict[str, Any], plot_name: str = "benchmarks.png") -> str:
+    machine, settings, options = data["machine"], data["serving_settings"], data["options"]
+    results = data["results"]
+    client = next((g for g in data["tuning"] if g["knob"] == "client"), None)
+    lines = [
+        "# Benchmarks: the served policy against what users would otherwise run",
+        "",
+        f"Generated by `{data['command'] or 'maddpg-citylearn bench'}` on {data['started']}, in "
+        f"{data['seconds'] / 60:.1f} minutes, on {machine['cores']} cores ({machine['cpu_model']}) shared by the "
+        f"load generator and the servers. Everything below comes from that one run; rerun the command to regenerate "
+        f"this page, `benchmarks.json` (every figure) and `benchmarks.png`.",
+        "",
+        "Figures come from a shared, noisy machine: compare ratios within this page, never absolute times across "
+        "runs. The served model is a freshly initialised policy of the trained architecture "
+        f"({data['model']['layout']}, hidden 256, {data['model']['graph_nodes']} ONNX nodes): speed does not depend "
+        "on whether the weights are trained.",
+        "",
+        "## Goals (issue 7)",
+        "",
+        *goals_table(data["goals"]),
+        "",
+        "\"Its decisions per second\" in the 64-district goal is read as the seed-style server's: its API takes one "
+        "district per request, so its figure is its best decisions/s at any concurrency, and ours is Triton's best "
+        "with 64 districts per request. Not-met goals are explained under [What limits it](#what-limits-it).",
+        "",
+        "## Results",
+        "",
+        f"Triton runs the served defaults (`ServingSettings()`: {settings['label']}; `configs/local.pbtxt`, the python "
+        f"backend running `model.onnx` with onnxruntime, as `maddpg-citylearn serve` runs it). The seed-style server "
+        f"runs in its best measured setup ({data['seed_server']['label']}). In-process floors are one caller, one "
+        f"thread.",
+        "",
+        *results_table(results),
+        "",
+        f"![Decisions per second against p99 latency]({plot_name})",
+        "",
+        "## What limits it",
+        "",
+        *limits(data),
+        "",
+        "## Tuning",
+        "",
+        "One knob at a time around the served defaults, each group's variants running side by side and measured in "
+        "interleaved rounds. Score: the geometric mean of three ratios to the group's best (p50 at concurrency 1, "
+        "requests/s at concurrency 16, decisions/s at concurrency 16 with 64 districts per request), so 1.00 is best "
+        "on all three goals' figures. A variant replaces the served default only if its score beats the default's "
+        "by more than the run's own noise: the served configuration runs in every group, and how much its figures "
+        "moved between groups is what chance alone does on this machine. The served defaults live in "
+        "`ServingSettings` (`export/maddpg_export/triton_config.py`), the one writer of the model configs.",
+        "",
+    ]
+    if not data["tuning"]:
+        lines += ["Not run in this invocation (`--no-tune` or `--quick`).", ""]
+    for group in data["tuning"]:
+        lines += tuning_section(group)
+    lines += [
+        "## How it was measured",
+        "",
+        f"- **Load**: closed loop, fixed concurrency {options['levels']} (each caller sends its next request when "
+        f"its answer arrives), {options['districts']} districts per request. Each (contender, level) gets "
+        f"{options['duration_s']:g} s of measurement split over {options['rounds']} interleaved round(s), each "
+        f"window after a {options['warmup_s']:g} s warm-up, and at most {options['max_requests']:,} requests; a "
+        "request unanswered after 10 s counts as an error. Everything listens and connects on 127.0.0.1 only.",
+        "- **Interleaving**: contenders that are compared run side by side and take turns level by level, round by "
+        "round, so drifting background load lands on all of them alike.",
+        f"- **Client**: {client_choice(client)}",
+        "- **Shared cores**: the load generator, the server under test and anything else on the machine share "
+        f"the same {machine['cores']} cores. The *Client CPU* and *Server CPU* columns say how much of them each "
+        "used (CPU seconds per second: 1.00 is one full core). A load generator on its own machine would leave the "
+        "server more; the ratios here are what one small host gives.",
+        f"- **Background load**: load average {_loadavg(machine['loadavg_start'])} at the start and "
+        f"{_loadavg(machine.get('loadavg_end'))} at the end; other processes busy at the start: "
+        f"{_busy(machine['busy_processes_start'])}.",
+        "- **Correctness**: each window first checks one answer completely (Triton: decoded actions equal to "
+        "in-process onnxruntime within 1e-4; seed-style: 17 buildings, each its own action count, in [-1, 1]); "
+        "every later answer by status and size. Wrong answers count as errors.",
+        "- **Triton's batching**: `nv_inference_count / nv_inference_exec_count` differences between metrics "
+        "snapshots taken just outside each window (rows per model execution; with 64 districts per request it "
+        "counts rows, so 64 means no merging).",
+        "- **The comparison server** (`benchmarks/maddpg_benchmarks/seed_server.py`): FastAPI + PyTorch on one "
+        "uvicorn process, `GET /health`, `GET /ready`, `POST /predict` with `{\"observations\": [{\"obs\": "
+        "[...]}, ...]}`, sanitising and normalising like the seed, then a Python loop calling 17 separate torch "
+        "actors of the seed's shape (Linear(obs+32, 256), LayerNorm, ReLU, Linear(256, 256), LayerNorm, ReLU, "
+        "Linear(256, actions), Tanh). Left out in its favour: the seed's coordinator (hints are zeros) and the "
+        "access log. Started as a subprocess on a free port, stopped by PID.",
+        "- **Floors**: in-process onnxruntime (`InferenceSession.run` on `model.onnx`, 1 intra-op thread), torch "
+        "eager on the stacked `PolicyNetwork`, and the seed-style 17-actor loop in process, all with one thread "
+        "(torch's default of one thread per core made a batch-1 call ~35 ms instead of ~0.2 ms when other processes "
+        "held the cores).",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {machine['cpu_model']}, {machine['cores']} cores ({machine['cores_usable']} usable), "
+        f"{machine['memory_gib']} GiB memory, {machine['gpu']}",
+        f"- OS: {machine['os']}",
+        f"- Python: {machine['python']}; tritonserver {machine.get('tritonserver_version', '?')} (bundled in "
+        "nvidia-pytriton, python backend)",
+        "- Packages: " + ", ".join(f"{k} {v}" for k, v in machine["packages"].items() if v),
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        data["command"] or "maddpg-citylearn bench",
+        "```",
+        "",
+        "`maddpg-citylearn bench --quick` is a one-minute smoke run (two levels, no tuning); `--help` lists the "
+        "options. Without `--repository` the command exports a fresh policy on the real env layout into a temporary "
+        "repository (it needs the CityLearn dataset, like the tests).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def client_choice(group: dict | None) -> str:
+    base = ("asyncio in one thread, one connection per caller, each level's request encoded once and sent again "
+            "(HTTP/1.1 keep-alive over asyncio streams; gRPC through `grpc.aio` and Triton's generated stub). ")
+    if not group or not group["variants"]:
+        return base + "Compared with tritonclient when tuning runs."
+    rows = {}
+    for v in group["variants"]:
+        c16 = _find(v["results"], v["results"][0]["target"], 16, 1) or {}
+        rows[v["label"]] = c16
+    parts = [f"{label}: {_f(r.get('requests_per_s'), 0)} requests/s at c16 using {_f(r.get('client_cpu_cores'))} "
+             f"cores" for label, r in rows.items()]
+    return base + ("Chosen because it left the most of the shared cores to the server: " + "; ".join(parts) +
+                   " (same server, same rounds; see the client group under Tuning). tritonclient's HTTP client must "
+                   "stay in the thread that made it, so its threaded variant uses one client per thread.")
+
+
+def limits(data: dict[str, Any]) -> list[str]:
+    """What the figures say about where the time goes (computed from this run's numbers)."""
+    results = data["results"]
+    out = []
+    http1, floor = _find(results, "triton-http", 1, 1), _find(results, "onnxruntime-inprocess", 1, 1)
+    if http1 and floor and http1.get("triton"):
+        t = http1["triton"]
+        out.append(
+            f"- **Latency at concurrency 1**: the client sees p50 {http1['p50_ms']:.3f} ms; Triton itself reports "
+            f"{t['request_us_per_request'] / 1000:.3f} ms per request on average, of which "
+            f"{t['compute_us_per_request'] / 1000:.3f} ms in the model's execution and "
+            f"{t['queue_us_per_request'] / 1000:.3f} ms queued, against {floor['p50_ms']:.3f} ms (p50) for the same "
+            f"graph in process. The difference is the python backend: each execution crosses from the server to a "
+            f"separate stub process through shared memory and back, which costs several times the model itself. "
+            f"The tritonserver bundled in nvidia-pytriton has no onnxruntime backend; the production "
+            f"configs (`config.pbtxt`, `configs/cpu.pbtxt`) use Triton's onnxruntime backend in the server process "
+            f"and do not pay this hop, but cannot run here.")
+    seed1 = _find(results, "seed-fastapi", 1, 1)
+    if http1 and seed1 and floor:
+        out.append(
+            f"- **p99 at concurrency 1** is {http1['p99_ms']:.2f} ms for Triton (HTTP) and {seed1['p99_ms']:.2f} ms "
+            f"for the seed-style server, against {floor['p99_ms']:.3f} ms in process: a served request wakes several "
+            f"threads and processes in turn (client, HTTP thread, scheduler, model instance, python stub), and when "
+            f"one wake-up finds both cores busy with other work it waits for a time slice of a few milliseconds. That "
+            f"sets the tail at concurrency 1 on both servers alike, so their c1 p99 difference is close to noise; "
+            f"from concurrency 4 up, queueing behind the seed-style server's single process dominates.")
+    seed16, http16 = _find(results, "seed-fastapi", 16, 1), _find(results, "triton-http", 16, 1)
+    if seed16 and http16 and seed16.get("server_cpu_cores") and http16.get("server_cpu_cores"):
+        ours = http16["server_cpu_cores"] / http16["requests_per_s"] * 1e6
+        theirs = seed16["server_cpu_cores"] / seed16["requests_per_s"] * 1e6
+        out.append(
+            f"- **Throughput at concurrency 16** is CPU-bound on both sides. Per request, Triton spent {ours:,.0f} us "
+            f"of CPU (server processes, HTTP to model and back) and the seed-style server {theirs:,.0f} us (JSON, "
+            f"pydantic, 17 separate torch calls): {theirs / ours:.1f}x less, which is about the throughput ratio. "
+            f"Triton got {http16['server_cpu_cores']:.2f} cores, the load generator "
+            f"{http16['client_cpu_cores']:.2f}, and the rest went to other processes (*Background load* below). The "
+            f"seed-style server is one Python process and cannot use more than one core "
+            f"({seed16['server_cpu_cores']:.2f} here); Triton's two instances can use both, so on an otherwise idle "
+            f"machine the ratio would grow with the cores Triton gets, not measured here.")
+    stalled = [r for r in results if r["target"].startswith("triton") and r["max_ms"] >= 400]
+    if stalled:
+        out.append(
+            f"- **Occasional ~0.5 s stalls**: {len(stalled)} Triton level(s) saw a slowest request of "
+            f"{min(r['max_ms'] for r in stalled) / 1000:.2f}-{max(r['max_ms'] for r in stalled) / 1000:.2f} s. While "
+            f"it lasts, requests wait in Triton's queue (its queue time grows) and the instance does not execute: a "
+            f"pause inside the python backend, not in the model or the network. With one instance every caller waits "
+            f"it out (see the instance group under Tuning); with two, the other instance keeps serving.")
+    big = max((r for r in results if r["target"].startswith("triton") and r["districts"] == 64 and r["requests"]),
+              key=lambda r: r["decisions_per_s"], default=None)
+    floor64 = _find(results, "onnxruntime-inprocess", 1, 64)
+    seed = max((r for r in results if r["target"] == "seed-fastapi" and r["requests"]),
+               key=lambda r: r["decisions_per_s"], default=None)
+    if big and floor64:
+        line = (f"- **64 districts per request**: the best Triton level ({LABELS[big['target']]}, "
+                f"c{big['concurrency']}) reached {big['decisions_per_s']:,.0f} decisions/s; in-process onnxruntime on "
+                f"one thread does {floor64['decisions_per_s']:,.0f} with no server at all. At this size the model's "
+                f"arithmetic dominates (each decision is one agent's MLP, ~{FLOPS_PER_DECISION / 1e3:.0f} kFLOP), so "
+                f"throughput is bounded by the cores the model gets.")
+        if seed:
+            needed = 200 * seed["decisions_per_s"]
+            cores = data["machine"]["cores"]
+            line += (f" 200x the seed-style server's best ({seed['decisions_per_s']:,.0f}) would be "
+                     f"{needed:,.0f} decisions/s, {needed / floor64['decisions_per_s']:.1f} times what one core "
+                     f"running nothing but the model achieves; this machine has {cores} cores, shared with the load "
+                     f"generator and the background load.")
+        out.append(line)
+    return out
+
+
+def _loadavg(values) -> str:
+    return "?" if not values else " / ".join(f"{v:.2f}" for v in values) + " (1 / 5 / 15 min)"
+
+
+def _busy(processes) -> str:
+    if not processes:
+        return "none above 0.1 core"
+    return ", ".join(f"{p['name']} ({p['cores']:.2f} cores)" for p in processes[:6])

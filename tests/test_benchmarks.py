@@ -1,0 +1,145 @@
+"""The benchmark harness on real servers: local Triton and the seed-style FastAPI server, through the load driver.
+
+One short run (two levels, sub-second windows, no tuning) is shared by the tests below. They check what a reader of
+docs/benchmarks.md relies on: every contender measured, no errors, counts that add up, ordered percentiles, Triton's
+batching read from its metrics, the in-process floor below any network latency, and the report files. Speed goals are
+not asserted here: they live in the benchmark's own report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from maddpg_benchmarks.load import Level, LevelResult, Payload, ResponseError, Target, measure
+from maddpg_benchmarks.report import write_report
+from maddpg_benchmarks.repositories import open_repository
+from maddpg_benchmarks.runner import Bench, BenchOptions, _group, decide, make_payloads
+
+pytestmark = [pytest.mark.triton, pytest.mark.citylearn]
+LEVELS = (1, 4)
+SERVED = ("triton-http", "triton-grpc")
+FLOORS = ("onnxruntime-inprocess", "torch-stacked-inprocess", "torch-seed-loop-inprocess")
+
+
+@pytest.fixture(scope="module")
+def run(exported_repository) -> dict:
+    options = BenchOptions.quick(repository=exported_repository, levels=LEVELS, duration_s=0.4, warmup_s=0.1,
+                                 progress=False, command="pytest tests/test_benchmarks.py")
+    return Bench(options).run()
+
+
+def results(run, target):
+    return [r for r in run["results"] if r["target"] == target]
+
+
+def test_every_contender_is_measured_at_every_level_it_takes(run):
+    measured = {(r["target"], r["concurrency"], r["districts"]) for r in run["results"]}
+    for concurrency in LEVELS:
+        for target in SERVED:
+            assert {(target, concurrency, 1), (target, concurrency, 64)} <= measured
+        # The seed's API takes one district per request.
+        assert ("seed-fastapi", concurrency, 1) in measured
+    assert not any(r["target"] == "seed-fastapi" and r["districts"] != 1 for r in run["results"])
+    for floor in FLOORS:
+        assert (floor, 1, 1) in measured  # one in-process caller
+
+
+def test_no_errors_and_counts_add_up(run):
+    for r in run["results"]:
+        where = f"{r['target']} c{r['concurrency']} x{r['districts']}"
+        assert r["errors"] == 0 and r["warmup_errors"] == 0, f"{where}: {r['first_error']}"
+        assert r["requests"] > 0 and r["seconds"] > 0, where
+        assert math.isclose(r["requests_per_s"], r["requests"] / r["seconds"], rel_tol=1e-9), where
+        assert math.isclose(r["decisions_per_s"], r["requests_per_s"] * r["districts"] * r["agents"], rel_tol=1e-9)
+        assert r["agents"] == 17
+
+
+def test_percentiles_are_ordered(run):
+    for r in run["results"]:
+        assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] <= r["max_ms"], r
+
+
+def test_triton_batching_comes_from_its_metrics_and_matches_the_client(run):
+    for target in SERVED:
+        for r in results(run, target):
+            triton = r["triton"]
+            # Counters are read just outside the measured window: the server counted exactly what the client did.
+            assert triton["requests"] == r["requests"] and triton["failures"] == 0
+            assert triton["inferences"] == r["requests"] * r["districts"]
+            assert triton["average_batch_size"] >= 1
+            # A model execution never merges more rows than the callers can have in flight.
+            assert triton["average_batch_size"] <= r["concurrency"] * r["districts"]
+    for r in results(run, "seed-fastapi"):
+        assert r["triton"] is None and r["server_cpu_cores"] is not None
+
+
+def test_in_process_floor_is_below_every_network_latency(run):
+    floor = find_result(run, "onnxruntime-inprocess", 1, 1)
+    for target in (*SERVED, "seed-fastapi"):
+        assert floor["p50_ms"] < find_result(run, target, 1, 1)["p50_ms"], target
+
+
+def test_goals_are_computed_from_the_run(run):
+    goals = {g["goal"]: g for g in run["goals"]}
+    throughput = goals["triton-http throughput at concurrency 16 >= 20x the seed-style server's"]
+    assert throughput["ratio"] is None and throughput["met"] is False  # concurrency 16 was not in this run
+    latency = goals["triton-http p50 at concurrency 1 within 4x of in-process onnxruntime"]
+    http, floor = find_result(run, "triton-http", 1, 1), find_result(run, "onnxruntime-inprocess", 1, 1)
+    assert latency["ratio"] == pytest.approx(http["p50_ms"] / floor["p50_ms"])
+    assert latency["met"] == (latency["ratio"] <= 4)
+    batched = goals["triton-http decisions/s with 64 districts per request >= 200x the seed-style server's"]
+    assert batched["ratio"] > 1  # 64 districts per request beat one per request on any machine
+
+
+def test_report_files(run, tmp_path):
+    paths = write_report(run, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert data["machine"]["cores"] >= 1 and data["machine"]["cpu_model"]
+    assert data["command"] == "pytest tests/test_benchmarks.py"
+    text = paths["markdown"].read_text()
+    for needed in ("## Goals (issue 7)", "## Results", "## Machine", "pytest tests/test_benchmarks.py",
+                   "| Triton, HTTP |", "| seed-style FastAPI + torch |", "| in-process onnxruntime |"):
+        assert needed in text
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_wrong_answer_fails_the_level_instead_of_being_timed(triton_server, exported_repository):
+    source = open_repository(exported_repository)
+    good = make_payloads(source, (1,))[1]
+    wrong = Payload(good.observations, good.expected + 0.5, good.action_width, good.action_counts)
+    target = Target("triton-http", triton_server.ports.http, model=source.model)
+    level = Level(1, 1, duration_s=0.1, warmup_s=0)
+    assert measure(target, good, level).latencies_ns.size > 0
+    with pytest.raises(ResponseError, match="differs from the in-process model"):
+        measure(target, wrong, level)
+
+
+def find_result(run, target, concurrency, districts):
+    found = [r for r in run["results"] if (r["target"], r["concurrency"], r["districts"]) ==
+             (target, concurrency, districts)]
+    assert len(found) == 1, (target, concurrency, districts)
+    return found[0]
+
+
+def fake_results(p50_ms: float, requests_per_s: float, decisions_per_s: float) -> list[LevelResult]:
+    def result(concurrency, districts, requests, p50):
+        return LevelResult("triton-http", concurrency, districts, 17, requests=requests, errors=0, seconds=1.0,
+                           p50_ms=p50, p95_ms=p50, p99_ms=p50, mean_ms=p50, max_ms=p50, client_cpu_cores=0.1)
+
+    return [result(1, 1, 100, p50_ms), result(16, 1, int(requests_per_s), 1.0),
+            result(16, 64, int(decisions_per_s / 64 / 17), 1.0)]
+
+
+@pytest.mark.parametrize(("rival_speedup", "kept"), [(1.05, "delay=0"), (2.0, "delay=100")])
+def test_tuning_replaces_the_default_only_beyond_the_runs_own_noise(rival_speedup, kept):
+    # The served default ran in two groups and moved by 10% between them: that is this run's noise.
+    other = _group("instances", "?", {"instances=2": fake_results(1.0, 1100, 108_800)}, "instances=2")
+    delay = _group("delay", "?", {"delay=0": fake_results(1.0, 1000, 108_800),
+                                  "delay=100": fake_results(1.0, 1000 * rival_speedup, 108_800)}, "delay=0")
+    noise = decide([other, delay])
+    assert noise > 1.0
+    assert delay.winner == kept
+
