@@ -63,11 +63,30 @@ def test_evaluate_writes_a_report_and_a_picture_that_tells_the_policy_from_the_b
         assert words in result.output
 
 
-def test_the_plotted_series_differ_between_policy_and_zero_actions(week_spec, exported_repository):
-    report = validate(local_factory(str(exported_repository), MODEL), week_spec, progress=False)
+class DaytimeCharging:
+    """A policy that visibly moves the batteries: charge from 09:00 to 15:00, discharge otherwise."""
+
+    def __init__(self, layout):
+        self.layout = layout
+        self.hour = layout.agents[0].observation_names.index("hour")
+
+    def act(self, observations):
+        actions = np.zeros(self.layout.action_shape, np.float32)
+        actions[:, 0] = 0.5 if 9 <= observations[0, self.hour] <= 15 else -0.5
+        return actions
+
+
+def test_the_plotted_series_differ_between_policy_and_zero_actions(week_spec, exported_repository, tmp_path):
+    from maddpg_client.local_policy import LocalPolicy
+    from maddpg_client.report import write_report
+
+    layout = LocalPolicy(exported_repository).layout
+    report = validate(lambda: DaytimeCharging(layout), week_spec, progress=False)
     policy, zero = report.policy.district_load, report.baselines["zero_actions"].district_load
     assert policy.shape == zero.shape == (167,)
-    assert np.abs(policy - zero).max() > 0.5, "an (untrained) policy that moves batteries changes the district load"
+    assert np.abs(policy - zero).max() > 5.0, "17 batteries charging at half power move the district load"
+    paths = write_report(report, tmp_path)
+    assert paths["plot"].stat().st_size > 20_000
 
 
 def test_many_simulators_at_once_raise_the_decision_rate_and_batch_on_the_server(
