@@ -33,7 +33,9 @@ def test_training_writes_checkpoints_a_summary_and_a_deterministic_evaluation(sm
     out, result = smoke_run
     assert {p.name for p in out.iterdir()} >= {"last.pt", "final.pt", "summary.json"}
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["episodes"] == 2 and summary["env_steps"] == 2 * 199
+    # One demonstration pass of the self-consumption rule, then two episodes.
+    assert summary["demonstration"]["env_steps"] == 199 and summary["demonstration"]["clone_loss"] >= 0
+    assert summary["episodes"] == 2 and summary["env_steps"] == 3 * 199
     assert len(summary["history"]) == 2
     for episode in summary["history"]:
         assert episode["steps_per_second"] > 0 and set(episode["reward_terms"]) == {"cost", "emissions", "peak", "ev", "appliance", "storage"}
@@ -76,7 +78,7 @@ def test_resume_continues_from_the_last_checkpoint(smoke_run, tmp_path, schema_p
     assert result.exit_code == 0, result.output
     assert "resuming after episode 2" in result.output
     summary = json.loads((resumed / "summary.json").read_text())
-    assert summary["episodes"] == 3 and summary["env_steps"] == 3 * 199
+    assert summary["episodes"] == 3 and summary["env_steps"] == 4 * 199
     assert [h["episode"] for h in summary["history"]] == [1, 2, 3]
     before = load_checkpoint(out / "last.pt").trainer["learner"]["updates"]
     after = load_checkpoint(resumed / "final.pt").trainer["learner"]["updates"]

@@ -46,6 +46,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     preactivation_penalty: float = 0.01   # keeps actors out of tanh saturation (see trainer)
 
+    # --- learning from a demonstration (DDPGfD; see demonstration.py) ---------------------------------------------------
+    demonstration: bool = True            # start from the self-consumption rule: replay seeded, actors cloned
+    demonstration_noise: float = 0.1      # Gaussian noise on the rule's actions while it fills the replay buffer
+    clone_steps: int = 3_000              # behaviour-cloning steps of the actors
+    critic_warmup_steps: int = 3_000      # critic updates on the demonstration before the actors follow the critic
+
     # --- what the policy may do -----------------------------------------------------------------------------------------
     # False narrows every EV charger action to [0, 1]: the policy charges parked cars but never discharges them into
     # the building (vehicle-to-grid needs the owner's consent, and draining a car is what an untamed policy learns

@@ -15,6 +15,10 @@ The algorithm, per environment step ``t``::
             Polyak-average the targets (rate tau)
 
 Episode ends are time limits, not terminal states: the target always bootstraps.
+
+Before the first episode (``demonstration``, on by default) the replay buffer is seeded with one pass of a
+self-consumption rule, the actors are cloned from it and the critic is fitted to it (DDPG from demonstrations): TD3
+then improves on a sensible policy instead of starting from random weights.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from maddpg_client.kpis import district_kpis, headline_score, service_levels
 from .bootstrap import fresh_policy, reference_sample, warmup, without_ev_discharge
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .demonstration import SelfConsumptionRule, clone, collect_demonstration
 from .networks import ActorSpec, PolicyNetwork, TwinCentralCritic
 from .replay import Batch, ReplayBuffer
 from .team_reward import TeamReward
@@ -77,7 +82,7 @@ class MADDPG:
         noise = torch.randn(unit.shape, generator=generator) * std
         return (unit + noise).clamp(-1.0, 1.0) * self.acting_actors.action_mask
 
-    def update(self, batch: Batch) -> dict[str, float]:
+    def update(self, batch: Batch, *, train_actors: bool = True) -> dict[str, float]:
         cfg = self.config
         z, a, r, z_next = (t.to(self.device, non_blocking=True) for t in
                            (batch.observations, batch.actions, batch.rewards, batch.next_observations))
@@ -95,7 +100,7 @@ class MADDPG:
         self.updates += 1
         stats = {"critic_loss": critic_loss.item(), "q": q[0].detach().sum(dim=-1).mean().item()}
 
-        if self.updates % cfg.policy_delay == 0:
+        if train_actors and self.updates % cfg.policy_delay == 0:
             self.critic.requires_grad_(False)  # the actor step must not leave gradients on the critic
             preactivation = self.actors.preactivation(z) * self.action_mask
             q = self.critic(z, torch.tanh(preactivation) * self.action_mask)[0].sum(dim=-1)  # the team's Q
@@ -112,7 +117,15 @@ class MADDPG:
             stats["actor_loss"] = actor_loss.item()
             if self.acting_actors is not self.actors and self.updates % ACTING_SYNC_UPDATES == 0:
                 self.acting_actors.load_state_dict(self.actors.state_dict())
+        elif not train_actors:
+            _soft_update(self.target_critic, self.critic, cfg.tau)
         return stats
+
+    def actors_changed(self) -> None:
+        """The actors were set from outside (behaviour cloning): targets and the acting copy follow at once."""
+        self.target_actors.load_state_dict(self.actors.state_dict())
+        if self.acting_actors is not self.actors:
+            self.acting_actors.load_state_dict(self.actors.state_dict())
 
     def state_dict(self) -> dict:
         return {
@@ -150,6 +163,7 @@ class Progress:
     history: list[dict] = field(default_factory=list)
     best_score: float = math.inf
     best_episode: int | None = None
+    demonstration: dict | None = None
 
 
 @dataclass
@@ -217,6 +231,38 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
                      "generator": generator.get_state(), "config": config.to_dict()},
         ))
 
+    def evaluate_and_keep_best(episode: int) -> dict:
+        """Deterministic evaluation; the best-scoring policy so far is kept as best.pt."""
+        result = run_episode(evaluation.build(), TorchPolicy(copy.deepcopy(policy).cpu()), name="evaluation",
+                             progress=progress)
+        score = headline_score(result.kpis)
+        if score < state.best_score:
+            state.best_score, state.best_episode = score, episode
+            write("best.pt", {"trained": True, "episode": episode, "evaluation": result.kpis,
+                              "evaluation_service": result.service})
+        return {"evaluation_kpis": result.kpis, "evaluation_service": result.service}
+
+    if config.demonstration and resume is None:
+        say("demonstration: one pass with the self-consumption rule, behaviour cloning, critic warm-up")
+        started = time.perf_counter()
+        rule = SelfConsumptionRule(layout, warm.baseline.battery_capacity)
+        observations, targets = collect_demonstration(env, adapter, rule, team_reward, normalise, buffer,
+                                                      noise=config.demonstration_noise, generator=generator,
+                                                      progress=progress)
+        state.env_steps += len(observations)
+        clone_loss = clone(learner.actors, observations, targets, steps=config.clone_steps,
+                           batch_size=config.batch_size, lr=config.actor_lr, generator=generator)
+        learner.actors_changed()
+        for _ in range(config.critic_warmup_steps):
+            learner.update(buffer.sample(config.batch_size, generator), train_actors=False)
+        state.seconds += time.perf_counter() - started
+        state.demonstration = {"env_steps": len(observations), "clone_loss": clone_loss,
+                               "seconds": time.perf_counter() - started}
+        if evaluate_every:
+            state.demonstration.update(evaluate_and_keep_best(0))
+            kpis = state.demonstration["evaluation_kpis"]
+            say("cloned policy, deterministic: " + ", ".join(f"{k} {v:.3f}" for k, v in kpis.items()))
+
     for episode in range(state.episodes_done, config.episodes):
         started = time.perf_counter()
         learning_seconds = 0.0
@@ -262,14 +308,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
                   "steps_per_second": (env.time_steps - 1) / seconds, "reward_terms": parts_sum,
                   "training_kpis": kpis, "training_service": service}
         if evaluate_every and (episode + 1) % evaluate_every == 0 and episode + 1 < config.episodes:
-            result = run_episode(evaluation.build(), TorchPolicy(copy.deepcopy(policy).cpu()), name="evaluation",
-                                 progress=progress)
-            record.update(evaluation_kpis=result.kpis, evaluation_service=result.service)
-            score = headline_score(result.kpis)
-            if score < state.best_score:
-                state.best_score, state.best_episode = score, episode + 1
-                write("best.pt", {"trained": True, "episode": episode + 1, "evaluation": result.kpis,
-                                  "evaluation_service": result.service})
+            record.update(evaluate_and_keep_best(episode + 1))
         state.history.append(record)
         state.episodes_done = episode + 1
         state.seconds += seconds
@@ -280,7 +319,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
     say("final deterministic evaluation" + (f" on steps {evaluation.start}..{evaluation.end}" if evaluation.start is not None else " on the whole dataset"))
     result = run_episode(evaluation.build(), TorchPolicy(copy.deepcopy(policy).cpu()), name="evaluation", progress=progress)
     final_score = headline_score(result.kpis)
-    if final_score < state.best_score:
+    final_is_best = final_score <= state.best_score
+    if final_is_best:
         state.best_score, state.best_episode = final_score, state.episodes_done
     summary = {
         "trained": state.episodes_done > 0,
@@ -293,10 +333,14 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
         "evaluation_window": [evaluation.start, evaluation.end],
         "evaluation": result.kpis,
         "evaluation_service": result.service,
+        "demonstration": state.demonstration,
         "history": state.history,
+        "best_episode": state.best_episode,
     }
     final = write("final.pt", summary)
     best = out_dir / "best.pt"
+    if final_is_best:  # best.pt is always the policy to ship
+        write("best.pt", {**summary, "episode": state.episodes_done})
     return TrainResult(out_dir=out_dir, final_checkpoint=final, best_checkpoint=best if best.exists() else None,
                        summary=summary)
 

@@ -1,0 +1,121 @@
+"""A demonstration to start learning from (DDPG from demonstrations, Vecerik et al. 2017).
+
+The demonstrator is the plainest sensible controller of a building battery, self-consumption: store what the solar
+panels produce beyond the building's load, give it back when the building imports. Each building decides from its own
+observation only, so the rule is itself a decentralised policy of the same form as the actors.
+
+Before TD3 starts, one pass of the training window with the rule (plus a little noise for coverage) fills the replay
+buffer, the actors are cloned from it (behaviour cloning) and the critic is fitted to it with the actors held still.
+Learning then starts from a policy that already charges from surplus, instead of from random weights that spend the
+first episodes buying energy to store (measured without it: the learned policy scored below doing nothing on its own
+team reward after 6 episodes of 1,440 steps, while this rule scored far above it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from maddpg_client.citylearn_env import CityLearnAdapter
+from maddpg_client.layout import PolicyLayout
+
+from .networks import StackedActors
+from .replay import ReplayBuffer
+from .team_reward import TeamReward
+
+BATTERY_ACTION = "electrical_storage"
+APPLIANCE_PREFIX = "deferrable_appliance"
+
+
+@dataclass(frozen=True)
+class _Slots:
+    load: int
+    solar: int
+    battery_action: int | None
+    appliance_actions: tuple[int, ...]
+
+
+class SelfConsumptionRule:
+    """Battery action = (solar - load) / capacity, clipped; appliances start when allowed; EV chargers idle."""
+
+    def __init__(self, layout: PolicyLayout, battery_capacity: np.ndarray):
+        self.layout = layout
+        self.capacity = np.maximum(np.asarray(battery_capacity, dtype=np.float64), 1e-6)
+        self.slots = []
+        for agent in layout.agents:
+            names, actions = list(agent.observation_names or ()), list(agent.action_names or ())
+            if "non_shiftable_load" not in names or "solar_generation" not in names:
+                raise ValueError(f"{agent.building}: the self-consumption rule needs non_shiftable_load and "
+                                 f"solar_generation observations")
+            self.slots.append(_Slots(
+                load=names.index("non_shiftable_load"),
+                solar=names.index("solar_generation"),
+                battery_action=actions.index(BATTERY_ACTION) if BATTERY_ACTION in actions else None,
+                appliance_actions=tuple(j for j, n in enumerate(actions) if n.startswith(APPLIANCE_PREFIX)),
+            ))
+        self.low, self.high = layout.action_bounds()
+
+    def act(self, observations: np.ndarray) -> np.ndarray:
+        actions = np.zeros(self.layout.action_shape, dtype=np.float32)
+        for i, slots in enumerate(self.slots):
+            if slots.battery_action is not None:
+                surplus = observations[i, slots.solar] - observations[i, slots.load]
+                actions[i, slots.battery_action] = surplus / self.capacity[i]
+            for j in slots.appliance_actions:
+                actions[i, j] = 1.0
+        return np.clip(actions, self.low, self.high)
+
+
+def collect_demonstration(env, adapter: CityLearnAdapter, rule: SelfConsumptionRule, team_reward: TeamReward,
+                          normalise: torch.nn.Module, buffer: ReplayBuffer, *, noise: float,
+                          generator: torch.Generator, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of the window with the rule (Gaussian noise on its actions); transitions go into ``buffer``.
+
+    Returns the normalised observations and the rule's noise-free unit actions, for behaviour cloning.
+    """
+    raw_list, _ = env.reset()
+    raw = adapter.observations_to_array(raw_list)
+    with torch.no_grad():
+        z = normalise(torch.from_numpy(raw)[None])[0]
+    mask = torch.as_tensor(rule.layout.action_mask(), dtype=torch.float32)
+    observations, targets = [], []
+    bar = tqdm(total=env.time_steps - 1, desc="demonstration", unit="step", disable=not progress, leave=False)
+    while not env.terminated:
+        target = torch.from_numpy(rule.act(raw))
+        unit = ((target + torch.randn(target.shape, generator=generator) * noise).clamp(-1.0, 1.0) * mask)
+        env_actions = np.clip(unit.numpy(), rule.low, rule.high)
+        raw_list, *_ = env.step(adapter.actions_to_lists(env_actions))
+        next_raw = adapter.observations_to_array(raw_list)
+        shares, _ = team_reward.step_reward(env, next_raw, raw)
+        with torch.no_grad():
+            z_next = normalise(torch.from_numpy(next_raw)[None])[0]
+        buffer.add(z, unit, torch.from_numpy(shares.astype(np.float32)), z_next)
+        observations.append(z)
+        targets.append(target)
+        raw, z = next_raw, z_next
+        bar.update()
+    bar.close()
+    return torch.stack(observations), torch.stack(targets)
+
+
+def clone(actors: StackedActors, observations: torch.Tensor, targets: torch.Tensor, *, steps: int, batch_size: int,
+          lr: float, generator: torch.Generator) -> float:
+    """Behaviour cloning: fit the actors' actions to the rule's (mean squared error in unit space, real slots only).
+
+    The rule's actions sit inside [-1, 1]; the tanh actors are fitted to them directly. Returns the final loss.
+    """
+    optimizer = torch.optim.Adam(actors.parameters(), lr=lr)
+    mask = actors.action_mask
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        index = torch.randint(0, len(observations), (batch_size,), generator=generator)
+        predicted = actors(observations[index])
+        target = targets[index].clamp(-0.999, 0.999) * mask
+        loss = ((predicted - target) * mask).pow(2).sum() / mask.sum() / batch_size
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return loss.item()
