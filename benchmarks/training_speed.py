@@ -90,7 +90,8 @@ def update_cost(layout, batch_size: int, repeats: int) -> dict[str, float]:
     buffer = ReplayBuffer(batch_size * 4, layout.observation_shape, layout.action_shape, layout.n_agents + 1)
     for _ in range(batch_size * 4):
         buffer.add(torch.randn(layout.observation_shape), torch.rand(layout.action_shape) * 2 - 1,
-                   torch.randn(layout.n_agents + 1) * 0.1, torch.randn(layout.observation_shape))
+                   torch.randn(layout.n_agents + 1) * 0.1, torch.randn(layout.observation_shape),
+                   torch.rand(layout.action_shape) * 2 - 1)
     # policy_delay=1: every update also updates the actors, like the seed's loop (an upper bound for ours).
     stacked = MADDPG(PolicyNetwork(layout, ActorSpec()), TrainConfig(policy_delay=1), torch.device("cpu"))
     seed_style = SeedStyleLearner(layout.n_agents, layout.obs_width, layout.action_width)

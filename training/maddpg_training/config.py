@@ -51,6 +51,8 @@ class TrainConfig:
     demonstration_noise: float = 0.1      # Gaussian noise on the rule's actions while it fills the replay buffer
     clone_steps: int = 3_000              # behaviour-cloning steps of the actors
     critic_warmup_steps: int = 3_000      # critic updates on the demonstration before the actors follow the critic
+    guide_alpha: float = 2.5              # TD3+BC: weight of the normalised Q term against staying near the rule;
+                                          # 0 turns the pull towards the rule off (pure TD3 after the warm start)
 
     # --- what the policy may do -----------------------------------------------------------------------------------------
     # False narrows every EV charger action to [0, 1]: the policy charges parked cars but never discharges them into

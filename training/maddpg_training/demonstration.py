@@ -92,7 +92,7 @@ def collect_demonstration(env, adapter: CityLearnAdapter, rule: SelfConsumptionR
         shares, _ = team_reward.step_reward(env, next_raw, raw)
         with torch.no_grad():
             z_next = normalise(torch.from_numpy(next_raw)[None])[0]
-        buffer.add(z, unit, torch.from_numpy(shares.astype(np.float32)), z_next)
+        buffer.add(z, unit, torch.from_numpy(shares.astype(np.float32)), z_next, target)
         observations.append(z)
         targets.append(target)
         raw, z = next_raw, z_next

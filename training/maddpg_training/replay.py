@@ -13,6 +13,7 @@ class Batch:
     actions: torch.Tensor            # [batch, agents, action_width], unit scale [-1, 1]
     rewards: torch.Tensor            # [batch, shares]: the team reward split into shares that sum to it
     next_observations: torch.Tensor  # [batch, agents, obs_width], normalised
+    guide_actions: torch.Tensor      # [batch, agents, action_width]: what the demonstrator would have done there
 
 
 class ReplayBuffer:
@@ -24,14 +25,17 @@ class ReplayBuffer:
         self.next_observations = torch.zeros((capacity, *observation_shape))
         self.actions = torch.zeros((capacity, *action_shape))
         self.rewards = torch.zeros((capacity, shares))
+        self.guide_actions = torch.zeros((capacity, *action_shape))
         self.size = 0
         self._next = 0
 
     def __len__(self) -> int:
         return self.size
 
-    def add(self, observation: torch.Tensor, action: torch.Tensor, reward, next_observation: torch.Tensor) -> None:
+    def add(self, observation: torch.Tensor, action: torch.Tensor, reward, next_observation: torch.Tensor,
+            guide_action: torch.Tensor) -> None:
         i = self._next
+        self.guide_actions[i] = guide_action
         self.observations[i] = observation
         self.actions[i] = action
         self.rewards[i] = torch.as_tensor(reward)
@@ -41,4 +45,5 @@ class ReplayBuffer:
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         index = torch.randint(0, self.size, (batch_size,), generator=generator)
-        return Batch(self.observations[index], self.actions[index], self.rewards[index], self.next_observations[index])
+        return Batch(self.observations[index], self.actions[index], self.rewards[index], self.next_observations[index],
+                     self.guide_actions[index])

@@ -12,6 +12,7 @@ The algorithm, per environment step ``t``::
         minimise sum_j (Q_k^j(o, a) - y^j)^2 for both critics              centralised critic sees all o and a
         every `policy_delay` critic updates:
             maximise sum_j Q1^j(o, mu(o)) - lambda * |pre-tanh mu(o)|^2    the team's Q; each actor gets dQ/da_i
+                 (with a demonstration: alpha * Q / |Q| - |mu(o) - rule(o)|^2, TD3+BC)
             Polyak-average the targets (rate tau)
 
 Episode ends are time limits, not terminal states: the target always bootstraps.
@@ -84,8 +85,9 @@ class MADDPG:
 
     def update(self, batch: Batch, *, train_actors: bool = True) -> dict[str, float]:
         cfg = self.config
-        z, a, r, z_next = (t.to(self.device, non_blocking=True) for t in
-                           (batch.observations, batch.actions, batch.rewards, batch.next_observations))
+        z, a, r, z_next, guide = (t.to(self.device, non_blocking=True) for t in
+                                  (batch.observations, batch.actions, batch.rewards, batch.next_observations,
+                                   batch.guide_actions))
         with torch.no_grad():
             noise = (torch.randn_like(a) * cfg.target_noise).clamp(-cfg.target_noise_clip, cfg.target_noise_clip)
             a_next = (self.target_actors(z_next) + noise).clamp(-1.0, 1.0) * self.action_mask
@@ -103,10 +105,20 @@ class MADDPG:
         if train_actors and self.updates % cfg.policy_delay == 0:
             self.critic.requires_grad_(False)  # the actor step must not leave gradients on the critic
             preactivation = self.actors.preactivation(z) * self.action_mask
-            q = self.critic(z, torch.tanh(preactivation) * self.action_mask)[0].sum(dim=-1)  # the team's Q
+            actions = torch.tanh(preactivation) * self.action_mask
+            q = self.critic(z, actions)[0].sum(dim=-1)  # the team's Q
             # A small pull towards the unsaturated range: a saturated tanh has no gradient, and an actor pinned at
             # a bound early (e.g. "always discharge the EV") could never learn its way back.
-            actor_loss = -q.mean() + cfg.preactivation_penalty * preactivation.pow(2).mean()
+            actor_loss = cfg.preactivation_penalty * preactivation.pow(2).mean()
+            if cfg.demonstration and cfg.guide_alpha > 0:
+                # TD3+BC (Fujimoto & Gu, 2021): Q normalised by its own scale, plus each agent's squared distance
+                # to the demonstrator's action. The critic is wrong where the data never went (e.g. charging every
+                # car at full power); this keeps the actors where it can be trusted while they improve on the rule.
+                scale = cfg.guide_alpha / q.abs().mean().detach().clamp_min(1e-6)
+                distance = (actions - guide).pow(2).sum(dim=(1, 2)).mean() / actions.shape[1]
+                actor_loss = actor_loss - scale * q.mean() + distance
+            else:
+                actor_loss = actor_loss - q.mean()
             self.actor_optimizer.zero_grad(set_to_none=True)
             actor_loss.backward()
             nn.utils.clip_grad_norm_(self.actors.parameters(), cfg.grad_clip)
@@ -242,10 +254,11 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
                               "evaluation_service": result.service})
         return {"evaluation_kpis": result.kpis, "evaluation_service": result.service}
 
+    rule = SelfConsumptionRule(layout, warm.baseline.battery_capacity) if config.demonstration else None
+    zero_guide = np.zeros(layout.action_shape, dtype=np.float32)
     if config.demonstration and resume is None:
         say("demonstration: one pass with the self-consumption rule, behaviour cloning, critic warm-up")
         started = time.perf_counter()
-        rule = SelfConsumptionRule(layout, warm.baseline.battery_capacity)
         observations, targets = collect_demonstration(env, adapter, rule, team_reward, normalise, buffer,
                                                       noise=config.demonstration_noise, generator=generator,
                                                       progress=progress)
@@ -281,12 +294,13 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
                 unit = learner.explore(z, std, generator)
             with torch.no_grad():
                 env_actions = to_env(unit[None])[0].numpy()
+            guide = rule.act(raw) if rule is not None else zero_guide
             raw_list, *_ = env.step(adapter.actions_to_lists(env_actions))
             next_raw = adapter.observations_to_array(raw_list)
             shares, parts = team_reward.step_reward(env, next_raw, raw)
             with torch.no_grad():
                 z_next = normalise(torch.from_numpy(next_raw)[None])[0]
-            buffer.add(z, unit, torch.from_numpy(shares.astype(np.float32)), z_next)
+            buffer.add(z, unit, torch.from_numpy(shares.astype(np.float32)), z_next, torch.from_numpy(guide))
             reward = float(shares.sum())
             raw, z = next_raw, z_next
             state.env_steps += 1
