@@ -3,7 +3,7 @@
 Measures, on the same env window:
   1. the env alone (zero actions),
   2. training without learning (acting, team reward, replay; the update threshold is never reached),
-  3. training with learning (one critic update every `update_every` steps, delayed actor updates),
+  3. training with learning (one critic update per step, an actor update every second one),
 and, outside the env, the cost of one learning update with the stacked networks this project uses against the
 seed project's layout (17 separate critics and a Python loop of 17 actor updates).
 
@@ -44,8 +44,9 @@ def env_only(spec: EnvSpec) -> float:
 
 def training_rate(spec: EnvSpec, learning: bool, out: Path) -> float:
     steps = spec.end - spec.start
-    config = TrainConfig(dataset=spec.schema, start=spec.start, end=spec.end, episodes=1,
-                         learning_starts=256 if learning else steps + 1)
+    # No demonstration pass: this measures the steady state of an episode (acting, reward, replay, updates).
+    config = TrainConfig(dataset=spec.schema, start=spec.start, end=spec.end, episodes=1, demonstration=False,
+                         learning_starts=256 if learning else steps + 1, update_every=1)
     evaluation = EnvSpec(schema=spec.schema, start=spec.start, end=spec.start + 24)
     result = train(config, out, progress=False, evaluation=evaluation)
     return result.summary["history"][0]["steps_per_second"]

@@ -76,6 +76,18 @@ class DaytimeCharging:
         return actions
 
 
+def test_the_served_policy_matches_the_torch_checkpoint_it_was_exported_from(
+        triton_server, schema_path, initial_checkpoint_path, tmp_path):
+    result = CliRunner().invoke(cli, ["evaluate", "--url", triton_server.grpc_url, "--protocol", "grpc",
+                                      "--schema", str(schema_path), "--start", "0", "--end", "167", "--no-baselines",
+                                      "--reference-checkpoint", str(initial_checkpoint_path), "--out", str(tmp_path),
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    parity = json.loads((tmp_path / "report.json").read_text())["parity"]
+    assert parity["reference"].startswith("torch") and parity["tolerance"] == 1e-5
+    assert parity["max_abs_diff"] <= 1e-5 and parity["ok"] is True
+
+
 def test_the_plotted_series_differ_between_policy_and_zero_actions(week_spec, exported_repository, tmp_path):
     from maddpg_client.local_policy import LocalPolicy
     from maddpg_client.report import write_report

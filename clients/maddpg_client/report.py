@@ -51,7 +51,7 @@ def format_table(report: ValidationReport) -> str:
     lines.append("")
     lines.append(f"ms per step: env {report.policy.env_ms_per_step:.2f}, inference {report.policy.inference_ms_per_step:.3f}")
     if report.policy.parity is not None:
-        verdict = "identical within 1e-6" if report.parity_ok else "DIFFERENT"
+        verdict = f"identical within {report.parity_tolerance:g}" if report.parity_ok else "DIFFERENT"
         lines.append(f"parity vs {report.reference_name}: max |action difference| = "
                      f"{report.policy.parity_max_abs_diff:.3g} over {report.policy.steps} steps ({verdict})")
     t = report.throughput

@@ -40,7 +40,7 @@ class TrainConfig:
     policy_delay: int = 2                 # critic updates per actor (and target) update
     target_noise: float = 0.2             # target policy smoothing (unit action scale)
     target_noise_clip: float = 0.5
-    exploration_start: float = 0.3        # Gaussian exploration std (unit action scale), decayed linearly ...
+    exploration_start: float = 0.05       # Gaussian exploration std (unit action scale), decayed linearly ...
     exploration_end: float = 0.05
     exploration_decay_episodes: int = 8   # ... over this many episodes, then held
     grad_clip: float = 1.0
@@ -51,7 +51,7 @@ class TrainConfig:
     demonstration_noise: float = 0.1      # Gaussian noise on the rule's actions while it fills the replay buffer
     clone_steps: int = 3_000              # behaviour-cloning steps of the actors
     critic_warmup_steps: int = 3_000      # critic updates on the demonstration before the actors follow the critic
-    guide_alpha: float = 2.5              # TD3+BC: weight of the normalised Q term against staying near the rule;
+    guide_alpha: float = 0.3              # TD3+BC: weight of the normalised Q term against staying near the rule;
                                           # 0 turns the pull towards the rule off (pure TD3 after the warm start)
 
     # --- what the policy may do -----------------------------------------------------------------------------------------

@@ -61,11 +61,14 @@ def evaluate(url, protocol, local_repository, serve_repository, model_name, sche
     spec = env_spec_from(schema, dataset, start, end)
     spec.check_window()  # before starting any server
 
-    reference, reference_name = None, None
+    from maddpg_client.validation import PARITY_TOLERANCE, TORCH_PARITY_TOLERANCE
+
+    reference, reference_name, tolerance = None, None, PARITY_TOLERANCE
     if reference_checkpoint:
         from maddpg_training.torch_policy import TorchPolicy
 
         reference, reference_name = partial(TorchPolicy.from_checkpoint, reference_checkpoint), f"torch {reference_checkpoint}"
+        tolerance = TORCH_PARITY_TOLERANCE
     elif reference_onnx or serve_repository:
         path = reference_onnx or serve_repository
         reference, reference_name = local_factory(path, model_name), f"onnxruntime {path}"
@@ -85,6 +88,7 @@ def evaluate(url, protocol, local_repository, serve_repository, model_name, sche
         else:
             policy, name = local_factory(local_repository, model_name), f"onnxruntime {local_repository}"
         report = validate(policy, spec, policy_name=name, reference=reference, reference_name=reference_name,
+                          parity_tolerance=tolerance,
                           baselines=baselines, envs=envs, metrics_url=metrics_url if url else None,
                           metrics_optional=metrics_optional, model=model_name,
                           progress=progress, say=lambda m: click.echo(f"... {m}", err=True))
