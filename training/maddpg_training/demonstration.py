@@ -1,8 +1,11 @@
 """A demonstration to start learning from (DDPG from demonstrations, Vecerik et al. 2017).
 
-The demonstrator is the plainest sensible controller of a building battery, self-consumption: store what the solar
-panels produce beyond the building's load, give it back when the building imports. Each building decides from its own
-observation only, so the rule is itself a decentralised policy of the same form as the actors.
+The demonstrator is a plain, sensible controller of a building battery: store what the solar panels produce beyond
+the building's load, and give it back when the building imports during the evening (16:00-23:00), when the district
+load peaks and the sun is gone. Plain self-consumption (give it back whenever the building imports) empties the
+batteries in the small hours and leaves nothing for the evening peak: measured over the year, all-time peak 0.997
+against 0.862 with the evening window, at about the same cost (`python benchmarks/demonstration_rules.py`). Each building decides from its own observation only,
+so the rule is itself a decentralised policy of the same form as the actors.
 
 Before TD3 starts, one pass of the training window with the rule (plus a little noise for coverage) fills the replay
 buffer, the actors are cloned from it (behaviour cloning) and the critic is fitted to it with the actors held still.
@@ -28,31 +31,38 @@ from .team_reward import TeamReward
 
 BATTERY_ACTION = "electrical_storage"
 APPLIANCE_PREFIX = "deferrable_appliance"
+EVENING_HOURS = (16, 23)  # inclusive, CityLearn's `hour` observation (1-24)
 
 
 @dataclass(frozen=True)
 class _Slots:
     load: int
     solar: int
+    hour: int
     battery_action: int | None
     appliance_actions: tuple[int, ...]
 
 
 class SelfConsumptionRule:
-    """Battery action = (solar - load) / capacity, clipped; appliances start when allowed; EV chargers idle."""
+    """Battery: charge (solar - load) / capacity from surplus; in the evening, discharge what the building imports.
+    Appliances start when allowed; EV chargers idle."""
 
-    def __init__(self, layout: PolicyLayout, battery_capacity: np.ndarray):
+    def __init__(self, layout: PolicyLayout, battery_capacity: np.ndarray,
+                 discharge_hours: tuple[int, int] | None = EVENING_HOURS):
+        """``discharge_hours=None`` gives plain self-consumption (discharge whenever the building imports)."""
         self.layout = layout
+        self.discharge_hours = discharge_hours
         self.capacity = np.maximum(np.asarray(battery_capacity, dtype=np.float64), 1e-6)
         self.slots = []
         for agent in layout.agents:
             names, actions = list(agent.observation_names or ()), list(agent.action_names or ())
-            if "non_shiftable_load" not in names or "solar_generation" not in names:
-                raise ValueError(f"{agent.building}: the self-consumption rule needs non_shiftable_load and "
-                                 f"solar_generation observations")
+            needed = ("non_shiftable_load", "solar_generation", "hour")
+            if any(name not in names for name in needed):
+                raise ValueError(f"{agent.building}: the self-consumption rule needs the observations {needed}")
             self.slots.append(_Slots(
                 load=names.index("non_shiftable_load"),
                 solar=names.index("solar_generation"),
+                hour=names.index("hour"),
                 battery_action=actions.index(BATTERY_ACTION) if BATTERY_ACTION in actions else None,
                 appliance_actions=tuple(j for j, n in enumerate(actions) if n.startswith(APPLIANCE_PREFIX)),
             ))
@@ -63,7 +73,10 @@ class SelfConsumptionRule:
         for i, slots in enumerate(self.slots):
             if slots.battery_action is not None:
                 surplus = observations[i, slots.solar] - observations[i, slots.load]
-                actions[i, slots.battery_action] = surplus / self.capacity[i]
+                hours = self.discharge_hours
+                may_discharge = hours is None or hours[0] <= observations[i, slots.hour] <= hours[1]
+                if surplus > 0 or may_discharge:
+                    actions[i, slots.battery_action] = surplus / self.capacity[i]
             for j in slots.appliance_actions:
                 actions[i, j] = 1.0
         return np.clip(actions, self.low, self.high)
