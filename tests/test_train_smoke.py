@@ -33,9 +33,10 @@ def test_training_writes_checkpoints_a_summary_and_a_deterministic_evaluation(sm
     out, result = smoke_run
     assert {p.name for p in out.iterdir()} >= {"last.pt", "final.pt", "summary.json"}
     summary = json.loads((out / "summary.json").read_text())
-    # One demonstration pass of the self-consumption rule, then two episodes.
-    assert summary["demonstration"]["env_steps"] == 199 and summary["demonstration"]["clone_loss"] >= 0
-    assert summary["episodes"] == 2 and summary["env_steps"] == 3 * 199
+    # One demonstration pass of the self-consumption rule, one DAgger pass of the clone, then two episodes.
+    assert summary["demonstration"]["dagger_rounds"] == 1
+    assert summary["demonstration"]["env_steps"] == 2 * 199 and summary["demonstration"]["clone_loss"] >= 0
+    assert summary["episodes"] == 2 and summary["env_steps"] == 4 * 199
     assert len(summary["history"]) == 2
     for episode in summary["history"]:
         assert episode["steps_per_second"] > 0 and set(episode["reward_terms"]) == {"cost", "emissions", "peak", "ev", "appliance", "storage"}

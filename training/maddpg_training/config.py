@@ -49,7 +49,10 @@ class TrainConfig:
     # --- learning from a demonstration (DDPGfD; see demonstration.py) ---------------------------------------------------
     demonstration: bool = True            # start from the self-consumption rule: replay seeded, actors cloned
     demonstration_noise: float = 0.1      # Gaussian noise on the rule's actions while it fills the replay buffer
-    clone_steps: int = 3_000              # behaviour-cloning steps of the actors
+    clone_steps: int = 5_000              # behaviour-cloning steps of the actors (per cloning)
+    clone_lr: float = 1e-3
+    dagger_rounds: int = 1                # passes where the clone acts and the rule labels, each followed by
+                                          # re-cloning on everything labelled so far (DAgger)
     critic_warmup_steps: int = 3_000      # critic updates on the demonstration before the actors follow the critic
     guide_alpha: float = 0.3              # TD3+BC: weight of the normalised Q term against staying near the rule;
                                           # 0 turns the pull towards the rule off (pure TD3 after the warm start)

@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm.auto import tqdm, trange
 
 from maddpg_client.citylearn_env import CityLearnAdapter, EnvSpec
 from maddpg_client.episode import run_episode
@@ -257,19 +257,34 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
     rule = SelfConsumptionRule(layout, warm.baseline.battery_capacity) if config.demonstration else None
     zero_guide = np.zeros(layout.action_shape, dtype=np.float32)
     if config.demonstration and resume is None:
-        say("demonstration: one pass with the self-consumption rule, behaviour cloning, critic warm-up")
+        say(f"demonstration: one pass with the self-consumption rule, behaviour cloning, {config.dagger_rounds} "
+            "DAgger round(s), critic warm-up")
         started = time.perf_counter()
         observations, targets = collect_demonstration(env, adapter, rule, team_reward, normalise, buffer,
                                                       noise=config.demonstration_noise, generator=generator,
                                                       progress=progress)
         state.env_steps += len(observations)
         clone_loss = clone(learner.actors, observations, targets, steps=config.clone_steps,
-                           batch_size=config.batch_size, lr=config.actor_lr, generator=generator)
+                           batch_size=config.batch_size, lr=config.clone_lr, generator=generator,
+                           progress=progress)
         learner.actors_changed()
-        for _ in range(config.critic_warmup_steps):
+        for _ in range(config.dagger_rounds):
+            visited, labels = collect_demonstration(
+                env, adapter, rule, team_reward, normalise, buffer, noise=config.demonstration_noise,
+                generator=generator, progress=progress,
+                behaviour=lambda z: learner.acting_actors(z.unsqueeze(0))[0])
+            state.env_steps += len(visited)
+            observations, targets = torch.cat([observations, visited]), torch.cat([targets, labels])
+            clone_loss = clone(learner.actors, observations, targets, steps=config.clone_steps,
+                               batch_size=config.batch_size, lr=config.clone_lr, generator=generator,
+                               progress=progress)
+            learner.actors_changed()
+        for _ in trange(config.critic_warmup_steps, desc="critic warm-up", unit="update", disable=not progress,
+                        leave=False):
             learner.update(buffer.sample(config.batch_size, generator), train_actors=False)
         state.seconds += time.perf_counter() - started
-        state.demonstration = {"env_steps": len(observations), "clone_loss": clone_loss,
+        state.demonstration = {"env_steps": len(observations), "dagger_rounds": config.dagger_rounds,
+                               "clone_loss": clone_loss,
                                "seconds": time.perf_counter() - started}
         if evaluate_every:
             state.demonstration.update(evaluate_and_keep_best(0))
