@@ -102,6 +102,13 @@ def test_written_configs_agree_with_each_other_and_with_the_onnx_graph(exported_
     assert configs["local"].backend == "python"
 
 
+def test_the_repository_is_readable_by_a_server_running_as_another_user(exported_repository):
+    # The Triton image runs as a non-root user: a 0600 config.pbtxt or a 0700 version directory fails the pod.
+    for path in exported_repository.rglob("*"):
+        wanted = 0o005 if path.is_dir() else 0o004  # others may read (and enter directories)
+        assert path.stat().st_mode & wanted == wanted, f"{path} is {oct(path.stat().st_mode & 0o777)}"
+
+
 def test_onnxruntime_on_the_written_file_matches_torch(exported_repository, initial_checkpoint_path):
     checkpoint = load_checkpoint(initial_checkpoint_path)
     policy = checkpoint.build_policy()

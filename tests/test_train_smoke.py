@@ -79,7 +79,7 @@ def test_resume_continues_from_the_last_checkpoint(smoke_run, tmp_path, schema_p
     assert result.exit_code == 0, result.output
     assert "resuming after episode 2" in result.output
     summary = json.loads((resumed / "summary.json").read_text())
-    assert summary["episodes"] == 3 and summary["env_steps"] == 4 * 199
+    assert summary["episodes"] == 3 and summary["env_steps"] == 5 * 199  # 2 demonstration passes + 3 episodes
     assert [h["episode"] for h in summary["history"]] == [1, 2, 3]
     before = load_checkpoint(out / "last.pt").trainer["learner"]["updates"]
     after = load_checkpoint(resumed / "final.pt").trainer["learner"]["updates"]

@@ -8,12 +8,17 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(handle)`` on a temp file beside ``path``, fsync it, then rename it over ``path``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, mode: int = 0o644) -> Path:
+    """Call ``write(handle)`` on a temp file beside ``path``, fsync it, then rename it over ``path``.
+
+    The file gets ``mode`` (temp files are created 0600): a model repository is read by a server that runs as
+    another user (the Triton image's non-root user), and an unreadable config.pbtxt fails the pod at start.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()

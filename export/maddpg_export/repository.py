@@ -115,6 +115,7 @@ class ModelRepository:
         final = directory / str(number)
         try:
             staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{number}-", dir=directory))
+            staging.chmod(0o755)  # mkdtemp makes it 0700; the server reading the repository may be another user
         except OSError as exc:
             raise RepositoryError(f"cannot write to {directory}: {exc.strerror or exc}; pass a writable --repository") from exc
         try:
