@@ -1,0 +1,44 @@
+"""The model this repository ships (`model_repository/maddpg_ctde`) is whole, fits the env, and controls the district.
+
+The full-year figures are in docs/model-card.md; this guards the committed files against a broken re-export or an
+untrained policy slipping in, on a short window.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from maddpg_export.triton_config import parse_config
+
+SHIPPED = Path(__file__).resolve().parents[1] / "model_repository"
+MODEL = SHIPPED / "maddpg_ctde"
+
+
+def test_the_shipped_configs_parse_and_serve_the_newest_version():
+    versions = sorted(int(p.name) for p in MODEL.iterdir() if p.name.isdigit())
+    assert versions, "model_repository/maddpg_ctde has no version: export the trained checkpoint into it"
+    for path in (MODEL / "config.pbtxt", MODEL / "configs" / "cpu.pbtxt", MODEL / "configs" / "local.pbtxt"):
+        config = parse_config(path.read_text())
+        assert config.name == "maddpg_ctde"
+        assert [t.name for t in config.input] == ["observations"] and [t.name for t in config.output] == ["actions"]
+    newest = MODEL / str(versions[-1])
+    assert {p.name for p in newest.iterdir()} >= {"model.onnx", "layout.json"}
+    assert json.loads((newest / "layout.json").read_text())["agents"], "the layout names the buildings"
+
+
+@pytest.mark.citylearn
+def test_the_shipped_policy_controls_better_than_doing_nothing(week_spec):
+    from maddpg_client.episode import run_episode
+    from maddpg_client.local_policy import LocalPolicy
+    from maddpg_client.reference_controllers import ZeroPolicy
+
+    policy = LocalPolicy(SHIPPED)
+    result = run_episode(week_spec.build(), policy)  # refuses an env whose names differ from the shipped layout
+    zero = run_episode(week_spec.build(), ZeroPolicy(policy.layout))
+    for kpi in ("cost_total", "carbon_emissions_total"):
+        assert result.kpis[kpi] < zero.kpis[kpi], f"{kpi}: {result.kpis[kpi]:.3f} vs {zero.kpis[kpi]:.3f} doing nothing"
+    assert result.service["appliance_service_level"] >= zero.service["appliance_service_level"]
+    assert result.service["ev_departures_acceptable"] >= zero.service["ev_departures_acceptable"]
