@@ -51,43 +51,50 @@ LABEL_SELECTOR = {
     "properties": {"matchLabels": LABELS, "matchExpressions": {"type": "array"}},
     "additionalProperties": False,
 }
-SERVICE_MONITOR_SCHEMA = {
+
+
+def operator_object(kind: str, spec: dict) -> dict:
+    """Schema of a Prometheus Operator object: apiVersion, kind, metadata, and the ``spec`` schema given."""
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": kind},
+            "metadata": METADATA,
+            "spec": spec,
+        },
+    }
+
+
+SERVICE_MONITOR_SCHEMA = operator_object("ServiceMonitor", {
     "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "required": ["selector", "endpoints"],
     "additionalProperties": False,
     "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"},
-        "kind": {"const": "ServiceMonitor"},
-        "metadata": METADATA,
-        "spec": {
-            "type": "object",
-            "required": ["selector", "endpoints"],
-            "additionalProperties": False,
-            "properties": {
-                "selector": LABEL_SELECTOR,
-                "namespaceSelector": {"type": "object"},
-                "jobLabel": {"type": "string"},
-                "endpoints": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "properties": {
-                            "port": {"type": "string"},
-                            "targetPort": {"type": ["string", "integer"]},
-                            "path": {"type": "string", "pattern": "^/"},
-                            "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
-                            "interval": {"type": "string", "pattern": DURATION},
-                            "scrapeTimeout": {"type": "string", "pattern": DURATION},
-                            "honorLabels": {"type": "boolean"},
-                        },
-                    },
+        "selector": LABEL_SELECTOR,
+        "namespaceSelector": {"type": "object"},
+        "jobLabel": {"type": "string"},
+        "endpoints": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "port": {"type": "string"},
+                    "targetPort": {"type": ["string", "integer"]},
+                    "path": {"type": "string", "pattern": "^/"},
+                    "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+                    "interval": {"type": "string", "pattern": DURATION},
+                    "scrapeTimeout": {"type": "string", "pattern": DURATION},
+                    "honorLabels": {"type": "boolean"},
                 },
             },
         },
     },
-}
+})
 RULE = {
     "type": "object",
     "required": ["expr"],
@@ -103,37 +110,27 @@ RULE = {
         "annotations": LABELS,
     },
 }
-PROMETHEUS_RULE_SCHEMA = {
+PROMETHEUS_RULE_SCHEMA = operator_object("PrometheusRule", {
     "type": "object",
-    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "required": ["groups"],
     "additionalProperties": False,
     "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"},
-        "kind": {"const": "PrometheusRule"},
-        "metadata": METADATA,
-        "spec": {
-            "type": "object",
-            "required": ["groups"],
-            "additionalProperties": False,
-            "properties": {
-                "groups": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "required": ["name", "rules"],
-                        "additionalProperties": False,
-                        "properties": {
-                            "name": {"type": "string", "minLength": 1},
-                            "interval": {"type": "string", "pattern": DURATION},
-                            "rules": {"type": "array", "minItems": 1, "items": RULE},
-                        },
-                    },
+        "groups": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["name", "rules"],
+                "additionalProperties": False,
+                "properties": {
+                    "name": {"type": "string", "minLength": 1},
+                    "interval": {"type": "string", "pattern": DURATION},
+                    "rules": {"type": "array", "minItems": 1, "items": RULE},
                 },
             },
         },
     },
-}
+})
 SCHEMAS = {"ServiceMonitor": SERVICE_MONITOR_SCHEMA, "PrometheusRule": PROMETHEUS_RULE_SCHEMA}
 
 
