@@ -1,4 +1,5 @@
-"""Why the demonstrator discharges only in the evening: both rules over the same window, with CityLearn's KPIs.
+"""Why the demonstrator discharges whenever the building imports, not only in the evening: both rules over the
+same window, with CityLearn's KPIs.
 
     python benchmarks/demonstration_rules.py                 # the whole year (about 4 minutes)
     python benchmarks/demonstration_rules.py --end 1439      # two months

@@ -20,7 +20,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -158,22 +157,10 @@ class Servers:
         self.stop()
 
 
-def reserve_ports(count: int) -> list[int]:
-    """``count`` distinct free ports on 127.0.0.1 (held open together, so servers started together never collide)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((HOST, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def triton_servers(repositories: Sequence[Path]) -> list:
-    from maddpg_ops.local_triton import LocalTritonServer, TritonPorts
+    from maddpg_ops.local_triton import LocalTritonServer, TritonPorts, reserve_ports
 
-    ports = reserve_ports(3 * len(repositories))
+    ports = reserve_ports(3 * len(repositories), HOST)
     # A short exit timeout: nothing is in flight when benchmarks stop a server.
     return [LocalTritonServer(repository, ports=TritonPorts(*ports[3 * i : 3 * i + 3]), host=HOST, exit_timeout_s=1)
             for i, repository in enumerate(repositories)]
@@ -186,10 +173,12 @@ def triton_targets(server, model: str, config: str) -> dict[str, Target]:
 
 
 def seed_servers(layout, variants: Sequence[dict[str, Any]]) -> list:
+    from maddpg_ops.local_triton import reserve_ports
+
     from .seed_server import SeedServerProcess
 
     return [SeedServerProcess(layout, port, host=HOST, **options)
-            for port, options in zip(reserve_ports(len(variants)), variants)]
+            for port, options in zip(reserve_ports(len(variants), HOST), variants)]
 
 
 # --- payloads -----------------------------------------------------------------------------------------------------

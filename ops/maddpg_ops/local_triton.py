@@ -59,16 +59,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def free_ports(host: str = "127.0.0.1") -> TritonPorts:
-    """Three distinct free ports (held open together so the kernel cannot hand out the same one twice)."""
-    sockets = [socket.socket() for _ in range(3)]
+def reserve_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct free ports (held open together so the kernel cannot hand out the same one twice)."""
+    sockets = [socket.socket() for _ in range(count)]
     try:
         for sock in sockets:
             sock.bind((host, 0))
-        return TritonPorts(*(sock.getsockname()[1] for sock in sockets))
+        return [sock.getsockname()[1] for sock in sockets]
     finally:
         for sock in sockets:
             sock.close()
+
+
+def free_ports(host: str = "127.0.0.1") -> TritonPorts:
+    """HTTP, gRPC and metrics ports for one server."""
+    return TritonPorts(*reserve_ports(3, host))
 
 
 def tritonserver_install() -> tuple[Path, Path, Path]:

@@ -243,10 +243,14 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
                      "generator": generator.get_state(), "config": config.to_dict()},
         ))
 
+    def evaluate():
+        """The current policy, deterministic, through the evaluate command's runner."""
+        return run_episode(evaluation.build(), TorchPolicy(copy.deepcopy(policy).cpu()), name="evaluation",
+                           progress=progress)
+
     def evaluate_and_keep_best(episode: int) -> dict:
         """Deterministic evaluation; the best-scoring policy so far is kept as best.pt."""
-        result = run_episode(evaluation.build(), TorchPolicy(copy.deepcopy(policy).cpu()), name="evaluation",
-                             progress=progress)
+        result = evaluate()
         score = headline_score(result.kpis)
         if score < state.best_score:
             state.best_score, state.best_episode = score, episode
@@ -264,10 +268,14 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
                                                       noise=config.demonstration_noise, generator=generator,
                                                       progress=progress)
         state.env_steps += len(observations)
-        clone_loss = clone(learner.actors, observations, targets, steps=config.clone_steps,
-                           batch_size=config.batch_size, lr=config.clone_lr, generator=generator,
-                           progress=progress)
-        learner.actors_changed()
+
+        def clone_actors() -> float:
+            loss = clone(learner.actors, observations, targets, steps=config.clone_steps,
+                         batch_size=config.batch_size, lr=config.clone_lr, generator=generator, progress=progress)
+            learner.actors_changed()
+            return loss
+
+        clone_loss = clone_actors()
         for _ in range(config.dagger_rounds):
             visited, labels = collect_demonstration(
                 env, adapter, rule, team_reward, normalise, buffer, noise=config.demonstration_noise,
@@ -275,10 +283,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
                 behaviour=lambda z: learner.acting_actors(z.unsqueeze(0))[0])
             state.env_steps += len(visited)
             observations, targets = torch.cat([observations, visited]), torch.cat([targets, labels])
-            clone_loss = clone(learner.actors, observations, targets, steps=config.clone_steps,
-                               batch_size=config.batch_size, lr=config.clone_lr, generator=generator,
-                               progress=progress)
-            learner.actors_changed()
+            clone_loss = clone_actors()
         for _ in trange(config.critic_warmup_steps, desc="critic warm-up", unit="update", disable=not progress,
                         leave=False):
             learner.update(buffer.sample(config.batch_size, generator), train_actors=False)
@@ -309,7 +314,8 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
                 unit = learner.explore(z, std, generator)
             with torch.no_grad():
                 env_actions = to_env(unit[None])[0].numpy()
-            guide = rule.act(raw) if rule is not None else zero_guide
+            # The demonstrator's action here: read only by the TD3+BC term of the actor update.
+            guide = rule.act(raw) if rule is not None and config.guide_alpha > 0 else zero_guide
             raw_list, *_ = env.step(adapter.actions_to_lists(env_actions))
             next_raw = adapter.observations_to_array(raw_list)
             shares, parts = team_reward.step_reward(env, next_raw, raw)
@@ -346,7 +352,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
         write("last.pt", {"trained": True, "episode": episode + 1})
 
     say("final deterministic evaluation" + (f" on steps {evaluation.start}..{evaluation.end}" if evaluation.start is not None else " on the whole dataset"))
-    result = run_episode(evaluation.build(), TorchPolicy(copy.deepcopy(policy).cpu()), name="evaluation", progress=progress)
+    result = evaluate()
     final_score = headline_score(result.kpis)
     final_is_best = final_score <= state.best_score
     if final_is_best:
