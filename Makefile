@@ -36,5 +36,9 @@ demo: setup
 test: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
 
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
+
 clean:
 	rm -rf $(VENV) reports .pytest_cache

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from maddpg_client.citylearn_env import EnvSpec, layout_from_env
-from maddpg_client.episode import run_episode
+from maddpg_evaluation.citylearn_env import EnvSpec, layout_from_env
+from maddpg_evaluation.episode import run_episode
 from maddpg_training.demonstration import EVENING_HOURS, SelfConsumptionRule
 from maddpg_training.team_reward import BaselineSeries
 

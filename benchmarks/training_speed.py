@@ -22,11 +22,10 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from maddpg_client.citylearn_env import CityLearnAdapter, EnvSpec, layout_from_env
+from maddpg_evaluation.citylearn_env import CityLearnAdapter, EnvSpec, layout_from_env
 from maddpg_training.bootstrap import rollout_observations, zero_controller
 from maddpg_training.config import TrainConfig
 from maddpg_training.networks import ActorSpec, PolicyNetwork

@@ -43,7 +43,7 @@ def schema_path() -> Path:
 
 @pytest.fixture(scope="session")
 def week_spec(schema_path):
-    from maddpg_client.citylearn_env import EnvSpec
+    from maddpg_evaluation.citylearn_env import EnvSpec
 
     return EnvSpec(schema=str(schema_path), start=ONE_WEEK[0], end=ONE_WEEK[1])
 
@@ -73,7 +73,7 @@ def exported_repository(tmp_path_factory, initial_checkpoint_path) -> Path:
 @pytest.fixture(scope="session")
 def triton_server(exported_repository):
     """One real tritonserver (bundled in nvidia-pytriton) for the whole session, on free ports."""
-    from maddpg_ops.local_triton import LocalTritonServer, free_ports
+    from maddpg_serving.local_triton import LocalTritonServer, free_ports
 
     server = LocalTritonServer(exported_repository, ports=free_ports())
     server.start(timeout=120)

@@ -14,7 +14,7 @@ import math
 import pytest
 
 from maddpg_benchmarks.load import Level, LevelResult, Payload, ResponseError, Target, measure
-from maddpg_benchmarks.report import write_report
+from maddpg_benchmarks.report import write_benchmark_report
 from maddpg_benchmarks.repositories import open_repository
 from maddpg_benchmarks.runner import Bench, BenchOptions, _group, decide, make_payloads
 
@@ -95,7 +95,7 @@ def test_goals_are_computed_from_the_run(run):
 
 
 def test_report_files(run, tmp_path):
-    paths = write_report(run, tmp_path)
+    paths = write_benchmark_report(run, tmp_path)
     data = json.loads(paths["json"].read_text())
     assert data["machine"]["cores"] >= 1 and data["machine"]["cpu_model"]
     assert data["command"] == "pytest tests/test_benchmarks.py"

@@ -26,7 +26,7 @@ from maddpg_client import (
     scrape,
 )
 from maddpg_client.triton_policy import classify_error
-from maddpg_ops.local_triton import free_port
+from maddpg_serving.local_triton import free_port
 
 pytestmark = [pytest.mark.triton, pytest.mark.citylearn]
 MODEL = "maddpg_ctde"
@@ -135,7 +135,7 @@ def test_non_finite_observations_can_be_left_to_the_model_to_sanitise(triton_ser
 def test_a_stopped_server_raises_unavailable_after_bounded_retries(protocol):
     policy = TritonPolicy(f"127.0.0.1:{free_port()}", protocol=protocol, retry=RetryPolicy(attempts=2, backoff_s=0.01))
     with pytest.raises(PolicyUnavailableError, match="is tritonserver running"):
-        policy.layout
+        _ = policy.layout
     assert policy.is_ready() is False
     with pytest.raises(PolicyUnavailableError, match="not ready"):
         policy.wait_until_ready(timeout=1, interval=0.2)
@@ -166,7 +166,7 @@ def test_unavailable_is_retried_with_backoff_then_succeeds(monkeypatch):
     assert policy.model_config()["name"] == MODEL
     assert len(calls) == 3
     with pytest.raises(LayoutMismatchError, match="carries no `layout` parameter"):
-        policy.layout
+        _ = policy.layout
 
 
 def test_a_raw_kserve_json_request_returns_the_same_actions(triton_server, local, observations):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from maddpg_client.layout import layout_from_names
+from maddpg_core.layout import layout_from_names
 from maddpg_training.demonstration import SelfConsumptionRule
 
 NAMES = ["hour", "non_shiftable_load", "solar_generation"]
@@ -45,7 +45,7 @@ def test_cars_are_left_alone_and_appliances_start_when_allowed():
 
 @pytest.mark.citylearn
 def test_in_a_dagger_pass_the_clone_acts_and_the_rule_labels_what_it_visits(week_spec):
-    from maddpg_client.citylearn_env import CityLearnAdapter
+    from maddpg_evaluation.citylearn_env import CityLearnAdapter
     from maddpg_training.bootstrap import warmup
     from maddpg_training.demonstration import collect_demonstration
     from maddpg_training.replay import ReplayBuffer

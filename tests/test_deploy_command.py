@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from maddpg_ops import kubernetes as k8s
 from maddpg_ops.cli import cli
-from maddpg_ops.local_triton import free_port
+from maddpg_serving.local_triton import free_port
 
 pytestmark = pytest.mark.k8s
 

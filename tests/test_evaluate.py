@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from maddpg_client.citylearn_env import EnvSpec
-from maddpg_client.kpis import DISTRICT_KPIS
-from maddpg_client.validation import local_factory, triton_factory, validate
+from maddpg_evaluation.citylearn_env import EnvSpec
+from maddpg_evaluation.evaluation import evaluate_policy, local_factory, triton_factory
+from maddpg_evaluation.kpis import DISTRICT_KPIS
 from maddpg_ops.cli import cli
 
 pytestmark = [pytest.mark.triton, pytest.mark.citylearn]
@@ -21,14 +21,14 @@ MODEL = "maddpg_ctde"
 
 @pytest.fixture(scope="module")
 def local_run(week_spec, exported_repository):
-    return validate(local_factory(str(exported_repository), MODEL), week_spec, baselines=False, progress=False)
+    return evaluate_policy(local_factory(str(exported_repository), MODEL), week_spec, baselines=False, progress=False)
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_a_week_through_triton_equals_the_local_policy_action_for_action_and_kpi_for_kpi(
         protocol, triton_server, exported_repository, week_spec, local_run):
     url = triton_server.http_url if protocol == "http" else triton_server.grpc_url
-    report = validate(triton_factory(url, protocol, MODEL), week_spec, baselines=False, progress=False,
+    report = evaluate_policy(triton_factory(url, protocol, MODEL), week_spec, baselines=False, progress=False,
                       reference=local_factory(str(exported_repository), MODEL), reference_name="onnxruntime")
     assert report.policy.steps == 167
     assert report.policy.parity is not None and len(report.policy.parity) == 167
@@ -90,21 +90,21 @@ def test_the_served_policy_matches_the_torch_checkpoint_it_was_exported_from(
 
 def test_the_plotted_series_differ_between_policy_and_zero_actions(week_spec, exported_repository, tmp_path):
     from maddpg_client.local_policy import LocalPolicy
-    from maddpg_client.report import write_report
+    from maddpg_evaluation.report import write_evaluation_report
 
     layout = LocalPolicy(exported_repository).layout
-    report = validate(lambda: DaytimeCharging(layout), week_spec, progress=False)
+    report = evaluate_policy(lambda: DaytimeCharging(layout), week_spec, progress=False)
     policy, zero = report.policy.district_load, report.baselines["zero_actions"].district_load
     assert policy.shape == zero.shape == (167,)
     assert np.abs(policy - zero).max() > 5.0, "17 batteries charging at half power move the district load"
-    paths = write_report(report, tmp_path)
+    paths = write_evaluation_report(report, tmp_path)
     assert paths["plot"].stat().st_size > 20_000
 
 
 def test_many_simulators_at_once_raise_the_decision_rate_and_batch_on_the_server(
         triton_server, week_spec):
     def run(envs: int):
-        return validate(triton_factory(triton_server.http_url, "http", MODEL), week_spec, baselines=False,
+        return evaluate_policy(triton_factory(triton_server.http_url, "http", MODEL), week_spec, baselines=False,
                         envs=envs, metrics_url=triton_server.metrics_url, model=MODEL, progress=False)
 
     one, four = run(1), run(4)

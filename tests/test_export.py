@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 from tritonclient.grpc import model_config_pb2 as pb
 
-from maddpg_client.layout import INPUT_NAME, OUTPUT_NAME, PolicyLayout
+from maddpg_core.layout import INPUT_NAME, OUTPUT_NAME, PolicyLayout
 from maddpg_export.triton_config import parse_config
 from maddpg_ops.cli import cli
 from maddpg_training.checkpoint import load_checkpoint
@@ -85,7 +85,7 @@ def test_written_configs_agree_with_each_other_and_with_the_onnx_graph(exported_
     assert (graph_in.name, graph_out.name) == (INPUT_NAME, OUTPUT_NAME)
     assert isinstance(graph_dims(graph_in)[0], str) and isinstance(graph_dims(graph_out)[0], str)  # dynamic batch
     assert graph_dims(graph_in)[1:] == [17, 52] and graph_dims(graph_out)[1:] == [17, 3]
-    for name, config in configs.items():
+    for config in configs.values():
         assert config.name == MODEL
         assert config.max_batch_size > 0
         assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [(INPUT_NAME, pb.TYPE_FP32, [17, 52])]

@@ -445,7 +445,7 @@ def http(method: str, url: str, body: dict | None = None, headers: dict | None =
 
 @pytest.mark.triton
 def test_rendered_triton_args_serve_the_declared_probes_and_metrics(rendered, exported_repository):
-    from maddpg_ops.local_triton import LocalTritonServer, free_ports
+    from maddpg_serving.local_triton import LocalTritonServer, free_ports
 
     objects = rendered["base"]
     container = triton(objects)

@@ -1,6 +1,6 @@
 """Checkpoints of the seed project (CooperativeMADDPG) export, serve and answer like the seed's own inference path.
 
-The checkpoints here are built with random weights in the exact structure ``shared/docs/seed-checkpoint.md`` describes
+The checkpoints here are built with random weights in the exact structure ``docs/seed-checkpoints.md`` describes
 (key names, shapes, numpy float64 statistics). The reference they are compared with is written independently of the
 exporter, straight from that description: the seed's module tree with ``nn.Linear``, ``nn.LayerNorm``,
 ``nn.MultiheadAttention``, and a loop over the 17 actors.
@@ -24,9 +24,9 @@ from torch import nn
 from tritonclient.grpc import model_config_pb2 as pb
 
 from maddpg_client import LayoutMismatchError, LocalPolicy, PolicyLayout, TritonPolicy
-from maddpg_client.errors import CheckpointError
-from maddpg_client.citylearn_env import CityLearnAdapter
-from maddpg_client.layout import INPUT_NAME, OUTPUT_NAME
+from maddpg_core.errors import CheckpointError
+from maddpg_core.layout import INPUT_NAME, OUTPUT_NAME
+from maddpg_evaluation.citylearn_env import CityLearnAdapter
 from maddpg_export.triton_config import parse_config
 from maddpg_ops.cli import cli
 
@@ -211,7 +211,7 @@ def seed_session(seed_repository) -> ort.InferenceSession:
 
 @pytest.fixture(scope="module")
 def seed_server(seed_repository):
-    from maddpg_ops.local_triton import LocalTritonServer, free_ports
+    from maddpg_serving.local_triton import LocalTritonServer, free_ports
 
     with LocalTritonServer(seed_repository, ports=free_ports()) as server:  # stopped by PID on the way out
         yield server
@@ -394,12 +394,13 @@ def test_only_float64_numpy_arrays_are_admitted_anything_else_is_unsafe(case, tm
 
 
 def test_our_own_format_is_still_loaded_strictly(tmp_path):
+    from maddpg_export.seed_cooperative import NUMPY_ARRAY_GLOBALS
     from maddpg_training.checkpoint import read_payload
 
     path = save({"format": "maddpg-citylearn.checkpoint", "stats": np.zeros(3)}, tmp_path / "ours.pt")
     with pytest.raises(CheckpointError, match="arbitrary unpickling"):
         read_payload(path)
-    assert read_payload(path, allow_numpy_arrays=True)[0]["stats"].dtype == np.float64
+    assert read_payload(path, NUMPY_ARRAY_GLOBALS)[0]["stats"].dtype == np.float64
 
 
 def test_a_file_written_with_numpy_2_loads_too(tmp_path, payload):
@@ -443,7 +444,7 @@ def test_the_served_seed_model_answers_through_the_client(seed_server, seed_repo
 @pytest.mark.triton
 @pytest.mark.citylearn
 def test_the_adapter_refuses_an_env_whose_buildings_are_wider_than_the_model(seed_server, week_spec):
-    from maddpg_client.citylearn_env import citylearn_version
+    from maddpg_evaluation.citylearn_env import citylearn_version
 
     env = week_spec.build()
     with TritonPolicy(seed_server.http_url, model=MODEL).wait_until_ready(60) as policy:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from maddpg_ops.local_triton import SHM_DIR, SHM_PREFIXES, free_ports
+from maddpg_serving.local_triton import SHM_DIR, SHM_PREFIXES, free_ports
 
 pytestmark = pytest.mark.triton
 

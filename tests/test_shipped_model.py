@@ -31,9 +31,9 @@ def test_the_shipped_configs_parse_and_serve_the_newest_version():
 
 @pytest.mark.citylearn
 def test_the_shipped_policy_controls_better_than_doing_nothing(week_spec):
-    from maddpg_client.episode import run_episode
     from maddpg_client.local_policy import LocalPolicy
-    from maddpg_client.reference_controllers import ZeroPolicy
+    from maddpg_evaluation.episode import run_episode
+    from maddpg_evaluation.reference_controllers import ZeroPolicy
 
     policy = LocalPolicy(SHIPPED)
     result = run_episode(week_spec.build(), policy)  # refuses an env whose names differ from the shipped layout

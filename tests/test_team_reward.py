@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maddpg_client.layout import layout_from_names
+from maddpg_core.layout import layout_from_names
 from maddpg_training.team_reward import BaselineSeries, TeamReward, TeamRewardWeights
 
 CHARGER = ["electric_vehicle_charger_c1_connected_state", "connected_electric_vehicle_at_charger_c1_departure_time",
@@ -147,7 +147,7 @@ def test_energy_put_into_a_battery_is_credited_when_it_goes_in_and_debited_when_
 @pytest.mark.citylearn
 def test_on_the_real_env_no_control_earns_nothing_but_ev_and_appliance_terms(week_spec):
     """Zero actions reproduce the no-storage baseline: cost, emission and peak terms vanish step by step."""
-    from maddpg_client.citylearn_env import CityLearnAdapter
+    from maddpg_evaluation.citylearn_env import CityLearnAdapter
     from maddpg_training.bootstrap import warmup
 
     warm = warmup(week_spec)

@@ -26,7 +26,7 @@ FLOOR_THREADS = 1
 def onnxruntime_floor(onnx_path) -> Callable[[Payload], Callable[[], object]]:
     import onnxruntime as ort
 
-    from maddpg_client.layout import INPUT_NAME, OUTPUT_NAME
+    from maddpg_core.layout import INPUT_NAME, OUTPUT_NAME
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = FLOOR_THREADS

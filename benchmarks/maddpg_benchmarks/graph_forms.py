@@ -51,7 +51,7 @@ def export_per_agent(policy, layout, path: Path, reference_onnx: Path, observati
     count."""
     import onnxruntime as ort
 
-    from maddpg_client.layout import INPUT_NAME, OUTPUT_NAME
+    from maddpg_core.layout import INPUT_NAME, OUTPUT_NAME
     from maddpg_export.onnx_graph import export_onnx
 
     model = export_onnx(per_agent_policy(policy), layout)

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from maddpg_client.layout import INPUT_NAME, OUTPUT_NAME
+from maddpg_core.layout import INPUT_NAME, OUTPUT_NAME
 
 HOST = "127.0.0.1"
 CLIENTS = ("asyncio-raw", "tritonclient-aio", "tritonclient-threads")

@@ -110,7 +110,7 @@ def _command(pid: str) -> str:
 
 
 # --- files --------------------------------------------------------------------------------------------------------
-def write_report(data: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+def write_benchmark_report(data: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "benchmarks.json", "markdown": out_dir / "benchmarks.md",

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from maddpg_client.errors import RepositoryError
-from maddpg_client.layout import DEFAULT_MODEL_NAME, PolicyLayout
+from maddpg_core.errors import RepositoryError
+from maddpg_core.layout import DEFAULT_MODEL_NAME, PolicyLayout
 
 Say = Callable[[str], None]
 # The trained architecture (configs/ and docs/model-card.md): what the served model really computes.
@@ -40,7 +40,7 @@ class BenchmarkRepository:
 def build_repository(workdir: Path, *, hidden: tuple[int, ...] = TRAINED_HIDDEN, seed: int = 0,
                      say: Say = lambda _: None) -> BenchmarkRepository:
     """Export an untrained policy on the real env layout into ``workdir/model_repository`` (needs CityLearn data)."""
-    from maddpg_client.citylearn_env import DEFAULT_DATASET, EnvSpec
+    from maddpg_evaluation.citylearn_env import DEFAULT_DATASET, EnvSpec
     from maddpg_export.pipeline import export_checkpoint
     from maddpg_training.bootstrap import initial_checkpoint
     from maddpg_training.checkpoint import save_checkpoint

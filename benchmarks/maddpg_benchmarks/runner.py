@@ -158,7 +158,7 @@ class Servers:
 
 
 def triton_servers(repositories: Sequence[Path]) -> list:
-    from maddpg_ops.local_triton import LocalTritonServer, TritonPorts, reserve_ports
+    from maddpg_serving.local_triton import LocalTritonServer, TritonPorts, reserve_ports
 
     ports = reserve_ports(3 * len(repositories), HOST)
     # A short exit timeout: nothing is in flight when benchmarks stop a server.
@@ -173,7 +173,7 @@ def triton_targets(server, model: str, config: str) -> dict[str, Target]:
 
 
 def seed_servers(layout, variants: Sequence[dict[str, Any]]) -> list:
-    from maddpg_ops.local_triton import reserve_ports
+    from maddpg_serving.local_triton import reserve_ports
 
     from .seed_server import SeedServerProcess
 
@@ -298,7 +298,7 @@ def _group(knob: str, question: str, results: dict[str, list[LevelResult]], defa
 
 
 class Bench:
-    """One benchmark run; :meth:`run` returns the report data (``report.write_report`` turns it into files)."""
+    """One benchmark run; :meth:`run` returns the report data (``report.write_benchmark_report`` turns it into files)."""
 
     def __init__(self, options: BenchOptions, say: Say = lambda _: None):
         self.options = options

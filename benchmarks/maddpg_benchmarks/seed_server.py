@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from maddpg_client.layout import PolicyLayout
+from maddpg_core.layout import PolicyLayout
 
 SEED_HIDDEN = 256          # the seed's maddpg_config hidden_dim
 SEED_COORDINATION = 32     # the seed's coordination_dim: hints appended to each actor's input

@@ -1,10 +1,12 @@
-"""Client library of maddpg-citylearn: call the served MADDPG policy from a simulator, and validate it in CityLearn.
+"""Client library of maddpg-citylearn: call the served MADDPG policy from a simulator.
 
-Needs only numpy and tritonclient; onnxruntime for :class:`LocalPolicy`, citylearn for the env helpers (both imported
-when used).
+The tensor contract (:class:`PolicyLayout`, from ``maddpg_core``) and the transport (Triton HTTP/gRPC, sync and
+asyncio, the in-process onnxruntime policy, Triton's metrics). Needs only the base install (numpy, tritonclient, click,
+tqdm); onnxruntime for :class:`LocalPolicy`, imported when used. Running a policy in CityLearn is the evaluation
+harness's job (``maddpg_evaluation``, the ``env`` extra).
 """
 
-from .errors import (
+from maddpg_core.errors import (
     BadInputError,
     LayoutMismatchError,
     MaddpgCitylearnError,
@@ -13,7 +15,8 @@ from .errors import (
     PolicyTimeoutError,
     PolicyUnavailableError,
 )
-from .layout import DEFAULT_MODEL_NAME, INPUT_NAME, OUTPUT_NAME, AgentLayout, PolicyLayout
+from maddpg_core.layout import DEFAULT_MODEL_NAME, INPUT_NAME, OUTPUT_NAME, AgentLayout, PolicyLayout
+
 from .local_policy import LocalPolicy
 from .metrics import ModelMetrics, scrape
 from .triton_policy import AsyncTritonPolicy, RetryPolicy, TritonPolicy

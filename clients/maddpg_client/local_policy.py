@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import LayoutMismatchError, ModelNotFoundError
-from .layout import DEFAULT_MODEL_NAME, INPUT_NAME, LAYOUT_PARAMETER, OUTPUT_NAME, PolicyLayout
+from maddpg_core.errors import LayoutMismatchError, ModelNotFoundError
+from maddpg_core.layout import DEFAULT_MODEL_NAME, INPUT_NAME, LAYOUT_PARAMETER, OUTPUT_NAME, PolicyLayout
+
 from .observations import as_batch
 
 

@@ -10,7 +10,7 @@ import re
 import urllib.request
 from dataclasses import dataclass
 
-from .errors import PolicyUnavailableError
+from maddpg_core.errors import PolicyUnavailableError
 
 _SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import BadInputError
-from .layout import PolicyLayout
+from maddpg_core.errors import BadInputError
+from maddpg_core.layout import PolicyLayout
 
 
 def as_batch(observations, layout: PolicyLayout, *, allow_non_finite: bool = False) -> tuple[np.ndarray, bool]:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import (
+from maddpg_core.errors import (
     BadInputError,
     LayoutMismatchError,
     ModelNotFoundError,
@@ -32,7 +32,8 @@ from .errors import (
     PolicyTimeoutError,
     PolicyUnavailableError,
 )
-from .layout import DEFAULT_MODEL_NAME, INPUT_NAME, LAYOUT_PARAMETER, OUTPUT_NAME, PolicyLayout
+from maddpg_core.layout import DEFAULT_MODEL_NAME, INPUT_NAME, LAYOUT_PARAMETER, OUTPUT_NAME, PolicyLayout
+
 from .observations import as_batch
 
 Protocol = Literal["http", "grpc"]
@@ -89,7 +90,7 @@ def _config_dict(protocol: str, raw: Any) -> dict:
     return raw.get("config", raw) if protocol == "grpc" else raw
 
 
-def layout_from_config(config: dict, where: str) -> PolicyLayout:
+def layout_from_served_config(config: dict, where: str) -> PolicyLayout:
     parameter = (config.get("parameters") or {}).get(LAYOUT_PARAMETER)
     if not parameter:
         raise LayoutMismatchError(
@@ -199,7 +200,7 @@ class TritonPolicy(_ServedPolicy):
     @property
     def layout(self) -> PolicyLayout:
         if self._layout is None:
-            self._layout = layout_from_config(self.model_config(), self.where)
+            self._layout = layout_from_served_config(self.model_config(), self.where)
         return self._layout
 
     def act(self, observations) -> np.ndarray:
@@ -296,7 +297,7 @@ class AsyncTritonPolicy(_ServedPolicy):
 
     async def load_layout(self) -> PolicyLayout:
         if self._layout is None:
-            self._layout = layout_from_config(await self.model_config(), self.where)
+            self._layout = layout_from_served_config(await self.model_config(), self.where)
         return self._layout
 
     @property

@@ -8,8 +8,8 @@ import warnings
 import onnx
 import torch
 
-from maddpg_client.errors import ExportError
-from maddpg_client.layout import INPUT_NAME, LAYOUT_PARAMETER, OUTPUT_NAME, PolicyLayout
+from maddpg_core.errors import ExportError
+from maddpg_core.layout import INPUT_NAME, LAYOUT_PARAMETER, OUTPUT_NAME, PolicyLayout
 
 OPSET = 18
 BATCH_AXIS = "batch"

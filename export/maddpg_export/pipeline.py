@@ -9,9 +9,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-from maddpg_client.errors import RepositoryError
-from maddpg_client.citylearn_env import EnvSpec
-from maddpg_client.layout import DEFAULT_MODEL_NAME
+from maddpg_core.errors import RepositoryError
+from maddpg_core.layout import DEFAULT_MODEL_NAME
+from maddpg_evaluation.citylearn_env import EnvSpec
 
 from .onnx_graph import export_onnx
 from .repository import ModelRepository

@@ -14,11 +14,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from maddpg_client.errors import RepositoryError
-from maddpg_client.files import atomic_write
-from maddpg_client.layout import PolicyLayout
+from maddpg_core.errors import RepositoryError
+from maddpg_core.files import atomic_write
+from maddpg_core.layout import PolicyLayout
 
-from .triton_config import DEFAULT_CONFIG, layout_from_config, parse_config
+from .triton_config import DEFAULT_CONFIG, layout_from_model_config, parse_config
 
 STAGING_PREFIX = ".staging-"
 
@@ -49,7 +49,7 @@ class ModelRepository:
         if not config.is_file():
             return None
         try:
-            return layout_from_config(parse_config(config.read_text()))
+            return layout_from_model_config(parse_config(config.read_text()))
         except Exception as exc:  # noqa: BLE001 - a damaged config is reported, not silently overwritten
             raise RepositoryError(
                 f"{config} cannot be read ({str(exc).splitlines()[0]}); fix or remove it before exporting into it"
@@ -135,7 +135,7 @@ class ModelRepository:
                 os.rename(staging, final)
             _fsync_dir(directory)
             for relative, text in configs.items():
-                atomic_write(directory / relative, lambda handle, data=text.encode(): handle.write(data))
+                atomic_write(directory / relative, _writer(text.encode()))
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise RepositoryError(f"writing version {number} into {directory} failed: {exc}") from exc
@@ -149,6 +149,10 @@ class ModelRepository:
         """Staging directories left by an export that was killed: never visible to Triton, safe to delete."""
         for stale in directory.glob(f"{STAGING_PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _writer(data: bytes):
+    return lambda handle: handle.write(data)
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -1,7 +1,7 @@
 """The seed project's CooperativeMADDPG checkpoints: recognise one, check every entry inference needs, and rebuild its
 inference path as one torch module that exports to a single ONNX graph.
 
-The format and the inference path are described in ``shared/docs/seed-checkpoint.md``; the shapes below are that
+The format and the inference path are described in ``docs/seed-checkpoints.md``; the shapes below are that
 description written as a table. Inference is centralised at execution time (the coordinator reads all 17 rows), so the
 module maps ``[batch, agents, obs_dim]`` raw observations to ``[batch, agents, action_dim]`` actions:
 
@@ -18,20 +18,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.core.multiarray import _reconstruct
 from torch import nn
 
-from maddpg_client.errors import CheckpointError
-from maddpg_client.layout import AgentLayout, PolicyLayout
-from maddpg_training.checkpoint import NUMPY_ARRAY_GLOBALS
+from maddpg_core.errors import CheckpointError
+from maddpg_core.layout import AgentLayout, PolicyLayout
 from maddpg_training.networks import StackedLinear
 
 SEED_KIND = "seed-cooperative-maddpg"
+# What a pickled float64 numpy array needs (the seed's checkpoints store their observation statistics so), by the name
+# the pickle uses: admitted only for files that need them (see sources.py); numpy 2 writes _reconstruct under
+# numpy._core. Any other global is still refused.
+NUMPY_ARRAY_GLOBALS = {
+    "numpy.core.multiarray._reconstruct": _reconstruct,
+    "numpy._core.multiarray._reconstruct": _reconstruct,
+    "numpy.ndarray": np.ndarray,
+    "numpy.dtype": np.dtype,
+    "numpy.dtypes.Float64DType": np.dtypes.Float64DType,
+}
 # What the seed project trained on (its users' checkpoints say nothing about the env themselves).
 SEED_CITYLEARN_VERSION = "2.5.0"
 SEED_DATASET = "citylearn_challenge_2022_phase_all_plus_evs"

@@ -19,14 +19,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from maddpg_client.citylearn_env import CityLearnAdapter, EnvSpec
-from maddpg_client.errors import CheckpointError
-from maddpg_client.layout import PolicyLayout
-
+from maddpg_core.errors import CheckpointError
+from maddpg_core.layout import PolicyLayout
+from maddpg_evaluation.citylearn_env import CityLearnAdapter, EnvSpec
 from maddpg_training.bootstrap import rollout_observations
 from maddpg_training.checkpoint import CHECKPOINT_FORMAT, checkpoint_from_payload, read_payload
 
-from .seed_cooperative import SEED_KIND, SeedCheckpoint, is_seed_checkpoint, needs_numpy_arrays
+from .seed_cooperative import NUMPY_ARRAY_GLOBALS, SEED_KIND, SeedCheckpoint, is_seed_checkpoint, needs_numpy_arrays
 
 # Steps of env rollout used as validation data when a checkpoint carries no observations of its own (one week).
 VALIDATION_ROLLOUT_STEPS = 168
@@ -43,7 +42,7 @@ class PolicySource:
 
 def load_policy_source(path: str | os.PathLike, *, env_spec: EnvSpec | None = None,
                        say: Callable[[str], None] = lambda _: None) -> PolicySource:
-    payload, digest = read_payload(path, allow_numpy_arrays=_stores_numpy_arrays(path))
+    payload, digest = read_payload(path, NUMPY_ARRAY_GLOBALS if _stores_numpy_arrays(path) else None)
     if payload.get("format") == CHECKPOINT_FORMAT:
         checkpoint = checkpoint_from_payload(payload, path=Path(path), sha256=digest)
         layout = checkpoint.layout.with_source(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from maddpg_client.layout import INPUT_NAME, LAYOUT_PARAMETER, OUTPUT_NAME, PolicyLayout
+from maddpg_core.layout import INPUT_NAME, LAYOUT_PARAMETER, OUTPUT_NAME, PolicyLayout
 
 DEFAULT_CONFIG = "config.pbtxt"
 CONFIG_VARIANTS = ("default", "cpu", "local")
@@ -108,7 +108,7 @@ def render_configs(layout: PolicyLayout, model_name: str, settings: ServingSetti
     return rendered
 
 
-def layout_from_config(config: pb.ModelConfig) -> PolicyLayout:
+def layout_from_model_config(config: pb.ModelConfig) -> PolicyLayout:
     return PolicyLayout.from_json(config.parameters[LAYOUT_PARAMETER].string_value)
 
 

@@ -16,8 +16,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from maddpg_client.errors import ExportValidationError
-from maddpg_client.layout import INPUT_NAME, OUTPUT_NAME, PolicyLayout
+from maddpg_core.errors import ExportValidationError
+from maddpg_core.layout import INPUT_NAME, OUTPUT_NAME, PolicyLayout
 
 BATCH_SIZES = (1, 7, 256, 4096)
 TOLERANCE = 1e-5

@@ -12,7 +12,7 @@ import logging
 
 import click
 
-from maddpg_client.errors import MaddpgCitylearnError
+from maddpg_core.errors import MaddpgCitylearnError
 
 # name -> (module in maddpg_ops.commands, attribute, one-line help shown by `maddpg-citylearn --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {

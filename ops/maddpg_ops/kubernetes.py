@@ -23,7 +23,7 @@ from typing import Sequence
 
 import yaml
 
-from maddpg_client.errors import DeployError
+from maddpg_core.errors import DeployError
 
 KUBECTL_ENV = "MADDPG_CITYLEARN_KUBECTL"
 K8S_DIR_ENV = "MADDPG_CITYLEARN_K8S_DIR"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from maddpg_client.citylearn_env import DEFAULT_DATASET, EnvSpec
+from maddpg_evaluation.citylearn_env import DEFAULT_DATASET, EnvSpec
 
 
 def env_options(*, window: bool = True):

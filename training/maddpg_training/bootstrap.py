@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from maddpg_client.citylearn_env import CityLearnAdapter, EnvSpec, layout_from_env
-from maddpg_client.layout import PolicyLayout
+from maddpg_core.layout import PolicyLayout
+from maddpg_evaluation.citylearn_env import CityLearnAdapter, EnvSpec, layout_from_env
 
 from .checkpoint import Checkpoint
 from .networks import ActorSpec, PolicyNetwork

@@ -23,30 +23,18 @@ import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-import numpy as np
 import torch
-from numpy.core.multiarray import _reconstruct
 
-from maddpg_client.errors import CheckpointError
-from maddpg_client.files import atomic_write
-from maddpg_client.layout import PolicyLayout
+from maddpg_core.errors import CheckpointError
+from maddpg_core.files import atomic_write
+from maddpg_core.layout import PolicyLayout
 
 from .networks import ActorSpec, PolicyNetwork
 
 CHECKPOINT_FORMAT = "maddpg-citylearn.checkpoint"
 CHECKPOINT_VERSION = 1
-# What a pickled float64 numpy array needs (the seed project's checkpoints store their observation statistics so),
-# by the name the pickle uses. Allow-listed only with read_payload(..., allow_numpy_arrays=True); numpy 2 writes
-# _reconstruct under numpy._core. Any other global is still refused.
-NUMPY_ARRAY_GLOBALS = {
-    "numpy.core.multiarray._reconstruct": _reconstruct,
-    "numpy._core.multiarray._reconstruct": _reconstruct,
-    "numpy.ndarray": np.ndarray,
-    "numpy.dtype": np.dtype,
-    "numpy.dtypes.Float64DType": np.dtypes.Float64DType,
-}
 
 
 @dataclass
@@ -94,10 +82,11 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> Path:
     return path
 
 
-def read_payload(path: str | os.PathLike, allow_numpy_arrays: bool = False) -> tuple[dict[str, Any], str]:
+def read_payload(path: str | os.PathLike, extra_globals: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], str]:
     """``torch.load(weights_only=True)`` with errors that say what is wrong. Returns (payload, sha256).
 
-    ``allow_numpy_arrays`` also admits float64 numpy arrays (:data:`NUMPY_ARRAY_GLOBALS`), for the seed format.
+    ``extra_globals`` (pickle name -> object) are admitted besides tensors and plain containers: export passes the
+    numpy array globals the seed format needs. Any other global is still refused.
     """
     path = Path(path)
     if not path.exists():
@@ -105,8 +94,8 @@ def read_payload(path: str | os.PathLike, allow_numpy_arrays: bool = False) -> t
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory: pass the checkpoint file itself (e.g. {path}/final.pt)")
     digest = _sha256(path)
-    allowed = (torch.serialization.safe_globals([(obj, name) for name, obj in NUMPY_ARRAY_GLOBALS.items()])
-               if allow_numpy_arrays else contextlib.nullcontext())
+    allowed = (torch.serialization.safe_globals([(obj, name) for name, obj in extra_globals.items()])
+               if extra_globals else contextlib.nullcontext())
     try:
         with allowed:
             payload = torch.load(path, map_location="cpu", weights_only=True)

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from maddpg_client.citylearn_env import DEFAULT_DATASET
-from maddpg_client.errors import MaddpgCitylearnError
+from maddpg_core.errors import MaddpgCitylearnError
+from maddpg_evaluation.citylearn_env import DEFAULT_DATASET
 
 from .team_reward import TeamRewardWeights
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm, trange
 
-from maddpg_client.citylearn_env import CityLearnAdapter
-from maddpg_client.layout import PolicyLayout
+from maddpg_core.layout import PolicyLayout
+from maddpg_evaluation.citylearn_env import CityLearnAdapter
 
 from .networks import StackedActors
 from .replay import ReplayBuffer

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from maddpg_client.layout import PolicyLayout
+from maddpg_core.layout import PolicyLayout
 
 # Normalised observations are clipped to this many standard deviations: a sensor glitch (1e30, inf) cannot push an
 # actor far outside what it saw in training.

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from maddpg_client.layout import PolicyLayout
+from maddpg_core.layout import PolicyLayout
 
 
 @dataclass(frozen=True)

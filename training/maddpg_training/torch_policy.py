@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from maddpg_client.layout import PolicyLayout
+from maddpg_core.layout import PolicyLayout
 
 from .networks import PolicyNetwork
 

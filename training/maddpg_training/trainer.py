@@ -38,10 +38,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm, trange
 
-from maddpg_client.citylearn_env import CityLearnAdapter, EnvSpec
-from maddpg_client.episode import run_episode
-from maddpg_client.errors import CheckpointError
-from maddpg_client.kpis import district_kpis, headline_score, service_levels
+from maddpg_core.errors import CheckpointError
+from maddpg_evaluation.citylearn_env import CityLearnAdapter, EnvSpec
+from maddpg_evaluation.episode import run_episode
+from maddpg_evaluation.kpis import district_kpis, headline_score, service_levels
 
 from .bootstrap import fresh_policy, reference_sample, warmup, without_ev_discharge
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint

@@ -63,8 +63,8 @@ def bench(duration, levels, districts, rounds, max_requests, tune, tuning_durati
     """
     from pathlib import Path
 
-    from maddpg_benchmarks.report import write_report
-    from maddpg_benchmarks.runner import BenchOptions, Bench
+    from maddpg_benchmarks.report import write_benchmark_report
+    from maddpg_benchmarks.runner import Bench, BenchOptions
 
     given = {key: value for key, value in dict(
         duration_s=duration, levels=levels, districts=districts, rounds=rounds, max_requests=max_requests, tune=tune,
@@ -74,7 +74,7 @@ def bench(duration, levels, districts, rounds, max_requests, tune, tuning_durati
     options = BenchOptions.quick(**given, **common) if quick else BenchOptions(**given, **common)
     say = lambda message: click.echo(message, err=True)  # noqa: E731 - progress lines on stderr
     data = Bench(options, say=say).run()
-    paths = write_report(data, Path(out_dir))
+    paths = write_benchmark_report(data, Path(out_dir))
     for goal in data["goals"]:
         verdict = {True: "met", False: "NOT met", None: "reported"}[goal["met"]]
         ratio = f"{goal['ratio']:.2f}x" if goal["ratio"] is not None else "-"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from maddpg_client.errors import DeployError
+from maddpg_core.errors import DeployError
 
 from .. import kubernetes as k8s
 from ..options import model_option

@@ -50,8 +50,8 @@ def evaluate(url, protocol, local_repository, serve_repository, model_name, sche
       maddpg-citylearn evaluate --url localhost:8001 --protocol grpc --reference-onnx model_repository
       maddpg-citylearn evaluate --url localhost:8000 --envs 4 --no-baselines
     """
-    from maddpg_client.report import format_table, write_report
-    from maddpg_client.validation import local_factory, triton_factory, validate
+    from maddpg_evaluation.evaluation import evaluate_policy, local_factory, triton_factory
+    from maddpg_evaluation.report import format_table, write_evaluation_report
 
     chosen = [o for o in (url, local_repository, serve_repository) if o]
     if len(chosen) != 1:
@@ -61,7 +61,7 @@ def evaluate(url, protocol, local_repository, serve_repository, model_name, sche
     spec = env_spec_from(schema, dataset, start, end)
     spec.check_window()  # before starting any server
 
-    from maddpg_client.validation import PARITY_TOLERANCE, TORCH_PARITY_TOLERANCE
+    from maddpg_evaluation.evaluation import PARITY_TOLERANCE, TORCH_PARITY_TOLERANCE
 
     reference, reference_name, tolerance = None, None, PARITY_TOLERANCE
     if reference_checkpoint:
@@ -76,7 +76,7 @@ def evaluate(url, protocol, local_repository, serve_repository, model_name, sche
     metrics_optional = metrics_url is None  # a guessed endpoint may not exist; an explicit one must
     with contextlib.ExitStack() as stack:
         if serve_repository:
-            from maddpg_ops.local_triton import LocalTritonServer, free_ports
+            from maddpg_serving.local_triton import LocalTritonServer, free_ports
 
             click.echo(f"starting the local tritonserver on {serve_repository} ...", err=True)
             server = stack.enter_context(LocalTritonServer(Path(serve_repository), ports=free_ports()))
@@ -87,12 +87,12 @@ def evaluate(url, protocol, local_repository, serve_repository, model_name, sche
             metrics_url = metrics_url or _default_metrics_url(url)
         else:
             policy, name = local_factory(local_repository, model_name), f"onnxruntime {local_repository}"
-        report = validate(policy, spec, policy_name=name, reference=reference, reference_name=reference_name,
+        report = evaluate_policy(policy, spec, policy_name=name, reference=reference, reference_name=reference_name,
                           parity_tolerance=tolerance,
                           baselines=baselines, envs=envs, metrics_url=metrics_url if url else None,
                           metrics_optional=metrics_optional, model=model_name,
                           progress=progress, say=lambda m: click.echo(f"... {m}", err=True))
-    paths = write_report(report, out_dir)
+    paths = write_evaluation_report(report, out_dir)
     click.echo(format_table(report))
     click.echo(f"\nreport: {paths['json']}\nplot:   {paths['plot']}")
     if report.parity_ok is False:

@@ -40,7 +40,7 @@ def serve(repository, host, http_port, grpc_port, metrics_port, instances, confi
     """
     from pathlib import Path
 
-    from maddpg_ops.local_triton import LocalTritonServer, TritonPorts
+    from maddpg_serving.local_triton import LocalTritonServer, TritonPorts
 
     server = LocalTritonServer(
         Path(repository), ports=TritonPorts(http_port, grpc_port, metrics_port), host=host, config_name=config_name,

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from maddpg_client.citylearn_env import EnvSpec
+from maddpg_evaluation.citylearn_env import EnvSpec
 
 
 @click.command("train")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .evaluation import EvaluationReport
 from .kpis import DISTRICT_KPIS
-from .validation import ValidationReport
 
 LABELS = {
     "cost_total": "cost",
@@ -28,7 +28,7 @@ LABELS = {
 COLUMN_NAMES = {"policy": "policy", "zero_actions": "zero actions", "basic_battery_rbc": "BasicBatteryRBC"}
 
 
-def write_report(report: ValidationReport, out_dir: str | Path) -> dict[str, Path]:
+def write_evaluation_report(report: EvaluationReport, out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = _finite_or_none(report.to_dict())
@@ -39,7 +39,7 @@ def write_report(report: ValidationReport, out_dir: str | Path) -> dict[str, Pat
     return paths
 
 
-def format_table(report: ValidationReport) -> str:
+def format_table(report: EvaluationReport) -> str:
     columns = {"policy": report.policy, **report.baselines}
     header = f"{'KPI (ratio to no control; lower is better)':<44}" + "".join(f"{COLUMN_NAMES.get(c, c):>17}" for c in columns)
     lines = [header, "-" * len(header)]
@@ -64,7 +64,7 @@ def format_table(report: ValidationReport) -> str:
     return "\n".join(lines)
 
 
-def plot_report(report: ValidationReport, path: Path) -> None:
+def plot_report(report: EvaluationReport, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from maddpg_core.layout import PolicyLayout
+
 from .citylearn_env import layout_from_env
-from .layout import PolicyLayout
 
 APPLIANCE_PREFIX = "deferrable_appliance"
 

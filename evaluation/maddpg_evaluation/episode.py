@@ -15,9 +15,10 @@ from typing import Callable, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from maddpg_core.layout import PolicyLayout
+
 from .citylearn_env import CityLearnAdapter
 from .kpis import district_kpis, service_levels
-from .layout import PolicyLayout
 
 
 class Policy(Protocol):

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import EnvironmentSetupError
-from .layout import PolicyLayout, layout_from_names
+from maddpg_core.errors import EnvironmentSetupError
+from maddpg_core.layout import PolicyLayout, layout_from_names
 
 DEFAULT_DATASET = "citylearn_challenge_2022_phase_all_plus_evs"
 # CityLearn's own switches for offline use (see its DataSet class): we honour the same variables.

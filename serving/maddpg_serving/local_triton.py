@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from maddpg_client.errors import ServerStartError
+from maddpg_core.errors import ServerStartError
 
 log = logging.getLogger(__name__)
 

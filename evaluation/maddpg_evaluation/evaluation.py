@@ -1,6 +1,6 @@
 """Prove in CityLearn that a policy (served or local) is the trained one, and measure how well it controls the district.
 
-:func:`validate` runs the policy through an env window deterministically, optionally steps a reference policy in
+:func:`evaluate_policy` runs the policy through an env window deterministically, optionally steps a reference policy in
 lockstep (parity), runs the reference controllers on the same window (zero actions, BasicBatteryRBC), and can run
 ``envs`` simulators at once against one server so that Triton's dynamic batching has something to batch. The
 simulators step in lockstep, like a fleet of co-simulations on a shared clock: every step, all of them ask for their
@@ -14,19 +14,19 @@ Policies are given as *factories* (zero-argument callables returning an object w
 from __future__ import annotations
 
 import multiprocessing
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
 
+from maddpg_client.local_policy import LocalPolicy
+from maddpg_client.metrics import ModelMetrics, scrape
+from maddpg_client.triton_policy import TritonPolicy
+from maddpg_core.errors import MaddpgCitylearnError, PolicyUnavailableError
+
 from .citylearn_env import EnvSpec, layout_from_env
 from .episode import EpisodeResult, Policy, run_episode
-from .errors import MaddpgCitylearnError, PolicyUnavailableError
-from .local_policy import LocalPolicy
-from .metrics import ModelMetrics, scrape
 from .reference_controllers import BasicBatteryRBCPolicy, ZeroPolicy
-from .triton_policy import TritonPolicy
 
 PolicyFactory = Callable[[], Policy]
 # Parity bounds of the contract: the served graph against the same graph in process, and against the torch policy
@@ -49,7 +49,7 @@ def _ready_triton_policy(url: str, protocol: str, model: str) -> TritonPolicy:
 
 
 @dataclass
-class ValidationReport:
+class EvaluationReport:
     policy_name: str
     env: dict[str, Any]
     policy: EpisodeResult
@@ -85,12 +85,12 @@ class ValidationReport:
         }
 
 
-def validate(policy: PolicyFactory, spec: EnvSpec, *, policy_name: str = "policy",
+def evaluate_policy(policy: PolicyFactory, spec: EnvSpec, *, policy_name: str = "policy",
              reference: PolicyFactory | None = None, reference_name: str | None = None,
              parity_tolerance: float = PARITY_TOLERANCE, baselines: bool = True,
              envs: int = 1, metrics_url: str | None = None, metrics_optional: bool = False,
              model: str | None = None, progress: bool = True,
-             say: Callable[[str], None] = lambda _: None) -> ValidationReport:
+             say: Callable[[str], None] = lambda _: None) -> EvaluationReport:
     # Everything that can be wrong is checked before the long part: window, dataset, server, layout.
     spec.check_window()
     env = spec.build()
@@ -145,7 +145,7 @@ def validate(policy: PolicyFactory, spec: EnvSpec, *, policy_name: str = "policy
             say(f"reference controller: {name}")
             baseline_env = spec.build()
             results[name] = run_episode(baseline_env, make(baseline_env), name=name, progress=progress)
-    return ValidationReport(
+    return EvaluationReport(
         policy_name=policy_name,
         env={"dataset": spec.dataset_name, "schema": str(spec.resolve_schema()), "start": spec.start, "end": spec.end,
              "steps": main.steps, "citylearn_version": env_layout.citylearn_version},
