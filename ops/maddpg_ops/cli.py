@@ -55,6 +55,13 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except MaddpgCitylearnError as exc:
             raise click.ClickException(str(exc)) from exc
+        except ModuleNotFoundError as exc:
+            # The base install is the client; commands that train, export or step the env need an extra.
+            name = ctx.invoked_subcommand or "this command"
+            raise click.ClickException(
+                f"`{name}` needs the Python package {exc.name!r}, which is not installed: "
+                f"pip install 'maddpg-citylearn[all]' (see README, Install)"
+            ) from exc
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
