@@ -118,7 +118,8 @@ class ObservationFeatures(nn.Module):
 
     * ``hour_cycle``: sin and cos of the hour of day (23:00 and 00:00 are neighbours, which a normalised hour hides);
     * ``ev_slack``: per charger of the building, the hours a connected car can still wait before the safety layer's
-      floor must charge it (``d + 1 - needed / energy per step``), in days, clipped to [-1, 2]; 0 without a car.
+      floor must charge it (``d + 1 - needed / energy per step``), in days, clipped to [-1, 2]; 0 without a car, 1
+      for a stay without a departure time.
       The actor cannot see the future, but it can see how urgent each car is.
 
     Agent-major widths: every agent gets the same number of columns (chargers padded with zeros).
@@ -162,10 +163,12 @@ class ObservationFeatures(nn.Module):
             index = self.ev_slots.reshape(1, agents, -1).expand(batch, -1, -1)
             picked = torch.gather(x, 2, index).reshape(batch, agents, self.ev_columns, 5)
             connected = picked[..., 0] >= 0.5
+            known = picked[..., 1] >= 0.0
             steps_left = torch.clamp(picked[..., 1], 0.0, 1e4) + 1.0
             target = torch.clamp(picked[..., 2], 0.0, 1.0) + self.target_offset
             needed = torch.clamp(target - torch.clamp(picked[..., 3], 0.0, 1.0), min=0.0) * torch.clamp(picked[..., 4], 0.0, 1e3)
             slack = torch.clamp((steps_left - needed / self.ev_step_kwh) / 24.0, -1.0, 2.0)
+            slack = torch.where(known, slack, torch.ones_like(slack))  # no departure time: these stays are long
             parts.append(torch.where(connected, slack, torch.zeros_like(slack)) * self.ev_present)
         return torch.cat(parts, dim=-1) if parts else x[..., :0]
 

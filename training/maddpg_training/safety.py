@@ -13,6 +13,11 @@ actors):
   level CityLearn counts (required SOC - ``EV_SERVICE_TOLERANCE``) plus ``margin``; energy per step is the charger's
   power times a conservative efficiency (measured here: 0.834-0.852 from grid to car across charger powers, so 0.80).
   A floor below the charger's minimum power would deliver nothing: it is raised to that minimum.
+  Some stays have no departure time (``departure_time`` -1 while connected: 11% of connected hours on five chargers
+  of the shared dataset, stays of 33-67 h). Treating them as leaving now would charge them at full power at once, a
+  spike the district's peaks pay for (measured: all-time peak 1.34 instead of 0.55 for the planner on Aug-Sep); so
+  they are charged at ``needed / UNKNOWN_DEPARTURE_SPREAD_H`` per step, which gets the car within 2% of its target in
+  33 h.
 * **Appliance deadline.** A pending cycle that can start and has reached its latest start hour starts now.
 
 Both only ever *raise* an action inside its bounds, so the layer cannot break the action contract; they read
@@ -34,6 +39,7 @@ EV_SERVICE_TOLERANCE = 0.05
 DEFAULT_EV_MARGIN = 0.02
 # Grid-to-car efficiency assumed by the floor; the measured one is higher, so the floor errs towards charging early.
 DEFAULT_EV_EFFICIENCY = 0.80
+UNKNOWN_DEPARTURE_SPREAD_H = 8.0
 APPLIANCE_TRIGGER = 1.0  # the appliance starts on any action above 0.5 (DeferrableAppliance.trigger_threshold)
 
 _CHARGER_STATE = re.compile(r"^electric_vehicle_charger_(?P<id>.+)_connected_state$")
@@ -166,13 +172,15 @@ class SafetyLayer(nn.Module):
         x = flat_obs[:, self.ev_obs]                                     # [batch, chargers, 5]
         x = torch.where(torch.isnan(x), torch.zeros_like(x), x)
         connected = x[..., 0] >= 0.5
+        known = x[..., 1] >= 0.0                                          # -1: the stay has no departure time
         steps_after_this = torch.clamp(x[..., 1], 0.0, 1e4)             # departure_time: hours after this step
         target = torch.clamp(x[..., 2], 0.0, 1.0) + self.target_offset
         soc = torch.clamp(x[..., 3], 0.0, 1.0)
         capacity = torch.clamp(x[..., 4], 0.0, 1e3)
         needed_kwh = torch.clamp(target - soc, min=0.0) * capacity
-        fraction = (needed_kwh - steps_after_this * self.ev_step_kwh) / self.ev_step_kwh
-        fraction = torch.clamp(fraction, 0.0, 1.0)
+        least_laxity = (needed_kwh - steps_after_this * self.ev_step_kwh) / self.ev_step_kwh
+        spread = needed_kwh / (UNKNOWN_DEPARTURE_SPREAD_H * self.ev_step_kwh)
+        fraction = torch.clamp(torch.where(known, least_laxity, spread), 0.0, 1.0)
         fraction = torch.where(fraction > 0, torch.maximum(fraction, self.ev_min_fraction), fraction)
         return torch.where(connected, torch.minimum(fraction, self.ev_high), torch.zeros_like(fraction))
 
