@@ -40,6 +40,8 @@ DEFAULT_EV_MARGIN = 0.02
 # Grid-to-car efficiency assumed by the floor; the measured one is higher, so the floor errs towards charging early.
 DEFAULT_EV_EFFICIENCY = 0.80
 UNKNOWN_DEPARTURE_SPREAD_H = 8.0
+# Bumped whenever the rules below change what they do: cached teacher passes (trainer.py) were guarded by them.
+RULES_VERSION = 2
 APPLIANCE_TRIGGER = 1.0  # the appliance starts on any action above 0.5 (DeferrableAppliance.trigger_threshold)
 
 _CHARGER_STATE = re.compile(r"^electric_vehicle_charger_(?P<id>.+)_connected_state$")

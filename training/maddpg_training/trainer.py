@@ -50,7 +50,7 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .networks import ActorSpec, PolicyNetwork, TwinCentralCritic
 from .replay import Batch, LabelledStates, ReplayBuffer
-from .safety import safety_spec_from_env
+from .safety import RULES_VERSION, safety_spec_from_env
 from .teachers import Teacher, make_teacher
 from .team_reward import STATE_WIDTH, TeamReward
 from .trace import TrainingTrace
@@ -602,7 +602,7 @@ def _teacher_cache_path(window: Window, policy: PolicyNetwork, config: TrainConf
         "version": TEACHER_CACHE_VERSION, "schema": str(window.spec.resolve_schema()), "start": window.spec.start,
         "end": window.spec.end, "teacher": config.teacher, "horizon": config.planner_horizon,
         "objective": config.planner_objective, "layout": policy.layout.to_json(),
-        "safety": None if policy.safety_spec is None else policy.safety_spec.to_dict(),
+        "safety": None if policy.safety_spec is None else policy.safety_spec.to_dict(), "rules": RULES_VERSION,
         "citylearn": policy.layout.citylearn_version,
     }, sort_keys=True)
     return _cache_root() / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
