@@ -24,6 +24,7 @@ from maddpg_client import (
     RetryPolicy,
     TritonPolicy,
     scrape,
+    scrape_settled,
 )
 from maddpg_client.triton_policy import classify_error
 from maddpg_serving.local_triton import free_port
@@ -88,11 +89,56 @@ def test_metrics_endpoint_reports_the_requests_made(triton_server, observations)
         for i in range(20):
             policy.act(observations[i])
         policy.act(observations[:64])
-    window = scrape(triton_server.metrics_url, MODEL) - before
+    # Read once the counters have caught up (Triton updates them just after answering): exact counts, no race.
+    window = scrape_settled(triton_server.metrics_url, MODEL, expected_success=before.request_success + 21) - before
     assert window.request_success == 21
     assert window.inference_count == 20 + 64
     assert window.execution_count >= 1 and window.average_batch_size >= 1.0
     assert window.compute_us_per_request > 0 and window.queue_us_per_request >= 0
+
+
+class LaggingMetrics:
+    """A metrics endpoint whose success counter catches up one request per read, as Triton's does (rarely, by a
+    request or two) right after answering: a read-count clock, so the test does not depend on timing."""
+
+    def __init__(self, counts: list[int]):
+        import http.server
+
+        self.counts, self.reads = counts, 0
+        endpoint = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                value = endpoint.counts[min(endpoint.reads, len(endpoint.counts) - 1)]
+                endpoint.reads += 1
+                body = f'nv_inference_request_success{{model="{MODEL}",version="1"}} {value}\n'.encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/metrics"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("expected", [21, None])
+def test_settled_reads_wait_for_counters_that_lag_behind_the_answers(expected):
+    endpoint = LaggingMetrics([18, 19, 20, 21])
+    try:
+        assert scrape_settled(endpoint.url, MODEL, expected_success=expected, interval_s=0.001).request_success == 21
+        # A count that never comes (a restarted server) ends the wait at its bound with the last value read.
+        assert scrape_settled(endpoint.url, MODEL, expected_success=1000, timeout_s=0.2,
+                              interval_s=0.01).request_success == 21
+    finally:
+        endpoint.close()
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
