@@ -27,7 +27,7 @@ from maddpg_client import (
     scrape_settled,
 )
 from maddpg_client.triton_policy import classify_error
-from maddpg_serving.local_triton import free_port
+from maddpg_serving.local_triton import LocalTritonServer, free_port, free_ports
 
 pytestmark = [pytest.mark.triton, pytest.mark.citylearn]
 MODEL = "maddpg_ctde"
@@ -175,6 +175,35 @@ def test_non_finite_observations_can_be_left_to_the_model_to_sanitise(triton_ser
         actions = policy.act(hostile)
     low, high = policy.layout.action_bounds()
     assert np.isfinite(actions).all() and (actions >= low).all() and (actions <= high).all()
+
+
+@pytest.fixture(scope="module")
+def saturated_server(saturated_repository):
+    """A served policy whose actors are saturated (see conftest): its actions sit on their bounds."""
+    server = LocalTritonServer(saturated_repository, ports=free_ports())
+    server.start(timeout=120)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_served_saturated_actors_stay_on_their_bounds_never_past_them(saturated_server, saturated_repository,
+                                                                     observations, protocol):
+    with TritonPolicy(url_for(saturated_server, protocol), protocol=protocol, allow_non_finite=True) as policy:
+        low, high = policy.layout.action_bounds()
+        mask = policy.layout.action_mask()
+        hostile = np.full((4, 17, 52), np.inf, np.float32)
+        hostile[1], hostile[2], hostile[3] = -np.inf, np.nan, 3.4e38
+        for batch in (observations, hostile):
+            actions = policy.act(batch)
+            assert np.isfinite(actions).all()
+            assert (actions >= low).all() and (actions <= high).all()
+            assert (actions[:, ~mask] == 0).all()
+        actions = policy.act(observations)
+    assert (actions == high)[:, mask].any() and (actions == low)[:, mask].any(), "the fixture must saturate"
+    assert np.abs(actions - LocalPolicy(saturated_repository).act(observations)).max() <= 1e-6
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

@@ -121,17 +121,28 @@ def test_onnxruntime_on_the_written_file_matches_torch(exported_repository, init
         assert np.abs(got - expected).max() <= 1e-5
 
 
-def test_actions_stay_finite_and_within_bounds_for_hostile_inputs(exported_repository):
-    session = ort.InferenceSession(str(exported_repository / MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    layout = PolicyLayout.from_json((exported_repository / MODEL / "1" / "layout.json").read_text())
+@pytest.mark.parametrize("policy", ["fresh", "saturated"])
+def test_actions_stay_finite_and_within_bounds_for_real_and_hostile_inputs(policy, request, initial_checkpoint_path):
+    """A fresh policy acts near 0; the saturated one (see conftest) pushes most slots onto their bounds."""
+    repository = request.getfixturevalue("exported_repository" if policy == "fresh" else "saturated_repository")
+    session = ort.InferenceSession(str(repository / MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    layout = PolicyLayout.from_json((repository / MODEL / "1" / "layout.json").read_text())
     low, high = layout.action_bounds()
-    hostile = np.array([np.nan, np.inf, -np.inf, 1e30, -1e30, 3.4e38, -3.4e38], dtype=np.float32)
-    for value in hostile:
-        x = np.full((2, 17, 52), value, dtype=np.float32)
+    mask = layout.action_mask()
+    real = torch.load(initial_checkpoint_path, weights_only=True)["reference_observations"].numpy()
+    hostile = [np.full((2, 17, 52), value, dtype=np.float32)
+               for value in (np.nan, np.inf, -np.inf, 1e30, -1e30, 3.4e38, -3.4e38)]
+    batches = [real, *hostile]
+    for x in batches:
         actions = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-        assert np.isfinite(actions).all(), value
-        assert (actions >= low).all() and (actions <= high).all(), value
-        assert (actions[:, ~layout.action_mask()] == 0).all(), "padded action slots must be exactly 0"
+        assert np.isfinite(actions).all()
+        assert (actions >= low).all() and (actions <= high).all()
+        assert (actions[:, ~mask] == 0).all(), "padded action slots must be exactly 0"
+    if policy == "saturated":
+        actions = session.run([OUTPUT_NAME], {INPUT_NAME: real})[0]
+        on_bound = (actions == low) | (actions == high)
+        assert on_bound[:, mask].mean() > 0.7, "the saturated fixture must actually saturate"
+        assert (actions == high)[:, mask].any() and (actions == low)[:, mask].any()
 
 
 def test_existing_version_is_refused_without_force_and_replaced_with_it(initial_checkpoint_path, repository):
