@@ -93,17 +93,24 @@ def test_the_served_policy_matches_the_torch_checkpoint_it_was_exported_from(
     assert parity["max_abs_diff"] <= 1e-5 and parity["ok"] is True
 
 
-def test_the_plotted_series_differ_between_policy_and_zero_actions(week_spec, exported_repository, tmp_path):
+def test_the_plot_draws_the_episodes_loads_and_kpis(week_spec, exported_repository, tmp_path):
     from maddpg_client.local_policy import LocalPolicy
-    from maddpg_evaluation.report import write_evaluation_report
+    from maddpg_evaluation.report import COLUMN_NAMES, plot_report
 
     layout = LocalPolicy(exported_repository).layout
     report = evaluate_policy(lambda: DaytimeCharging(layout), week_spec, progress=False)
     policy, zero = report.policy.district_load, report.baselines["zero_actions"].district_load
     assert policy.shape == zero.shape == (167,)
     assert np.abs(policy - zero).max() > 5.0, "17 batteries charging at half power move the district load"
-    paths = write_evaluation_report(report, tmp_path)
-    assert paths["plot"].stat().st_size > 20_000
+    drawn = plot_report(report, tmp_path / "report.png")
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The lines in the picture are the loads the env recorded for each controller, step for step.
+    np.testing.assert_array_equal(drawn["load"][report.policy_name], policy)
+    np.testing.assert_array_equal(drawn["load"]["zero actions (no control)"], zero)
+    # The bars are each controller's KPIs, in the order of the axis labels.
+    for name, result in {"policy": report.policy, **report.baselines}.items():
+        expected = [result.kpis.get(kpi, math.nan) for kpi in DISTRICT_KPIS]
+        np.testing.assert_allclose(drawn["kpis"][COLUMN_NAMES.get(name, name)], expected, equal_nan=True)
 
 
 def test_many_simulators_at_once_step_the_whole_window_and_batch_on_the_server(triton_server, week_spec, local_run):
