@@ -61,7 +61,7 @@ def test_evaluate_writes_a_report_and_a_picture_that_tells_the_policy_from_the_b
     assert all(v == pytest.approx(1.0, abs=1e-6) for v in report["results"]["zero_actions"]["kpis"].values() if v is not None)
     assert report["parity"]["max_abs_diff"] <= 1e-6 and report["parity"]["ok"] is True
     assert report["results"]["policy"]["env_ms_per_step"] > 0 and report["results"]["policy"]["inference_ms_per_step"] > 0
-    assert report["throughput"]["server"]["requests"] >= 167
+    assert report["throughput"]["server"]["requests"] == 167  # settled: every step counted, nothing else
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     for words in ("cost", "carbon emissions", "daily peak", "all-time peak", "EV departures", "parity"):
