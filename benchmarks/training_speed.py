@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from maddpg_evaluation.citylearn_env import CityLearnAdapter, EnvSpec, layout_from_env
-from maddpg_training.bootstrap import rollout_observations, zero_controller
+from maddpg_training.bootstrap import no_storage_controller, rollout_observations
 from maddpg_training.config import TrainConfig
 from maddpg_training.networks import ActorSpec, PolicyNetwork
 from maddpg_training.replay import ReplayBuffer
@@ -37,7 +37,7 @@ def env_only(spec: EnvSpec) -> float:
     env = spec.build()
     layout = layout_from_env(env)
     started = time.perf_counter()
-    rollout_observations(env, CityLearnAdapter(layout, env), zero_controller(layout))
+    rollout_observations(env, CityLearnAdapter(layout, env), no_storage_controller(layout))
     return (env.time_steps - 1) / (time.perf_counter() - started)
 
 
