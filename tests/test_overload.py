@@ -12,7 +12,7 @@ from maddpg_client import LocalPolicy, PolicyOverloadedError, RetryPolicy, Trito
 from maddpg_client.metrics import scrape, scrape_settled
 from maddpg_serving.local_triton import LocalTritonServer, free_ports
 
-pytestmark = [pytest.mark.triton]
+pytestmark = [pytest.mark.triton, pytest.mark.citylearn]  # the fixtures export a policy built on the env
 MODEL = "maddpg_ctde"
 REQUESTS, ROWS, CONCURRENCY = 192, 256, 32
 CLIENT_TIMEOUT_S = 60.0  # a rejection that waited for this would come back as PolicyTimeoutError instead
