@@ -117,8 +117,8 @@ def test_actors_that_never_charge_still_send_every_car_away_charged(week_spec):
     assert result.service["appliance_service_level"] == 1.0
 
 
-def test_a_stay_without_a_departure_time_is_charged_steadily_not_at_once():
-    # 0.84 * 60 - 0.5 * 60 = 20.4 kWh short; spread over 8 h at 8.8 kWh per full-power step.
+def test_a_stay_without_a_departure_time_is_charged_steadily_within_a_day():
+    # 0.84 * 60 - 0.5 * 60 = 20.4 kWh short: a sixth of it per step, at 8.8 kWh per full-power step.
     out = guard(row(departure=-1.0, soc=0.5, required=0.87))
-    assert out[0, 0, 1] == pytest.approx(20.4 / (8 * 8.8), rel=1e-4)
+    assert out[0, 0, 1] == pytest.approx(20.4 / (6 * 8.8), rel=1e-4)
     assert guard(row(departure=-1.0, soc=0.9, required=0.87))[0, 0, 1] == 0.0

@@ -13,11 +13,13 @@ actors):
   level CityLearn counts (required SOC - ``EV_SERVICE_TOLERANCE``) plus ``margin``; energy per step is the charger's
   power times a conservative efficiency (measured here: 0.834-0.852 from grid to car across charger powers, so 0.80).
   A floor below the charger's minimum power would deliver nothing: it is raised to that minimum.
-  Some stays have no departure time (``departure_time`` -1 while connected: 11% of connected hours on five chargers
-  of the shared dataset, stays of 33-67 h). Treating them as leaving now would charge them at full power at once, a
-  spike the district's peaks pay for (measured: all-time peak 1.34 instead of 0.55 for the planner on Aug-Sep); so
-  they are charged at ``needed / UNKNOWN_DEPARTURE_SPREAD_H`` per step, which gets the car within 2% of its target in
-  33 h.
+  Some stays start without a departure time (``departure_time`` -1 while connected: 105 stays a year on five chargers
+  of the shared dataset, 33-67 h long). CityLearn's KPI scores such a stay twice: once when its departure countdown
+  appears (25-57 h after arrival, counted in the charger files), as if the car left then, and once at the real
+  departure. So the car must be charged within about a day without knowing when that day ends: while its departure
+  is unknown, the floor charges ``needed / unknown_departure_spread_hours`` (6) per step, which leaves less than
+  2% of its battery to go after 24 h from any arrival charge. (Charging it at full power at once instead is a spike
+  the district's peaks pay for: the planner's all-time peak on Aug-Sep went from 0.55 to 1.34.)
 * **Appliance deadline.** A pending cycle that can start and has reached its latest start hour starts now.
 
 Both only ever *raise* an action inside its bounds, so the layer cannot break the action contract; they read
@@ -39,9 +41,10 @@ EV_SERVICE_TOLERANCE = 0.05
 DEFAULT_EV_MARGIN = 0.02
 # Grid-to-car efficiency assumed by the floor; the measured one is higher, so the floor errs towards charging early.
 DEFAULT_EV_EFFICIENCY = 0.80
-UNKNOWN_DEPARTURE_SPREAD_H = 8.0
+# (5/6)^24 of the need is left after 24 h: under 2% of the battery from an arrival SOC of 0.2 (see above).
+DEFAULT_UNKNOWN_DEPARTURE_SPREAD_HOURS = 6.0
 # Bumped whenever the rules below change what they do: cached teacher passes (trainer.py) were guarded by them.
-RULES_VERSION = 2
+RULES_VERSION = 3
 APPLIANCE_TRIGGER = 1.0  # the appliance starts on any action above 0.5 (DeferrableAppliance.trigger_threshold)
 
 _CHARGER_STATE = re.compile(r"^electric_vehicle_charger_(?P<id>.+)_connected_state$")
@@ -78,13 +81,16 @@ class SafetySpec:
     appliances: tuple[ApplianceSlot, ...] = ()
     ev_margin: float = DEFAULT_EV_MARGIN
     ev_efficiency: float = DEFAULT_EV_EFFICIENCY
+    unknown_departure_spread_hours: float = DEFAULT_UNKNOWN_DEPARTURE_SPREAD_HOURS
     hours_per_step: float = 1.0
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"chargers": [asdict(c) for c in self.chargers], "appliances": [asdict(a) for a in self.appliances],
                 "ev_margin": self.ev_margin, "ev_efficiency": self.ev_efficiency,
-                "hours_per_step": self.hours_per_step, "extra": dict(self.extra)}
+                "unknown_departure_spread_hours": self.unknown_departure_spread_hours,
+                "hours_per_step": self.hours_per_step,
+                "extra": dict(self.extra)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "SafetySpec":
@@ -92,6 +98,8 @@ class SafetySpec:
                    appliances=tuple(ApplianceSlot(**a) for a in data.get("appliances", ())),
                    ev_margin=float(data.get("ev_margin", DEFAULT_EV_MARGIN)),
                    ev_efficiency=float(data.get("ev_efficiency", DEFAULT_EV_EFFICIENCY)),
+                   unknown_departure_spread_hours=float(data.get("unknown_departure_spread_hours",
+                                                                 DEFAULT_UNKNOWN_DEPARTURE_SPREAD_HOURS)),
                    hours_per_step=float(data.get("hours_per_step", 1.0)), extra=dict(data.get("extra") or {}))
 
 
@@ -168,6 +176,7 @@ class SafetyLayer(nn.Module):
         constant("guarded", guarded)
         self.active = bool(guarded.any())  # a plain bool: the exported graph has no data-dependent branch
         self.target_offset = spec.ev_margin - EV_SERVICE_TOLERANCE
+        self.unknown_spread_steps = spec.unknown_departure_spread_hours / spec.hours_per_step
 
     def ev_floor(self, flat_obs: torch.Tensor) -> torch.Tensor:
         """``[batch, chargers]``: the least charging fraction each charger must run at now."""
@@ -181,7 +190,7 @@ class SafetyLayer(nn.Module):
         capacity = torch.clamp(x[..., 4], 0.0, 1e3)
         needed_kwh = torch.clamp(target - soc, min=0.0) * capacity
         least_laxity = (needed_kwh - steps_after_this * self.ev_step_kwh) / self.ev_step_kwh
-        spread = needed_kwh / (UNKNOWN_DEPARTURE_SPREAD_H * self.ev_step_kwh)
+        spread = needed_kwh / (self.unknown_spread_steps * self.ev_step_kwh)
         fraction = torch.clamp(torch.where(known, least_laxity, spread), 0.0, 1.0)
         fraction = torch.where(fraction > 0, torch.maximum(fraction, self.ev_min_fraction), fraction)
         return torch.where(connected, torch.minimum(fraction, self.ev_high), torch.zeros_like(fraction))
