@@ -9,6 +9,7 @@ import torch
 
 from maddpg_core.layout import layout_from_names
 from maddpg_training.networks import ActorSpec, PolicyNetwork
+from maddpg_evaluation.ev_service import EvServiceRule
 from maddpg_training.safety import ApplianceSlot, ChargerSlot, SafetyLayer, SafetySpec
 
 CAR = ["electric_vehicle_charger_c_connected_state", "connected_electric_vehicle_at_charger_c_departure_time",
@@ -27,7 +28,7 @@ def guarded_layout():
                                             battery_capacity=5, max_power_kw=11.0, min_power_kw=1.4),),
                       appliances=(ApplianceSlot(agent=0, action=2, pending=6, can_start=7,
                                                 hours_until_latest_start=8),),
-                      ev_margin=0.02, ev_efficiency=0.8)
+                      ev_rule=EvServiceRule(margin=0.02, efficiency=0.8))
     return layout, spec
 
 
@@ -122,3 +123,21 @@ def test_a_stay_without_a_departure_time_is_charged_steadily_within_a_day():
     out = guard(row(departure=-1.0, soc=0.5, required=0.87))
     assert out[0, 0, 1] == pytest.approx(20.4 / (6 * 8.8), rel=1e-4)
     assert guard(row(departure=-1.0, soc=0.9, required=0.87))[0, 0, 1] == 0.0
+
+
+def test_the_graphs_floor_is_the_reference_rule():
+    layout, spec = guarded_layout()
+    rng = np.random.default_rng(0)
+    x = np.zeros((4000, 2, 9), dtype=np.float32)
+    x[:, 0, 1] = rng.integers(0, 2, 4000)
+    x[:, 0, 2] = rng.choice([-1.0, 0.0, 1.0, 3.0, 12.0, 30.0], 4000)
+    x[:, 0, 3:5] = rng.uniform(0, 1, (4000, 2))
+    x[:, 0, 5] = rng.choice([40.0, 60.0, 100.0], 4000)
+    x[:, 0, 4][rng.uniform(size=4000) < 0.05] = np.nan
+    out = guard(torch.from_numpy(x))[:, 0, 1].numpy()
+    slot = spec.chargers[0]
+    expected = spec.ev_rule.floor(connected=x[:, 0, 1], departure_time=x[:, 0, 2], required_soc=x[:, 0, 3],
+                                  soc=x[:, 0, 4], capacity=x[:, 0, 5], max_power_kw=slot.max_power_kw,
+                                  min_power_kw=slot.min_power_kw)
+    assert np.abs(out - expected).max() < 1e-5
+    assert (expected > 0).mean() > 0.1  # the comparison covers binding floors (13% here), not just zeros

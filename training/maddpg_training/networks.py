@@ -19,7 +19,9 @@ from torch import nn
 
 from maddpg_core.layout import PolicyLayout
 
-from .safety import EV_SERVICE_TOLERANCE, SafetyLayer, SafetySpec
+from maddpg_evaluation.ev_service import EvServiceRule
+
+from .safety import SafetyLayer, SafetySpec
 
 # Normalised observations are clipped to this many standard deviations: a sensor glitch (1e30, inf) cannot push an
 # actor far outside what it saw in training.
@@ -142,12 +144,12 @@ class ObservationFeatures(nn.Module):
         for c in chargers if self.ev_columns else []:
             k = filled[c.agent]
             slots[c.agent, k] = torch.tensor([c.connected, c.departure_time, c.required_soc, c.soc, c.battery_capacity])
-            energy[c.agent, k] = c.max_power_kw * safety.ev_efficiency * safety.hours_per_step
+            energy[c.agent, k] = float(safety.ev_rule.step_kwh(c.max_power_kw))
             filled[c.agent] += 1
         self.register_buffer("ev_slots", slots.clamp_min(0), persistent=False)
         self.register_buffer("ev_present", (slots[..., 0] >= 0).float(), persistent=False)
         self.register_buffer("ev_step_kwh", energy, persistent=False)
-        self.target_offset = (safety.ev_margin if safety is not None else 0.0) - EV_SERVICE_TOLERANCE
+        self.target_offset = (safety.ev_rule if safety is not None else EvServiceRule()).target_offset
         self.width = (2 if "hour_cycle" in names else 0) + self.ev_columns
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:

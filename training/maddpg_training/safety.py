@@ -5,22 +5,9 @@ A learned actor can only be *asked* to charge cars; an operator needs it to be a
 the graph ends with a safety layer, computed from each building's own raw observations (decentralised, like the
 actors):
 
-* **EV charge floor.** For a connected car with ``d`` hours to departure the charger has ``d + 1`` steps left (the
-  step at ``departure_time == 0`` still charges: its state of charge is the one CityLearn scores). If the energy the
-  car still needs to reach its departure target cannot be delivered in the ``d`` steps after this one at full power,
-  the charger runs now at the fraction that keeps it deliverable ("charge what can no longer wait"; least laxity).
-  The actor may charge earlier and more (when energy is cheap or solar), never less. The target is the acceptable
-  level CityLearn counts (required SOC - ``EV_SERVICE_TOLERANCE``) plus ``margin``; energy per step is the charger's
-  power times a conservative efficiency (measured here: 0.834-0.852 from grid to car across charger powers, so 0.80).
-  A floor below the charger's minimum power would deliver nothing: it is raised to that minimum.
-  Some stays start without a departure time (``departure_time`` -1 while connected: 105 stays a year on five chargers
-  of the shared dataset, 33-67 h long). CityLearn's KPI scores such a stay twice: once when its departure countdown
-  appears (25-57 h after arrival, counted in the charger files), as if the car left then, and once at the real
-  departure. So the car must be charged within about a day without knowing when that day ends: while its departure
-  is unknown, the floor charges ``needed / unknown_departure_spread_hours`` (6) per step, which leaves less than
-  2% of its battery to go after 24 h from any arrival charge. (Charging it at full power at once instead is a spike
-  the district's peaks pay for: the planner's all-time peak on Aug-Sep went from 0.55 to 1.34.)
-* **Appliance deadline.** A pending cycle that can start and has reached its latest start hour starts now.
+* **EV charge floor**: the rule of :mod:`maddpg_evaluation.ev_service` (charge what can no longer wait; stays
+  without a departure time within a day), here in torch. The actor may charge earlier and more, never less.
+* **Appliance deadline**: a pending cycle that can start and has reached its latest start hour starts now.
 
 Both only ever *raise* an action inside its bounds, so the layer cannot break the action contract; they read
 sanitised observations, so NaN or 1e30 from a broken sensor cannot make them emit a non-finite action.
@@ -35,17 +22,11 @@ import torch
 from torch import nn
 
 from maddpg_core.layout import PolicyLayout
+from maddpg_evaluation.ev_service import EvServiceRule
 
-# CityLearn 3.0.2 counts a departure as acceptable when SOC >= required - 0.05 (internal/kpi.py, service_tolerance).
-EV_SERVICE_TOLERANCE = 0.05
-DEFAULT_EV_MARGIN = 0.02
-# Grid-to-car efficiency assumed by the floor; the measured one is higher, so the floor errs towards charging early.
-DEFAULT_EV_EFFICIENCY = 0.80
-# (5/6)^24 of the need is left after 24 h: under 2% of the battery from an arrival SOC of 0.2 (see above).
-DEFAULT_UNKNOWN_DEPARTURE_SPREAD_HOURS = 6.0
-# Bumped whenever the rules below change what they do: cached teacher passes (trainer.py) were guarded by them.
-RULES_VERSION = 3
 APPLIANCE_TRIGGER = 1.0  # the appliance starts on any action above 0.5 (DeferrableAppliance.trigger_threshold)
+# Bumped whenever the rules change what they do: cached teacher passes (trainer.py) were guarded by them.
+RULES_VERSION = 4
 
 _CHARGER_STATE = re.compile(r"^electric_vehicle_charger_(?P<id>.+)_connected_state$")
 _APPLIANCE_CAN_START = re.compile(r"^deferrable_appliance_(?P<id>.+)_can_start$")
@@ -79,32 +60,20 @@ class SafetySpec:
 
     chargers: tuple[ChargerSlot, ...] = ()
     appliances: tuple[ApplianceSlot, ...] = ()
-    ev_margin: float = DEFAULT_EV_MARGIN
-    ev_efficiency: float = DEFAULT_EV_EFFICIENCY
-    unknown_departure_spread_hours: float = DEFAULT_UNKNOWN_DEPARTURE_SPREAD_HOURS
-    hours_per_step: float = 1.0
-    extra: dict = field(default_factory=dict)
+    ev_rule: EvServiceRule = field(default_factory=EvServiceRule)
 
     def to_dict(self) -> dict:
         return {"chargers": [asdict(c) for c in self.chargers], "appliances": [asdict(a) for a in self.appliances],
-                "ev_margin": self.ev_margin, "ev_efficiency": self.ev_efficiency,
-                "unknown_departure_spread_hours": self.unknown_departure_spread_hours,
-                "hours_per_step": self.hours_per_step,
-                "extra": dict(self.extra)}
+                "ev_rule": self.ev_rule.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict) -> "SafetySpec":
         return cls(chargers=tuple(ChargerSlot(**c) for c in data.get("chargers", ())),
                    appliances=tuple(ApplianceSlot(**a) for a in data.get("appliances", ())),
-                   ev_margin=float(data.get("ev_margin", DEFAULT_EV_MARGIN)),
-                   ev_efficiency=float(data.get("ev_efficiency", DEFAULT_EV_EFFICIENCY)),
-                   unknown_departure_spread_hours=float(data.get("unknown_departure_spread_hours",
-                                                                 DEFAULT_UNKNOWN_DEPARTURE_SPREAD_HOURS)),
-                   hours_per_step=float(data.get("hours_per_step", 1.0)), extra=dict(data.get("extra") or {}))
+                   ev_rule=EvServiceRule(**data.get("ev_rule", {})))
 
 
-def safety_spec_from_env(env, layout: PolicyLayout, *, ev_margin: float = DEFAULT_EV_MARGIN,
-                         ev_efficiency: float = DEFAULT_EV_EFFICIENCY) -> SafetySpec:
+def safety_spec_from_env(env, layout: PolicyLayout, *, ev_margin: float = 0.02) -> SafetySpec:
     """Find every charger and appliance in ``layout`` and read the chargers' power limits from the CityLearn env."""
     powers = {}
     for building in env.buildings:
@@ -128,8 +97,8 @@ def safety_spec_from_env(env, layout: PolicyLayout, *, ev_margin: float = DEFAUL
                 appliances.append(ApplianceSlot(
                     agent=i, action=act.index(f"deferrable_appliance_{match['id']}"), pending=obs.index(prefix + "pending"),
                     can_start=obs.index(name), hours_until_latest_start=obs.index(prefix + "hours_until_latest_start")))
-    return SafetySpec(chargers=tuple(chargers), appliances=tuple(appliances), ev_margin=ev_margin,
-                      ev_efficiency=ev_efficiency, hours_per_step=float(env.seconds_per_time_step) / 3600.0)
+    rule = EvServiceRule(margin=ev_margin, hours_per_step=float(env.seconds_per_time_step) / 3600.0)
+    return SafetySpec(chargers=tuple(chargers), appliances=tuple(appliances), ev_rule=rule)
 
 
 class SafetyLayer(nn.Module):
@@ -162,7 +131,8 @@ class SafetyLayer(nn.Module):
         constant("ev_obs", torch.tensor([[flat_obs(s.agent, getattr(s, f)) for f in (
             "connected", "departure_time", "required_soc", "soc", "battery_capacity")] for s in c],
             dtype=torch.long).reshape(len(c), 5))
-        constant("ev_step_kwh", torch.tensor([s.max_power_kw * spec.ev_efficiency * spec.hours_per_step for s in c]))
+        rule = spec.ev_rule
+        constant("ev_step_kwh", torch.tensor([float(rule.step_kwh(s.max_power_kw)) for s in c]))
         constant("ev_min_fraction", torch.tensor(
             [min(1.0, s.min_power_kw / s.max_power_kw + 0.01) if s.min_power_kw > 0 else 0.0 for s in c]))
         constant("ev_high", torch.tensor([float(high[s.agent, s.action]) for s in c]))
@@ -175,11 +145,12 @@ class SafetyLayer(nn.Module):
         guarded = (self.ev_scatter.sum(0) + self.app_scatter.sum(0)) > 0
         constant("guarded", guarded)
         self.active = bool(guarded.any())  # a plain bool: the exported graph has no data-dependent branch
-        self.target_offset = spec.ev_margin - EV_SERVICE_TOLERANCE
-        self.unknown_spread_steps = spec.unknown_departure_spread_hours / spec.hours_per_step
+        self.target_offset = rule.target_offset
+        self.unknown_spread_steps = rule.unknown_spread_hours / rule.hours_per_step
 
     def ev_floor(self, flat_obs: torch.Tensor) -> torch.Tensor:
-        """``[batch, chargers]``: the least charging fraction each charger must run at now."""
+        """``[batch, chargers]``: the least charging fraction each charger must run at now
+        (:meth:`maddpg_evaluation.ev_service.EvServiceRule.floor`, in torch)."""
         x = flat_obs[:, self.ev_obs]                                     # [batch, chargers, 5]
         x = torch.where(torch.isnan(x), torch.zeros_like(x), x)
         connected = x[..., 0] >= 0.5
