@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from maddpg_core.layout import layout_from_names
-from maddpg_training.networks import ActorSpec, PolicyNetwork
 from maddpg_evaluation.ev_service import EvServiceRule
+from maddpg_training.networks import ActorSpec, PolicyNetwork
 from maddpg_training.safety import ApplianceSlot, ChargerSlot, SafetyLayer, SafetySpec
 
 CAR = ["electric_vehicle_charger_c_connected_state", "connected_electric_vehicle_at_charger_c_departure_time",

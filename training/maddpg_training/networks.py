@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from maddpg_core.layout import PolicyLayout
-
 from maddpg_evaluation.ev_service import EvServiceRule
 
 from .safety import SafetyLayer, SafetySpec
