@@ -321,9 +321,10 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
         raise CheckpointError(f"--device {config.device}: this trainer learns on the CPU (its updates are small "
                               f"batched matmuls; see benchmarks/training_speed.py); use --device cpu")
     torch.manual_seed(config.seed)
-    specs = [EnvSpec(schema=config.dataset, start=a, end=b, random_seed=config.seed)
-             for a, b in config.training_windows()]
-    evaluation = evaluation or EnvSpec(schema=config.dataset, random_seed=config.seed)
+    # The env as published (its schema's own random seed): the one `evaluate` and the planner see. The run's seed
+    # varies the networks, the exploration and the sampling, not the district.
+    specs = [EnvSpec(schema=config.dataset, start=a, end=b) for a, b in config.training_windows()]
+    evaluation = evaluation or EnvSpec(schema=config.dataset)
     for spec in (*specs, evaluation):
         spec.check_window()
 

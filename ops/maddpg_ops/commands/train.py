@@ -61,7 +61,7 @@ def train(config_file, episodes, start, end, dataset, seed, teacher, device, out
     config = TrainConfig.load(config_file) if config_file else TrainConfig()
     config = config.override(episodes=episodes, start=start, end=end, dataset=dataset, seed=seed, teacher=teacher,
                              device=device)
-    evaluation = EnvSpec(schema=config.dataset, start=eval_start, end=eval_end, random_seed=config.seed)
+    evaluation = EnvSpec(schema=config.dataset, start=eval_start, end=eval_end)
     result = run_training(config, out_dir, resume=resume, progress=progress, evaluation=evaluation,
                           evaluate_every=evaluate_every, say=lambda m: click.echo(m, err=True))
     (result.out_dir / "summary.json").write_text(json.dumps(result.summary, indent=2))
