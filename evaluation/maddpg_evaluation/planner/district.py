@@ -190,18 +190,22 @@ def read_district(env) -> District:
             load += earliest_start_load(device, int(env.episode_tracker.episode_start_time_step), steps, from_step=0)
         appliance.append(load)
 
-        for charger in building.electric_vehicle_chargers or []:
-            slot = names.index(CHARGER_ACTION_PREFIX + charger.charger_id)
-            chargers.append(Charger(building=i, action=slot, charger_id=charger.charger_id,
-                                    max_power=float(charger.max_charging_power),
-                                    min_power=float(charger.min_charging_power),
-                                    efficiency=float(charger.efficiency)))
-            sessions.extend(read_sessions(charger, len(chargers) - 1, chargers[-1], ev_by_name, steps))
+        for charger, spec in zip(building.electric_vehicle_chargers or [], read_chargers(building, names, i)):
+            chargers.append(spec)
+            sessions.extend(read_sessions(charger, len(chargers) - 1, spec, ev_by_name, steps))
     return District(
         building_names=[b.name for b in env.buildings], steps=steps, base_load=np.stack(base),
         appliance_load=np.stack(appliance), price=np.stack(price), carbon=np.stack(carbon), batteries=batteries,
         battery_action=battery_action, chargers=chargers, sessions=sessions, appliance_actions=appliance_actions,
     )
+
+
+def read_chargers(building, action_names, building_index: int = 0) -> list[Charger]:
+    """The building's chargers with their action slots, in the order of ``building.electric_vehicle_chargers``."""
+    return [Charger(building=building_index, action=action_names.index(CHARGER_ACTION_PREFIX + c.charger_id),
+                    charger_id=c.charger_id, max_power=float(c.max_charging_power),
+                    min_power=float(c.min_charging_power), efficiency=float(c.efficiency))
+            for c in building.electric_vehicle_chargers or []]
 
 
 def battery_spec(battery) -> BatterySpec:
