@@ -25,6 +25,8 @@ from .citylearn_env import layout_from_env
 APPLIANCE_PREFIX = "deferrable_appliance"
 BATTERY_ACTION = "electrical_storage"
 CHARGER_ACTION_PREFIX = "electric_vehicle_storage_"
+SOC_TOLERANCE = 1e-3      # observations are float32: a car at its target may read a hair below it
+DEADBAND_MARGIN = 1.001   # a request exactly at min_charging_power can round below it in float32 and give nothing
 
 
 class ZeroPolicy:
@@ -131,10 +133,11 @@ class SelfConsumptionPolicy:
     @staticmethod
     def car_action(charger, gain: float, connected: float, soc: float, required: float, capacity: float) -> float:
         """Full power until the car holds its required SOC; the last hour only what is missing (above the deadband)."""
-        if connected != 1 or capacity <= 0 or not 0 <= required <= 1 or soc >= required:
+        if connected != 1 or capacity <= 0 or not 0 <= required <= 1 or soc >= required - SOC_TOLERANCE:
             return 0.0
-        missing_kwh = (required - soc) * capacity / max(gain, 1e-6)
-        power = min(max(missing_kwh, charger.min_power), charger.max_power)
+        # A little more than the missing energy: the car's efficiency is lower at part power than at full power.
+        missing_kwh = (required - soc) * capacity / max(gain, 1e-6) * 1.02
+        power = min(max(missing_kwh, charger.min_power * DEADBAND_MARGIN), charger.max_power)
         return float(power / charger.max_power)
 
 

@@ -27,6 +27,7 @@ MODES = ("receding", "open-loop")
 EV_SHORTFALL_PENALTY = 1.0
 # Charging and discharging in the same hour only burns energy; this breaks the LP's ties towards not doing it.
 THROUGHPUT_TIE_BREAK = 1e-9
+DEADBAND_MARGIN = 1.001
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Plan:
     charge: np.ndarray                           # [buildings, n]
     discharge: np.ndarray                        # [buildings, n]
     charger: np.ndarray                          # [chargers, n] kWh drawn
+    energy: np.ndarray                           # [buildings, n] kWh stored after each step
+    car: np.ndarray                              # [chargers, n] kWh in the parked car after each step (0: none)
     ev_shortfall_kwh: float
     objective: float
 
@@ -114,7 +117,12 @@ class Planner:
         program, variables = build_program(self.district, state, horizon, self.weights, ev=self.ev,
                                            previous=self._previous)
         built = time.perf_counter()
-        solution = program.solve(warm_start=self._previous_solution)
+        try:
+            solution = program.solve(warm_start=self._previous_solution)
+        except PlannerError:
+            if self._previous_solution is None:
+                raise
+            solution = program.solve()  # a basis carried over that HiGHS could not use: start cold
         solved = time.perf_counter()
         self.timing.build_seconds.append(built - started)
         self.timing.solve_seconds.append(solved - built)
@@ -165,8 +173,9 @@ def charger_action(energy_kwh: float, charger) -> float:
     """kWh to draw -> action, honouring the deadband: below ``min_power`` a request gives nothing, so round."""
     if energy_kwh <= 1e-6 or charger.max_power <= 0:
         return 0.0
-    if energy_kwh < charger.min_power:
-        energy_kwh = charger.min_power if energy_kwh >= 0.5 * charger.min_power else 0.0
+    if energy_kwh < charger.min_power * DEADBAND_MARGIN:
+        # float32 actions: a request exactly at the deadband may round below it and give nothing
+        energy_kwh = charger.min_power * DEADBAND_MARGIN if energy_kwh >= 0.5 * charger.min_power else 0.0
     return float(min(energy_kwh / charger.max_power, 1.0))
 
 
@@ -201,16 +210,20 @@ class Variables:
 
     charge: np.ndarray
     discharge: np.ndarray
+    energy: np.ndarray
     charger: np.ndarray | None
+    car: np.ndarray | None
     shortfall: np.ndarray | None
 
     def plan(self, x: np.ndarray, first_step: int, objective: float) -> Plan:
         charge, discharge = x[self.charge], x[self.discharge]
         n = charge.shape[1]
         charger = x[self.charger] if self.charger is not None else np.zeros((0, n))
+        car = x[self.car] if self.car is not None else np.zeros((0, n))
         shortfall = float(x[self.shortfall].sum()) if self.shortfall is not None and self.shortfall.size else 0.0
         return Plan(first_step=first_step, battery=charge - discharge, charge=charge, discharge=discharge,
-                    charger=charger, ev_shortfall_kwh=shortfall, objective=objective)
+                    charger=charger, energy=x[self.energy], car=car, ev_shortfall_kwh=shortfall,
+                    objective=objective)
 
 
 def build_program(d: District, state: State, horizon: int, w: Weights, *, ev: bool,
@@ -250,10 +263,10 @@ def build_program(d: District, state: State, horizon: int, w: Weights, *, ev: bo
                            name=f"{label} limit {seg}", labels=steps)
 
     # --- cars --------------------------------------------------------------------------------------------------------
-    charger_cols = shortfall = None
+    charger_cols = car_cols = shortfall = None
     flows_into = [[] for _ in range(B)]   # extra grid-side columns per building (charger draws)
     if ev and d.chargers:
-        charger_cols, shortfall = _ev_block(lp, d, state, k0, k1, steps)
+        charger_cols, car_cols, shortfall = _ev_block(lp, d, state, k0, k1, steps)
         for j, charger in enumerate(d.chargers):
             flows_into[charger.building].append(j)
 
@@ -300,7 +313,8 @@ def build_program(d: District, state: State, horizon: int, w: Weights, *, ev: bo
         lower = np.zeros(n)
         lower[0] = -realised[-1] if realised.size else -np.inf
         lp.constraints([(ramp, 1.0), (net, -1.0), (_previous_of(net), 1.0)], lower=lower, name="ramp", labels=steps)
-    return lp, Variables(charge=charge, discharge=discharge, charger=charger_cols, shortfall=shortfall)
+    return lp, Variables(charge=charge, discharge=discharge, energy=energy, charger=charger_cols, car=car_cols,
+                         shortfall=shortfall)
 
 
 def storage_factors(d: District, k0: int, n: int, previous: Plan | None) -> tuple[np.ndarray, np.ndarray]:
@@ -380,7 +394,7 @@ def _ev_block(lp: LinearProgram, d: District, state: State, k0: int, k1: int, st
         k = np.array([x[1] for x in departures])
         need = np.array([x[2] for x in departures])
         lp.constraints([(car[j, k], 1.0), (shortfall, 1.0)], lower=need, name="departure", labels=sessions)
-    return draw, shortfall
+    return draw, car, shortfall
 
 
 def _charger_sum_index(charger_cols: np.ndarray, d: District, B: int, n: int) -> np.ndarray:
