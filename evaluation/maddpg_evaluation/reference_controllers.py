@@ -21,10 +21,9 @@ import numpy as np
 from maddpg_core.layout import PolicyLayout
 
 from .citylearn_env import layout_from_env
+from .planner.district import BATTERY_ACTION, charging_gain, read_chargers
 
 APPLIANCE_PREFIX = "deferrable_appliance"
-BATTERY_ACTION = "electrical_storage"
-CHARGER_ACTION_PREFIX = "electric_vehicle_storage_"
 SOC_TOLERANCE = 1e-3      # observations are float32: a car at its target may read a hair below it
 DEADBAND_MARGIN = 1.001   # a request exactly at min_charging_power can round below it in float32 and give nothing
 
@@ -89,8 +88,6 @@ class SelfConsumptionPolicy:
     charge_cars = False
 
     def __init__(self, env, layout: PolicyLayout | None = None):
-        from .planner.district import charging_gain, read_chargers
-
         self.layout = layout or layout_from_env(env)
         self.low, self.high = self.layout.action_bounds()
         self._buildings = []

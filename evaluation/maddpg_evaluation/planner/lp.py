@@ -101,7 +101,9 @@ class LinearProgram:
         self.n_rows += size
         return row_index
 
-    def solve(self, *, warm_start: Solution | None = None) -> Solution:
+    def solve(self, *, warm_start: Solution | None = None, method: str = "simplex") -> Solution:
+        """``method``: ``simplex`` (HiGHS's dual simplex; warm-startable) or ``ipm`` (interior point then crossover:
+        much faster on one large LP, such as a whole window solved at once)."""
         import highspy
 
         rows = np.concatenate(self.rows) if self.rows else np.zeros(0, dtype=np.int64)
@@ -123,6 +125,9 @@ class LinearProgram:
         solver = highspy.Highs()
         solver.setOptionValue("output_flag", False)
         solver.setOptionValue("threads", 1)
+        solver.setOptionValue("solver", method)
+        if method == "ipm":
+            solver.setOptionValue("run_crossover", "off")  # the plan needs values, not a basis
         solver.passModel(model)
         if warm_start is not None:
             basis = highspy.HighsBasis()

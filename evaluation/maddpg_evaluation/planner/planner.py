@@ -114,19 +114,23 @@ class Planner:
             plan, offset = self._open_loop, state.step - self._open_loop.first_step
         else:
             plan, offset = self.solve(state, self.horizon), 0
-        return self.to_actions(plan, offset, env)
+        return self.to_actions(plan, offset)
 
     def solve(self, state: State, horizon: int) -> Plan:
+        """One LP over ``horizon`` steps from ``state``, warm-started from the previous solve (receding mode)."""
         started = time.perf_counter()
         program, variables = build_program(self.district, state, horizon, self.weights, ev=self.ev,
                                            previous=self._previous)
         built = time.perf_counter()
-        try:
-            solution = program.solve(warm_start=self._previous_solution)
-        except PlannerError:
-            if self._previous_solution is None:
-                raise
-            solution = program.solve()  # a basis carried over that HiGHS could not use: start cold
+        if self.mode == "open-loop":
+            solution = program.solve(method="ipm")
+        else:
+            try:
+                solution = program.solve(warm_start=self._previous_solution)
+            except PlannerError:
+                if self._previous_solution is None:
+                    raise
+                solution = program.solve()  # a basis carried over that HiGHS could not use: start cold
         solved = time.perf_counter()
         self.timing.build_seconds.append(built - started)
         self.timing.solve_seconds.append(solved - built)
@@ -135,7 +139,8 @@ class Planner:
         self._previous, self._previous_solution = plan, solution
         return plan
 
-    def to_actions(self, plan: Plan, offset: int, env) -> np.ndarray:
+    def to_actions(self, plan: Plan, offset: int) -> np.ndarray:
+        """Step ``offset`` of ``plan`` in the model's padded action layout."""
         d = self.district
         out = np.zeros(self.layout.action_shape, dtype=np.float32)
         for i, battery in enumerate(d.batteries):
