@@ -35,8 +35,6 @@ CLIENTS = ("asyncio-raw", "tritonclient-aio", "tritonclient-threads")
 DEFAULT_CLIENT = "asyncio-raw"
 # A request with no answer after this long is counted as an error (and the level stops waiting for it).
 REQUEST_TIMEOUT_S = 10.0
-# Triton updates its counters after the answer has left: give them this long before the closing snapshot.
-METRICS_SETTLE_S = 0.1
 
 
 class ResponseError(Exception):
@@ -568,12 +566,11 @@ class _Snapshot:
 
 
 def _snapshot(target: Target) -> _Snapshot:
-    from maddpg_client.metrics import scrape
+    from maddpg_client.metrics import scrape_settled
 
     metrics = None
     if target.metrics_url:
-        time.sleep(METRICS_SETTLE_S)
-        metrics = scrape(target.metrics_url, target.model)
+        metrics = scrape_settled(target.metrics_url, target.model)  # once the last answered requests are counted
     return _Snapshot(time.perf_counter(), time.process_time(), process_group_cpu_seconds(target.server_pid), metrics)
 
 

@@ -21,8 +21,8 @@ from functools import partial
 from typing import Any, Callable
 
 from maddpg_client.local_policy import LocalPolicy
-from maddpg_client.metrics import ModelMetrics, scrape
-from maddpg_client.triton_policy import TritonPolicy
+from maddpg_client.metrics import ModelMetrics, scrape, scrape_settled
+from maddpg_client.triton_policy import RetryPolicy, TritonPolicy
 from maddpg_core.errors import MaddpgCitylearnError, PolicyUnavailableError
 
 from .citylearn_env import EnvSpec, layout_from_env
@@ -38,16 +38,18 @@ BARRIER_TIMEOUT_S = 300
 RELATIVE_KPIS = ("cost_total", "carbon_emissions_total")
 
 
-def triton_factory(url: str, protocol: str, model: str) -> PolicyFactory:
-    return partial(_ready_triton_policy, url, protocol, model)
+def triton_factory(url: str, protocol: str, model: str, retry: RetryPolicy | None = None) -> PolicyFactory:
+    """``retry``: how long a step may wait for a server that went away (default: the client's few quick retries)."""
+    return partial(_ready_triton_policy, url, protocol, model, retry)
 
 
 def local_factory(path: str, model: str) -> PolicyFactory:
     return partial(LocalPolicy, path, model)
 
 
-def _ready_triton_policy(url: str, protocol: str, model: str) -> TritonPolicy:
-    return TritonPolicy(url, protocol=protocol, model=model).wait_until_ready(timeout=30)
+def _ready_triton_policy(url: str, protocol: str, model: str, retry: RetryPolicy | None = None) -> TritonPolicy:
+    options = {"retry": retry} if retry is not None else {}
+    return TritonPolicy(url, protocol=protocol, model=model, **options).wait_until_ready(timeout=30)
 
 
 @dataclass
@@ -119,11 +121,13 @@ def evaluate_policy(policy: PolicyFactory, spec: EnvSpec, *, policy_name: str = 
     if envs < 1:
         raise MaddpgCitylearnError("--envs must be at least 1")
 
-    def snapshot() -> ModelMetrics | None:
+    def snapshot(expected_success: float | None = None) -> ModelMetrics | None:
         if not (metrics_url and model):
             return None
         try:
-            return scrape(metrics_url, model)
+            if expected_success is None:
+                return scrape(metrics_url, model)
+            return scrape_settled(metrics_url, model, expected_success=expected_success)
         except PolicyUnavailableError as exc:
             if not metrics_optional:
                 raise
@@ -138,22 +142,26 @@ def evaluate_policy(policy: PolicyFactory, spec: EnvSpec, *, policy_name: str = 
     else:
         say(f"running {envs} simulators at once, one process each")
         main, others = _run_concurrently(policy, reference, spec, envs, policy_name)
-    after = snapshot() if before is not None else None
-
     runs = [main, *others]
-    steps = sum(r.steps for r in runs)
+    steps = sum(r.steps for r in runs)  # one inference request per step and simulator
+    after = snapshot(expected_success=before.request_success + steps) if before is not None else None
     # Only the stepping counts: env construction, process start-up and KPI evaluation are not decisions.
     wall = max(r.extra["stepped_at"] for r in runs) - min(r.extra["started_at"] for r in runs)
     throughput = {
         "envs": envs,
+        "steps_per_simulator": [r.steps for r in runs],
         "wall_seconds": wall,
         "district_steps_per_second": steps / wall,
         "agent_decisions_per_second": steps * env_layout.n_agents / wall,
     }
     if before is not None and after is not None:
         window: ModelMetrics = after - before
-        throughput["server"] = window.as_dict()
-        throughput["average_batch_size"] = window.average_batch_size
+        if window.request_success >= steps:
+            throughput["server"] = window.as_dict()
+            throughput["average_batch_size"] = window.average_batch_size
+        else:  # counters start from zero in a restarted server: a difference across a restart means nothing
+            say(f"no batch statistics: Triton counted {window.request_success:.0f} of the {steps} requests of this "
+                f"run (did the server restart during it?)")
 
     results = {}
     if baselines:

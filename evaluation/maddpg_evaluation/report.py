@@ -78,7 +78,9 @@ def format_table(report: EvaluationReport) -> str:
     return "\n".join(lines)
 
 
-def plot_report(report: EvaluationReport, path: Path) -> None:
+def plot_report(report: EvaluationReport, path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Draw ``report`` into ``path``; returns what was drawn, read back from the figure: ``{"load": {label: y},
+    "kpis": {label: bar heights}}`` (so a test can check the picture's data, not just that a file exists)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,7 +118,10 @@ def plot_report(report: EvaluationReport, path: Path) -> None:
     kpi_ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    drawn = {"load": {line.get_label(): np.asarray(line.get_ydata()) for line in load_ax.get_lines()},
+             "kpis": {bars.get_label(): np.array([bar.get_height() for bar in bars]) for bars in kpi_ax.containers}}
     plt.close(fig)
+    return drawn
 
 
 def _fmt(value) -> str:
