@@ -175,3 +175,15 @@ def test_plan_writes_the_evaluate_report_with_the_planner_and_charge_on_arrival(
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for words in ("charge on arrival", "relative to charge on arrival", "LP solve", "EV departures"):
         assert words in result.output
+
+
+def test_each_objective_buys_its_own_kpi(week_spec):
+    kpis = {}
+    for objective in ("cost", "carbon", "peak"):
+        env = week_spec.build()
+        kpis[objective] = run_episode(env, PlannerPolicy(Planner(env, objective=objective, ev=False), env)).kpis
+    assert kpis["cost"]["cost_total"] < min(kpis["carbon"]["cost_total"], kpis["peak"]["cost_total"])
+    assert kpis["carbon"]["carbon_emissions_total"] < min(kpis["cost"]["carbon_emissions_total"],
+                                                          kpis["peak"]["carbon_emissions_total"])
+    for peak in ("daily_peak_average", "all_time_peak_average"):
+        assert kpis["peak"][peak] < min(kpis["cost"][peak], kpis["carbon"][peak]), peak
