@@ -103,6 +103,9 @@ class Session:
     min_energy: float                # kWh (1 - depth of discharge) * capacity
     arrival_energy: float | None     # kWh, from the dataset's estimate; None when the dataset has none
     gain: float                      # kWh into the car per kWh drawn by the charger
+    # The same car stayed on from the previous session at this charger: a stay whose first hours have no departure
+    # countdown ends, for evaluate_v2, where the countdown appears, and goes on as a new session with the same car.
+    continues_previous: bool = False
 
 
 @dataclass
@@ -258,13 +261,14 @@ def read_sessions(charger, index: int, spec: Charger, ev_by_name: dict, steps: i
             if arrival_soc is None or not 0.0 <= arrival_soc <= 1.0:
                 arrival_soc = None
             target = required[t] if np.isfinite(required[t]) and 0.0 <= required[t] <= 1.0 else None
+            stayed = bool(sessions) and sessions[-1].ev == ev_name and sessions[-1].departure == start - 1
             if target is not None:
                 sessions.append(Session(
                     charger=index, ev=ev_name, arrival=start, departure=t, required_energy=float(target) * capacity,
                     capacity=capacity,
                     min_energy=float(np.clip(1.0 - battery.depth_of_discharge, 0.0, 1.0) * capacity),
                     arrival_energy=None if arrival_soc is None else float(arrival_soc) * capacity,
-                    gain=charging_gain(spec, battery),
+                    gain=charging_gain(spec, battery), continues_previous=stayed,
                 ))
         t += 1
     return sessions

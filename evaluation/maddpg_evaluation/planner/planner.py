@@ -379,7 +379,10 @@ def _ev_block(lp: LinearProgram, d: District, state: State, k0: int, k1: int, st
         cap[j, a:b] = s.capacity
         floor[j, a:b] = 0.0
         continues[j, a + 1:b] = 1.0
-        if s.arrival >= k0:
+        if s.arrival > k0 and s.continues_previous:
+            continues[j, a] = 1.0      # the same car, still parked: its energy carries over
+            start = 0.0
+        elif s.arrival >= k0:
             start = s.arrival_energy
         else:
             start = state.ev_energy.get(index)
