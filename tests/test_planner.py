@@ -187,3 +187,18 @@ def test_each_objective_buys_its_own_kpi(week_spec):
                                                           kpis["peak"]["carbon_emissions_total"])
     for peak in ("daily_peak_average", "all_time_peak_average"):
         assert kpis["peak"][peak] < min(kpis["cost"][peak], kpis["carbon"][peak]), peak
+
+
+def test_a_car_that_stays_on_past_a_scored_departure_keeps_its_energy_in_the_plan(schema_path):
+    # charger_10_1's first stay has no departure countdown for its first 48 hours; evaluate_v2 scores a departure
+    # where the countdown appears, and the same car goes on charging as a new session.
+    env = EnvSpec(schema=str(schema_path), start=0, end=71).build()
+    env.reset()
+    planner = Planner(env, ev=True, mode="open-loop")
+    d = planner.district
+    stays = [s for s in d.sessions if s.continues_previous]
+    assert stays, "this window holds a stay across a scored departure"
+    plan = planner.solve(read_state(env, d), d.decision_steps)
+    for s in stays:
+        before, after = plan.car[s.charger, s.arrival - 1], plan.car[s.charger, s.arrival]
+        assert after == pytest.approx(before + s.gain * plan.charger[s.charger, s.arrival], abs=1e-4), s
