@@ -53,7 +53,8 @@ def test_evaluate_writes_a_report_and_a_picture_that_tells_the_policy_from_the_b
                                       str(triton_server.repository), "--no-progress"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
-    assert set(report["results"]) == {"policy", "zero_actions", "basic_battery_rbc"}
+    assert set(report["results"]) == {"policy", "zero_actions", "basic_battery_rbc", "charge_on_arrival"}
+    assert report["results"]["charge_on_arrival"]["relative_to_charge_on_arrival"]["cost_total"] == 1.0
     for name, figures in report["results"].items():
         assert set(figures["kpis"]) == set(DISTRICT_KPIS), name
         assert "ev_departures_acceptable" in figures["service"] and "appliance_service_level" in figures["service"]

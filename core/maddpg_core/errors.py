@@ -70,6 +70,10 @@ class EnvironmentSetupError(MaddpgCitylearnError):
     """The CityLearn env cannot be built as asked (missing schema, dataset unavailable offline, bad window)."""
 
 
+class PlannerError(MaddpgCitylearnError):
+    """The perfect-foresight planner cannot plan as asked (unknown objective, bad horizon, LP not solved)."""
+
+
 class ServerStartError(MaddpgCitylearnError):
     """The local tritonserver did not become ready (busy port, broken repository, python stub failed)."""
 

@@ -1,7 +1,8 @@
 """Prove in CityLearn that a policy (served or local) is the trained one, and measure how well it controls the district.
 
 :func:`evaluate_policy` runs the policy through an env window deterministically, optionally steps a reference policy in
-lockstep (parity), runs the reference controllers on the same window (zero actions, BasicBatteryRBC), and can run
+lockstep (parity), runs the reference controllers on the same window (zero actions, BasicBatteryRBC, charge on
+arrival), and can run
 ``envs`` simulators at once against one server so that Triton's dynamic batching has something to batch. The
 simulators step in lockstep, like a fleet of co-simulations on a shared clock: every step, all of them ask for their
 actions at the same moment, which is when a server can batch.
@@ -26,7 +27,7 @@ from maddpg_core.errors import MaddpgCitylearnError, PolicyUnavailableError
 
 from .citylearn_env import EnvSpec, layout_from_env
 from .episode import EpisodeResult, Policy, run_episode
-from .reference_controllers import BasicBatteryRBCPolicy, ZeroPolicy
+from .reference_controllers import BasicBatteryRBCPolicy, ChargeOnArrivalPolicy, ZeroPolicy
 
 PolicyFactory = Callable[[], Policy]
 # Parity bounds of the contract: the served graph against the same graph in process, and against the torch policy
@@ -34,6 +35,7 @@ PolicyFactory = Callable[[], Policy]
 PARITY_TOLERANCE = 1e-6
 TORCH_PARITY_TOLERANCE = 1e-5
 BARRIER_TIMEOUT_S = 300
+RELATIVE_KPIS = ("cost_total", "carbon_emissions_total")
 
 
 def triton_factory(url: str, protocol: str, model: str, retry: RetryPolicy | None = None) -> PolicyFactory:
@@ -61,6 +63,17 @@ class EvaluationReport:
     throughput: dict[str, Any] = field(default_factory=dict)
     layout_source: dict[str, Any] = field(default_factory=dict)
 
+    def relative_to_charge_on_arrival(self, result: EpisodeResult) -> dict[str, float] | None:
+        """Cost and carbon of ``result`` over those of charge on arrival (the reference that serves the cars too).
+
+        Both KPIs are ratios to no control, which never charges a car; dividing by charge on arrival's ratio asks
+        instead how a controller compares with one that charges every car.
+        """
+        reference = self.baselines.get("charge_on_arrival")
+        if reference is None:
+            return None
+        return {kpi: _ratio(result.kpis.get(kpi), reference.kpis.get(kpi)) for kpi in RELATIVE_KPIS}
+
     @property
     def parity_ok(self) -> bool | None:
         value = self.policy.parity_max_abs_diff
@@ -68,8 +81,12 @@ class EvaluationReport:
 
     def to_dict(self) -> dict[str, Any]:
         def result(r: EpisodeResult) -> dict[str, Any]:
-            return {"kpis": r.kpis, "service": r.service, "steps": r.steps,
-                    "env_ms_per_step": r.env_ms_per_step, "inference_ms_per_step": r.inference_ms_per_step}
+            out = {"kpis": r.kpis, "service": r.service, "steps": r.steps,
+                   "env_ms_per_step": r.env_ms_per_step, "inference_ms_per_step": r.inference_ms_per_step}
+            relative = self.relative_to_charge_on_arrival(r)
+            if relative is not None:
+                out["relative_to_charge_on_arrival"] = relative
+            return out
 
         parity = None
         if self.policy.parity is not None:
@@ -148,11 +165,7 @@ def evaluate_policy(policy: PolicyFactory, spec: EnvSpec, *, policy_name: str = 
 
     results = {}
     if baselines:
-        for name, make in (("zero_actions", lambda e: ZeroPolicy(layout_from_env(e))),
-                           ("basic_battery_rbc", lambda e: BasicBatteryRBCPolicy(e))):
-            say(f"reference controller: {name}")
-            baseline_env = spec.build()
-            results[name] = run_episode(baseline_env, make(baseline_env), name=name, progress=progress)
+        results = run_baselines(spec, progress=progress, say=say)
     return EvaluationReport(
         policy_name=policy_name,
         env={"dataset": spec.dataset_name, "schema": str(spec.resolve_schema()), "start": spec.start, "end": spec.end,
@@ -164,6 +177,31 @@ def evaluate_policy(policy: PolicyFactory, spec: EnvSpec, *, policy_name: str = 
         throughput=throughput,
         layout_source=dict(probe.layout.source),
     )
+
+
+REFERENCE_CONTROLLERS: dict[str, Callable[[Any], Policy]] = {
+    "zero_actions": lambda env: ZeroPolicy(layout_from_env(env)),
+    "basic_battery_rbc": BasicBatteryRBCPolicy,
+    "charge_on_arrival": ChargeOnArrivalPolicy,
+}
+
+
+def run_baselines(spec: EnvSpec, *, progress: bool = True,
+                  say: Callable[[str], None] = lambda _: None) -> dict[str, EpisodeResult]:
+    """Every reference controller on the window of ``spec``, each in a fresh env."""
+    results = {}
+    for name, make in REFERENCE_CONTROLLERS.items():
+        say(f"reference controller: {name}")
+        env = spec.build()
+        results[name] = run_episode(env, make(env), name=name, progress=progress)
+    return results
+
+
+def _ratio(value, reference) -> float:
+    try:
+        return float(value) / float(reference)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return float("nan")
 
 
 def _episode_in_worker(policy: PolicyFactory, reference: PolicyFactory | None, spec: EnvSpec, name: str,

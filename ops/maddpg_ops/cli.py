@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("export", "export", "Export a checkpoint to a validated ONNX model version in a Triton repository."),
     "serve": ("serve", "serve", "Serve a model repository with the local tritonserver (no cluster needed)."),
     "evaluate": ("evaluate", "evaluate", "Run a policy (served or local) through CityLearn: KPIs, parity, plots."),
+    "plan": ("plan", "plan", "Replay the perfect-foresight LP planner in CityLearn: the best any controller could do."),
     "deploy": ("deploy", "deploy", "Deploy to Kubernetes and operate it (apply, status, logs, test, ...)."),
     "bench": ("bench", "bench", "Benchmark served inference against the alternatives."),
 }
