@@ -202,3 +202,52 @@ def test_a_car_that_stays_on_past_a_scored_departure_keeps_its_energy_in_the_pla
     for s in stays:
         before, after = plan.car[s.charger, s.arrival - 1], plan.car[s.charger, s.arrival]
         assert after == pytest.approx(before + s.gain * plan.charger[s.charger, s.arrival], abs=1e-4), s
+
+
+def _floor_excess(spec: EnvSpec, rule) -> list[float]:
+    """How far the EV rule's floor lies above the planner's charger actions at every parked step of ``spec``."""
+    from maddpg_evaluation.citylearn_env import CityLearnAdapter
+    from maddpg_evaluation.ev_service import EvServiceRule
+
+    env = spec.build()
+    layout = layout_from_env(env)
+    adapter = CityLearnAdapter(layout, env)
+    planner = Planner(env, horizon=48, ev=True, ev_rule=rule)
+    reference = EvServiceRule()
+    slots = []
+    for i, agent in enumerate(layout.agents):
+        names = list(agent.observation_names)
+        for building_charger in env.buildings[i].electric_vehicle_chargers or []:
+            cid = building_charger.charger_id
+            car = f"connected_electric_vehicle_at_charger_{cid}_"
+            slots.append((i, list(agent.action_names).index(f"electric_vehicle_storage_{cid}"),
+                          [names.index(n) for n in (f"electric_vehicle_charger_{cid}_connected_state",
+                                                    car + "departure_time", car + "required_soc_departure",
+                                                    car + "soc", car + "battery_capacity")],
+                          building_charger.max_charging_power, building_charger.min_charging_power))
+    excess = []
+    observations, _ = env.reset()
+    while not env.terminated:
+        raw = adapter.observations_to_array(observations)
+        actions = planner.actions(env)
+        for i, j, (c, d, r, s, cap), power, minimum in slots:
+            if raw[i, c] >= 0.5:
+                floor = float(reference.floor(connected=raw[i, c], departure_time=raw[i, d], required_soc=raw[i, r],
+                                              soc=raw[i, s], capacity=raw[i, cap], max_power_kw=power,
+                                              min_power_kw=minimum))
+                excess.append(floor - float(actions[i, j]))
+                actions[i, j] = max(actions[i, j], floor)  # what the deployed policy's safety layer would do
+        observations, *_ = env.step(adapter.actions_to_lists(actions))
+    return excess
+
+
+def test_given_the_policys_ev_rule_the_planner_plans_what_the_safety_layer_allows(schema_path):
+    """A teacher must demonstrate what its student can do: plans inside the rule are rarely overruled by it."""
+    from maddpg_evaluation.ev_service import EvServiceRule
+
+    window = EnvSpec(schema=str(schema_path), start=150, end=197)  # holds stays without a departure time
+    inside = np.asarray(_floor_excess(window, EvServiceRule()))
+    unaware = np.asarray(_floor_excess(window, None))
+    assert (unaware > 0.3).sum() >= 5                   # unaware plans leave cars the rule must charge at once
+    assert (inside > 0.2).sum() == 0                    # aware ones: at most the deadband's rounding
+    assert (inside > 1e-3).mean() < 0.5 * (unaware > 1e-3).mean()

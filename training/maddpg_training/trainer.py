@@ -50,7 +50,7 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .networks import ActorSpec, PolicyNetwork, TwinCentralCritic
 from .replay import Batch, LabelledStates, ReplayBuffer
-from .safety import RULES_VERSION, safety_spec_from_env
+from .safety import RULES_VERSION, SafetySpec, safety_spec_from_env
 from .teachers import Teacher, make_teacher
 from .team_reward import STATE_WIDTH, TeamReward
 from .trace import TrainingTrace
@@ -346,7 +346,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
         policy = checkpoint.build_policy().train()
     else:
         policy = fresh_policy(layout, observations, actor_spec, seed=config.seed, safety=safety)
-    windows = [_window(spec, warm, layout, config, env=first_env if i == 0 else None)
+    windows = [_window(spec, warm, layout, config, env=first_env if i == 0 else None, safety=safety)
                for i, (spec, warm) in enumerate(zip(specs, warms))]
     shares = windows[0].reward.shares
     learner = MADDPG(policy, config, shares)
@@ -487,14 +487,16 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
                        summary=summary)
 
 
-def _window(spec: EnvSpec, warm: Warmup, layout, config: TrainConfig, *, env=None, teacher: bool = True) -> Window:
+def _window(spec: EnvSpec, warm: Warmup, layout, config: TrainConfig, *, env=None, teacher: bool = True,
+            safety: SafetySpec | None = None) -> Window:
     env = env if env is not None else spec.build()
     adapter = CityLearnAdapter(layout, env, what="the policy being trained")
     window = Window(spec=spec, warm=warm, env=env, adapter=adapter,
                     reward=TeamReward(layout, warm.baseline, config.reward))
     if teacher:
         window.teacher = make_teacher(config.teacher, env, layout, horizon=config.planner_horizon,
-                                      objective=config.planner_objective)
+                                      objective=config.planner_objective,
+                                      ev_rule=safety.ev_rule if safety is not None else None)
     return window
 
 

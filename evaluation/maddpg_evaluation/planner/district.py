@@ -132,6 +132,10 @@ class District:
     chargers: list[Charger]
     sessions: list[Session]
     appliance_actions: list[tuple[int, int]]  # (building, slot) of every deferrable appliance
+    # What each charger's car looks like to a controller, per step: the departure countdown it observes (NaN where
+    # the stay has none yet, or no car) and the required SOC. The deployed policy's EV rule reads these.
+    countdown: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))   # [chargers, steps]
+    required_soc: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # [chargers, steps]
     baseline: Baseline = field(init=False)
 
     def __post_init__(self):
@@ -169,6 +173,7 @@ def read_district(env) -> District:
         raise PlannerError("the env's window holds no step to plan: use a window of at least two time steps")
     base, appliance, price, carbon = [], [], [], []
     batteries, battery_action, chargers, sessions, appliance_actions = [], [], [], [], []
+    countdown, required = [], []
     ev_by_name = {ev.name: ev for ev in env.electric_vehicles}
     for i, (building, names) in enumerate(zip(env.buildings, env.action_names)):
         simulation = building.energy_simulation
@@ -196,10 +201,16 @@ def read_district(env) -> District:
         for charger, spec in zip(building.electric_vehicle_chargers or [], read_chargers(building, names, i)):
             chargers.append(spec)
             sessions.extend(read_sessions(charger, len(chargers) - 1, spec, ev_by_name, steps))
+            simulation = charger.charger_simulation
+            countdown.append(_fit(np.asarray(simulation.electric_vehicle_departure_time, dtype=np.float64), steps))
+            required.append(_fit(np.asarray(simulation.electric_vehicle_required_soc_departure, dtype=np.float64),
+                                 steps))
+    empty = np.zeros((0, steps))
     return District(
         building_names=[b.name for b in env.buildings], steps=steps, base_load=np.stack(base),
         appliance_load=np.stack(appliance), price=np.stack(price), carbon=np.stack(carbon), batteries=batteries,
         battery_action=battery_action, chargers=chargers, sessions=sessions, appliance_actions=appliance_actions,
+        countdown=np.stack(countdown) if countdown else empty, required_soc=np.stack(required) if required else empty,
     )
 
 

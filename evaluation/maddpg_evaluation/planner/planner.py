@@ -18,6 +18,7 @@ import numpy as np
 from maddpg_core.errors import PlannerError
 
 from ..citylearn_env import layout_from_env
+from ..ev_service import EvServiceRule
 from .district import HOURS_PER_DAY, District, earliest_start_load, read_district
 from .lp import LinearProgram
 from .objective import Weights, objective_weights
@@ -91,9 +92,13 @@ class Planner:
     """
 
     def __init__(self, env, *, objective: str = "balanced", horizon: int = 48, ev: bool = True,
-                 mode: str = "receding", weights: Weights | None = None):
+                 mode: str = "receding", weights: Weights | None = None, ev_rule: EvServiceRule | None = None):
         check_options(objective=objective, horizon=horizon, mode=mode)
         self.objective, self.horizon, self.ev, self.mode = objective, int(horizon), bool(ev), mode
+        # With an EV service rule (the deployed policy's safety layer), plans stay inside it: every car is charged
+        # at least as the rule would force it to be, and to the rule's target. A teacher must only demonstrate what
+        # the policy it teaches can do.
+        self.ev_rule = ev_rule
         self.weights = weights or objective_weights(objective)
         self.district: District = read_district(env)
         self.layout = layout_from_env(env)
@@ -120,7 +125,7 @@ class Planner:
         """One LP over ``horizon`` steps from ``state``, warm-started from the previous solve (receding mode)."""
         started = time.perf_counter()
         program, variables = build_program(self.district, state, horizon, self.weights, ev=self.ev,
-                                           previous=self._previous)
+                                           previous=self._previous, ev_rule=self.ev_rule)
         built = time.perf_counter()
         if self.mode == "open-loop":
             solution = program.solve(method="ipm")
@@ -236,7 +241,7 @@ class Variables:
 
 
 def build_program(d: District, state: State, horizon: int, w: Weights, *, ev: bool,
-                  previous: Plan | None) -> tuple[LinearProgram, Variables]:
+                  previous: Plan | None, ev_rule: EvServiceRule | None = None) -> tuple[LinearProgram, Variables]:
     k0 = state.step
     k1 = min(k0 + int(horizon), d.decision_steps)
     n, B = k1 - k0, d.n_buildings
@@ -275,7 +280,7 @@ def build_program(d: District, state: State, horizon: int, w: Weights, *, ev: bo
     charger_cols = car_cols = shortfall = None
     flows_into = [[] for _ in range(B)]   # extra grid-side columns per building (charger draws)
     if ev and d.chargers:
-        charger_cols, car_cols, shortfall = _ev_block(lp, d, state, k0, k1, steps)
+        charger_cols, car_cols, shortfall = _ev_block(lp, d, state, k0, k1, steps, ev_rule)
         for j, charger in enumerate(d.chargers):
             flows_into[charger.building].append(j)
 
@@ -359,8 +364,13 @@ def _previous_of(index: np.ndarray) -> np.ndarray:
     return out
 
 
-def _ev_block(lp: LinearProgram, d: District, state: State, k0: int, k1: int, steps: np.ndarray):
-    """Charger draws and car energies for every session overlapping the horizon; shortfall at each departure."""
+def _ev_block(lp: LinearProgram, d: District, state: State, k0: int, k1: int, steps: np.ndarray,
+              rule: EvServiceRule | None = None):
+    """Charger draws and car energies for every session overlapping the horizon; shortfall at each departure.
+
+    With ``rule``, every parked step also draws at least what the rule's floor asks for there (see
+    :func:`_rule_floor`), and the departure target is the rule's.
+    """
     C, n = len(d.chargers), k1 - k0
     upper = np.zeros((C, n))
     gain = np.zeros((C, n))
@@ -389,13 +399,16 @@ def _ev_block(lp: LinearProgram, d: District, state: State, k0: int, k1: int, st
         if start is None:
             start = s.min_energy
         initial[j, a] = min(start, s.capacity)
+        required = s.required_energy
+        if rule is not None:
+            required = max(required + rule.target_offset * s.capacity, 0.0)
         if s.departure <= k1 - 1:
-            departures.append((j, s.departure - k0, s.required_energy, index))
+            departures.append((j, s.departure - k0, required, index))
         else:
             # Leaves after the horizon: be no further behind than the charger can still make up.
             reachable = s.gain * d.chargers[j].max_power * (s.departure - (k1 - 1))
-            if s.required_energy - reachable > 0:
-                departures.append((j, n - 1, s.required_energy - reachable, index))
+            if required - reachable > 0:
+                departures.append((j, n - 1, required - reachable, index))
     draw = lp.variables((C, n), 0.0, upper, name="draw", labels=steps)
     car = lp.variables((C, n), floor, np.maximum(cap, initial), name="car", labels=steps)
     # car[k] - continues[k] car[k-1] - gain[k] draw[k] = initial[k]
@@ -408,7 +421,41 @@ def _ev_block(lp: LinearProgram, d: District, state: State, k0: int, k1: int, st
         k = np.array([x[1] for x in departures])
         need = np.array([x[2] for x in departures])
         lp.constraints([(car[j, k], 1.0), (shortfall, 1.0)], lower=need, name="departure", labels=sessions)
+    if rule is not None:
+        _rule_floor(lp, d, k0, k1, steps, rule, draw, car, gain, cap)
     return draw, car, shortfall
+
+
+def _rule_floor(lp: LinearProgram, d: District, k0: int, k1: int, steps: np.ndarray, rule: EvServiceRule,
+                draw: np.ndarray, car: np.ndarray, gain: np.ndarray, cap: np.ndarray) -> None:
+    """``draw[k] >= max_power * floor(state before step k)`` at every parked step, linearly.
+
+    The floor (:meth:`EvServiceRule.floor`) with ``E = max_power * efficiency`` per step and ``e`` the car's energy
+    before the step (``car[k] - gain[k] draw[k]``): known departure in ``c`` hours, ``draw >= (T cap - e - c E) /
+    efficiency``; unknown, ``draw >= (T cap - e) / (spread * efficiency)``. Both are linear in (draw, car). The
+    deadband (a floor raised to the charger's minimum power) is not linear and is left out: it adds at most that
+    minimum for an hour. A slack with the shortfall's penalty keeps a car that arrives too empty feasible.
+    """
+    C, n = len(d.chargers), k1 - k0
+    parked = cap > 0
+    countdown = d.countdown[:, k0:k1] if d.countdown.size else np.full((C, n), np.nan)
+    required = d.required_soc[:, k0:k1] if d.required_soc.size else np.zeros((C, n))
+    required = np.where(required > 1.0, required / 100.0, required)  # the charger files write percent
+    known = np.isfinite(countdown) & (countdown >= 0)
+    target = (np.clip(np.nan_to_num(required), 0.0, 1.0) + rule.target_offset) * cap
+    power = np.array([c.max_power for c in d.chargers])[:, None] * rule.hours_per_step
+    step_energy = power * rule.efficiency
+    spread = rule.unknown_spread_hours / rule.hours_per_step
+    # draw * eff_factor + e >= rhs, with e = car - gain * draw (energy before the step)
+    eff_factor = np.where(known, rule.efficiency, spread * rule.efficiency)
+    rhs = np.where(known, target - np.clip(np.nan_to_num(countdown), 0.0, 1e4) * step_energy, target)
+    rows = parked & (rhs > 0)
+    if not rows.any():
+        return
+    j, k = np.nonzero(rows)
+    slack = lp.variables((j.size,), 0.0, np.inf, EV_SHORTFALL_PENALTY, name="rule slack", labels=steps[k])
+    lp.constraints([(draw[j, k], eff_factor[j, k] - gain[j, k]), (car[j, k], 1.0), (slack, 1.0)],
+                   lower=rhs[j, k], name="rule floor", labels=steps[k])
 
 
 def _charger_sum_index(charger_cols: np.ndarray, d: District, B: int, n: int) -> np.ndarray:
