@@ -66,12 +66,22 @@ def test_training_leaves_a_trace_of_every_update_pass_and_evaluation(smoke_run):
     updates = [r for r in records if r["kind"] == "update"]
     warmup = [r for r in updates if r["phase"] == "critic_warmup"]
     finetune = [r for r in updates if r["phase"] == "finetune"]
-    assert len(warmup) == 5 and len(finetune) == 2 * 199  # every 10th warm-up update, every fine-tuning update
+    assert len(warmup) == 5  # every 10th warm-up update
+    # Per episode: a critic update at each of the 199 steps, 20 critic refits, 10 actor steps (every 2nd of 20).
+    stages = [r["stage"] for r in finetune]
+    assert (stages.count("collect"), stages.count("critic refit"), stages.count("improve")) == (2 * 199, 2 * 20, 2 * 20)
     assert all({"critic_loss", "td_error", "q", "target"} <= set(r) for r in updates)
     actor_steps = [r for r in finetune if "actor_loss" in r]
-    assert len(actor_steps) == 199 and all({"cloning_loss", "actor_q", "q_scale"} <= set(r) for r in actor_steps)
+    assert len(actor_steps) == 2 * 10 and all(r["stage"] == "improve" for r in actor_steps)
+    assert all({"cloning_loss", "actor_q", "q_scale"} <= set(r) for r in actor_steps)
     assert [r["phase"] for r in records if r["kind"] == "rollout"] == ["teach", "dagger 1", "finetune", "finetune"]
     assert [r["episode"] for r in records if r["kind"] == "evaluation"] == [0, 1, 2]
+    gates = [r for r in records if r["kind"] == "gate"]
+    assert [g["episode"] for g in gates] == [0, 1, 2]  # 0: the clone's score, where fine-tuning starts
+    best = gates[0]["score"]
+    for gate in gates[1:]:  # kept only if better than the best so far; else back to it with half the actor steps
+        assert gate["accepted"] == (gate["score"] < best)
+        best = min(best, gate["score"])
     assert any(r["kind"] == "clone" for r in records)
     picture = CliRunner().invoke(cli, ["plot-training", str(out)])
     assert picture.exit_code == 0 and (out / "training.png").stat().st_size > 10_000

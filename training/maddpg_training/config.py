@@ -53,10 +53,16 @@ class TrainConfig:
     cache_demonstration: bool = True      # keep the teacher's own pass on disk (runs/.cache): seeds share it
 
     # --- MADDPG fine-tuning (TD3-style, centralised critic, n-step returns) --------------------------------------------
+    # Each episode: the actors drive (exploring) while the critic learns every step; then `critic_refit_steps` more
+    # critic updates and `actor_steps` actor updates on that episode's transitions; then a deterministic check on
+    # the training window(s) keeps the new actors only if they score better, else returns to the best and halves
+    # `actor_steps` (a trust region measured in the env, not assumed).
+    actor_steps: int = 1_000
+    critic_refit_steps: int = 2_000
     gamma: float = 0.99
     n_step: int = 12                      # returns over n steps before bootstrapping (peaks answer hours later)
     tau: float = 0.005                    # Polyak rate of the target networks
-    actor_lr: float = 3e-5
+    actor_lr: float = 1e-4
     critic_lr: float = 3e-4
     batch_size: int = 256
     buffer_size: int = 60_000
@@ -68,7 +74,7 @@ class TrainConfig:
     exploration_start: float = 0.05       # Gaussian exploration std (unit action scale), decayed linearly ...
     exploration_end: float = 0.05
     exploration_decay_episodes: int = 4   # ... over this many episodes, then held
-    bc_alpha: float = 0.5                 # TD3+BC: weight of the normalised Q term against cloning the teacher;
+    bc_alpha: float = 0.1                 # TD3+BC: weight of the normalised Q term against cloning the teacher;
                                           # 0 = cloning only (no MADDPG step changes the actors)
     grad_clip: float = 1.0
     preactivation_penalty: float = 0.01   # keeps actors out of tanh saturation (see trainer)

@@ -56,9 +56,13 @@ class ReplayBuffer:
         self.size = min(self.size + 1, self.capacity)
 
     def sample(self, batch_size: int, generator: torch.Generator, *, n_step: int = 1, gamma: float = 0.99,
-               index: torch.Tensor | None = None) -> Batch:
-        """Uniform samples (or those at ``index``) with up to ``n_step``-step returns inside their own episode."""
-        if index is None:
+               index: torch.Tensor | None = None, recent: int | None = None) -> Batch:
+        """Uniform samples (of the ``recent`` newest steps only, or those at ``index``) with up to ``n_step``-step
+        returns inside their own episode."""
+        if index is None and recent is not None:
+            back = torch.randint(0, max(1, min(recent, self.size)), (batch_size,), generator=generator)
+            index = (self._next - 1 - back) % self.capacity
+        elif index is None:
             index = torch.randint(0, self.size, (batch_size,), generator=generator)
         offsets = torch.arange(n_step)
         steps = (index[:, None] + offsets[None, :]) % self.capacity               # [batch, n]

@@ -8,15 +8,19 @@ The run, top to bottom::
     clone        behaviour cloning: each actor fits the teacher's actions from its own building's row only
     DAgger x K   the clone drives (small noise), the teacher labels the states the clone visits, re-clone on all
     critic       n-step TD on the replay with the actors held still; held-out transitions measure its error
-    fine-tune    MADDPG, per env step t (E episodes):
-                     a_t^i = mu_i(o_t^i) + N(0, sigma), then the safety layer     decentralised: actor i sees o^i
-                     r_t   = team reward: the headline KPIs decomposed per step, split into shares (team_reward.py)
-                     critic: y = sum_{j<n} gamma^j r_{t+j} + gamma^n min(Q1', Q2')(o_{t+n}, mu'(o_{t+n}) + eps, g)
-                             minimise (Q_k(o_t, a_t, g_t) - y)^2 per share        centralised: sees every o, a
-                     every `policy_delay` critic updates:
-                         maximise alpha * Q1(o, mu(o), g) / |Q|  -  |mu(o_l) - teacher(o_l)|^2      (TD3+BC)
-                         Polyak-average the targets (rate tau)
-                 a deterministic evaluation after each episode; the best policy is kept as best.pt
+    fine-tune    MADDPG, E episodes of: evaluate the policy with the critic, improve it a little, keep what measures
+                 better (a trust region checked in the env):
+                   collect  a_t^i = mu_i(o_t^i) + N(0, sigma), then the safety layer   decentralised: actor i sees o^i
+                            r_t   = team reward: the headline KPIs decomposed per step, in shares (team_reward.py)
+                            every step a critic update, the actors held still:
+                              y = sum_{j<n} gamma^j r_{t+j} + gamma^n min(Q1', Q2')(o_{t+n}, mu'(o_{t+n}) + eps, g)
+                              minimise (Q_k(o_t, a_t, g_t) - y)^2 per share     centralised: sees every o, a, g
+                   improve  `critic_refit_steps` more critic updates, then `actor_steps` actor updates, on this
+                            episode's transitions (where the critic has just been fitted):
+                              maximise alpha * Q1(o, mu(o), g) / |Q|  -  |mu(o_l) - teacher(o_l)|^2   (TD3+BC)
+                              Polyak-average the targets (rate tau)
+                   check    the actors deterministic on the training window(s): kept if their mean headline KPI is
+                            lower than the best so far (EV service held), else back to the best, half the steps
 
 Episode ends are time limits, not terminal states: targets always bootstrap. Every update, pass, critic check and
 evaluation is written to ``metrics.jsonl`` (``trace.py``).
@@ -57,6 +61,8 @@ from .trace import TrainingTrace
 
 log = logging.getLogger(__name__)
 
+# A fine-tuned policy is kept only if it still sends this share of the cars away charged (the issue's bar).
+EV_SERVICE_BAR = 0.95
 BC_TARGET_LIMIT = 0.98  # tanh actors cannot reach +-1: cloning a full-power action aims just inside it
 TEACHER_CACHE_VERSION = 1
 
@@ -175,6 +181,13 @@ class MADDPG:
             inputs = self.policy.actor_inputs(observations[i:i + 1024])
             out.append(self.critic(inputs, actions[i:i + 1024], state[i:i + 1024])[0].sum(-1))
         return torch.cat(out)
+
+    def restore_actors(self, state: dict) -> None:
+        """Back to earlier actors (a rejected improvement): targets follow, and the actor optimiser starts afresh so
+        that no momentum of the rejected direction carries over."""
+        self.actors.load_state_dict(state)
+        self.target_actors.load_state_dict(state)
+        self.actor_optimizer = torch.optim.Adam(self.actors.parameters(), lr=self.config.actor_lr)
 
     def state_dict(self) -> dict:
         return {"critic": self.critic.state_dict(), "target_actors": self.target_actors.state_dict(),
@@ -295,6 +308,7 @@ class Progress:
     learning_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
     teaching: dict | None = None
+    gate: dict | None = None          # fine-tuning's trust region: best training-window score, its episode, steps
     best_score: float = math.inf
     best_episode: int | None = None
 
@@ -373,15 +387,17 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
                      "generator": generator.get_state(), "config": config.to_dict()},
         ))
 
-    def evaluate(episode: int, phase: str) -> dict:
-        """The current policy, deterministic, on the evaluation window; the best so far is kept as best.pt."""
+    def evaluate(episode: int, phase: str, result: Pass | None = None) -> dict:
+        """The current policy, deterministic, on the evaluation window (``result``: that pass, when it was just
+        made by the fine-tuning check); the best so far is kept as best.pt."""
         nonlocal evaluation_window
         if evaluation_window is None:
             say(f"evaluation window {evaluation.start}..{evaluation.end}: a pass without storage for its baseline")
             evaluation_window = _window(evaluation, warmup(evaluation, progress=progress), layout, config,
                                         teacher=False)
-        result = rollout(evaluation_window, lambda raw: learner.act(raw), driver="evaluation", record=True,
-                         progress=progress)
+        if result is None:
+            result = rollout(evaluation_window, lambda raw: learner.act(raw), driver="evaluation", record=True,
+                             progress=progress)
         score = headline_score(result.kpis)
         check = critic_check(learner, result, config.gamma)
         trace.write("evaluation", episode=episode, phase=phase, **result.summary())
@@ -442,22 +458,44 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
             labelled.extend(*result.labels)
 
     # --- MADDPG fine-tuning ----------------------------------------------------------------------------------------
+    # With one training window that is also the evaluation window, the check's pass is the evaluation's.
+    same_window = len(windows) == 1 and evaluation_window is windows[0]
+    if state.gate is None:
+        start_score = (headline_score(state.teaching["evaluation_kpis"]) if same_window
+                       else gate_check(windows, learner, progress)[0]["score"])
+        state.gate = {"best_score": start_score, "best_episode": 0, "actor_steps": config.actor_steps}
+        trace.write("gate", episode=0, accepted=True, best_episode=0, next_actor_steps=config.actor_steps,
+                    score=start_score)
+        say(f"fine-tuning starts from the clone's training-window score {state.gate['best_score']:.4f}")
+    best_actors = copy.deepcopy(learner.actors.state_dict())
     for episode in range(state.episodes_done, config.episodes):
         window = windows[episode % len(windows)]
         std = config.exploration_std(episode)
         result, learning_seconds = finetune_episode(window, learner, buffer, labelled, state, trace, generator,
-                                                    episode=episode, std=std, progress=progress)
+                                                    episode=episode, std=std, actor_steps=state.gate["actor_steps"],
+                                                    progress=progress)
+        check, passes = gate_check(windows, learner, progress)
+        accepted = check["score"] < state.gate["best_score"] and check["ev_departures_acceptable"] >= EV_SERVICE_BAR
+        if accepted:
+            state.gate.update(best_score=check["score"], best_episode=episode + 1)
+            best_actors = copy.deepcopy(learner.actors.state_dict())
+        else:
+            learner.restore_actors(best_actors)
+            state.gate["actor_steps"] = max(1, state.gate["actor_steps"] // 2)
+        trace.write("gate", episode=episode + 1, accepted=accepted, best_episode=state.gate["best_episode"],
+                    next_actor_steps=state.gate["actor_steps"], **check)
         record = {"episode": episode + 1, "window": window.label, "exploration_std": std,
-                  "learning_seconds": learning_seconds, **result.summary()}
+                  "learning_seconds": learning_seconds, "gate": {"accepted": accepted, **check}, **result.summary()}
         trace.write("rollout", phase="finetune", **record)
         if evaluate_every and (episode + 1) % evaluate_every == 0:
-            record.update(evaluate(episode + 1, f"episode {episode + 1}"))
+            record.update(evaluate(episode + 1, f"episode {episode + 1}",
+                                   result=passes[0] if accepted and same_window else None))
         state.history.append(record)
         state.episodes_done = episode + 1
         state.seconds += result.seconds
         state.learning_seconds += learning_seconds
-        say(f"episode {episode + 1}: team return {result.team_return:.1f}, exploring: "
-            + _kpi_line(result.kpis, result.service))
+        say(f"episode {episode + 1}: team return {result.team_return:.1f} exploring; training-window score "
+            f"{check['score']:.4f} -> {'kept' if accepted else 'back to episode ' + str(state.gate['best_episode'])}")
         write("last.pt", {"trained": True, "episode": episode + 1})
 
     final_evaluation = state.history[-1] if state.history and "evaluation_kpis" in state.history[-1] else None
@@ -531,9 +569,9 @@ def teacher_pass(window: Window, learner: MADDPG, buffer: ReplayBuffer, heldout:
 
 def finetune_episode(window: Window, learner: MADDPG, buffer: ReplayBuffer, labelled: LabelledStates,
                      state: Progress, trace: TrainingTrace, generator: torch.Generator, *, episode: int, std: float,
-                     progress: bool) -> tuple[Pass, float]:
-    """One MADDPG episode: the actors drive with exploration; a critic update (and every `policy_delay` an actor
-    update) after every `update_every` env steps. Returns the pass and the seconds spent learning."""
+                     actor_steps: int, progress: bool) -> tuple[Pass, float]:
+    """Collect (the actors explore, the critic learns every step), then improve (critic refit, then `actor_steps`
+    actor updates on this episode's transitions). Returns the pass and the seconds spent learning."""
     config = learner.config
     learning_seconds = 0.0
 
@@ -541,19 +579,38 @@ def finetune_episode(window: Window, learner: MADDPG, buffer: ReplayBuffer, labe
         state.env_steps += 1
         return learner.act(raw, std, generator)
 
-    def learn() -> None:
+    def learn(recent: int | None = None, train_actors: bool = False, phase: str = "collect") -> None:
         nonlocal learning_seconds
-        if len(buffer) < config.batch_size or state.env_steps % config.update_every:
-            return
         tick = time.perf_counter()
-        stats = learner.update(buffer.sample(config.batch_size, generator, n_step=config.n_step, gamma=config.gamma),
-                               labelled, generator=generator)
+        stats = learner.update(buffer.sample(config.batch_size, generator, n_step=config.n_step, gamma=config.gamma,
+                                             recent=recent), labelled, train_actors=train_actors, generator=generator)
         learning_seconds += time.perf_counter() - tick
-        trace.write("update", phase="finetune", episode=episode + 1, update=learner.updates, **stats)
+        trace.write("update", phase="finetune", stage=phase, episode=episode + 1, update=learner.updates, **stats)
+
+    def collect_step() -> None:
+        if len(buffer) >= config.batch_size and state.env_steps % config.update_every == 0:
+            learn()
 
     result = rollout(window, drive, driver=f"episode {episode + 1}/{config.episodes}", episode=1000 + episode,
-                     buffer=buffer, on_step=learn, progress=progress)
+                     buffer=buffer, on_step=collect_step, progress=progress)
+    for _ in trange(config.critic_refit_steps, desc="critic refit", unit="update", disable=not progress, leave=False):
+        learn(recent=result.steps, phase="critic refit")
+    for _ in trange(actor_steps * config.policy_delay, desc="actor steps", unit="update", disable=not progress,
+                    leave=False):
+        learn(recent=result.steps, train_actors=True, phase="improve")
     return result, learning_seconds
+
+
+def gate_check(windows: list[Window], learner: MADDPG, progress: bool) -> tuple[dict, list[Pass]]:
+    """The actors, deterministic, on every training window: the step-weighted mean headline score, EV service,
+    and the passes themselves."""
+    passes = [rollout(w, lambda raw: learner.act(raw), driver="check", record=True, progress=progress)
+              for w in windows]
+    steps = sum(p.steps for p in passes)
+    check = {"score": sum(headline_score(p.kpis) * p.steps for p in passes) / steps,
+             "ev_departures_acceptable": min(p.service["ev_departures_acceptable"] for p in passes),
+             "kpis": passes[0].kpis if len(passes) == 1 else {w.label: p.kpis for w, p in zip(windows, passes)}}
+    return check, passes
 
 
 def heldout_check(learner: MADDPG, heldout: ReplayBuffer, config: TrainConfig, generator: torch.Generator) -> dict:
