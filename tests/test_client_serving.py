@@ -26,7 +26,7 @@ from maddpg_client import (
     scrape,
 )
 from maddpg_client.triton_policy import classify_error
-from maddpg_serving.local_triton import free_port
+from maddpg_serving.processes import reserve_ports
 
 pytestmark = [pytest.mark.triton, pytest.mark.citylearn]
 MODEL = "maddpg_ctde"
@@ -133,7 +133,7 @@ def test_non_finite_observations_can_be_left_to_the_model_to_sanitise(triton_ser
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_a_stopped_server_raises_unavailable_after_bounded_retries(protocol):
-    policy = TritonPolicy(f"127.0.0.1:{free_port()}", protocol=protocol, retry=RetryPolicy(attempts=2, backoff_s=0.01))
+    policy = TritonPolicy(f"127.0.0.1:{reserve_ports(1)[0]}", protocol=protocol, retry=RetryPolicy(attempts=2, backoff_s=0.01))
     with pytest.raises(PolicyUnavailableError, match="is tritonserver running"):
         _ = policy.layout
     assert policy.is_ready() is False
