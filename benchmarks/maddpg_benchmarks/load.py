@@ -35,6 +35,17 @@ CLIENTS = ("asyncio-raw", "tritonclient-aio", "tritonclient-threads")
 DEFAULT_CLIENT = "asyncio-raw"
 # A request with no answer after this long is counted as an error (and the level stops waiting for it).
 REQUEST_TIMEOUT_S = 10.0
+# An answer that took this much longer than its row's median is a stall, counted apart: Triton 2.51's dynamic
+# batcher, when it misses a wake-up, holds a request for its 500 ms timeout on top of whatever the request costs
+# (docs/benchmarks.md). Relative to the median, so that big batches that are slow for good reason do not count.
+STALL_MS = 400.0
+
+
+def count_stalls(latencies_ns: np.ndarray) -> int:
+    """Answers slower than the median of ``latencies_ns`` by more than ``STALL_MS``."""
+    if latencies_ns.size == 0:
+        return 0
+    return int((latencies_ns > np.median(latencies_ns) + STALL_MS * 1e6).sum())
 # Triton updates its counters after the answer has left: give them this long before the closing snapshot.
 METRICS_SETTLE_S = 0.1
 
@@ -69,6 +80,7 @@ class LevelResult:
     mean_ms: float
     max_ms: float
     client_cpu_cores: float      # CPU time of this process / wall time (the load generator's share of the cores)
+    stalled: int = 0             # answers slower than the median by more than STALL_MS (count_stalls)
     server_cpu_cores: float | None = None
     warmup_errors: int = 0
     error_kinds: dict[str, int] = field(default_factory=dict)
@@ -407,6 +419,7 @@ def summarise(name: str, level: Level, payload: Payload, measurements: list[Meas
         requests=int(latencies.size), errors=int(sum(errors.values())),
         seconds=float(sum(m.seconds for m in measurements)), **latency_summary(latencies),
         client_cpu_cores=sum(m.client_cpu_s for m in measurements) / span,
+        stalled=count_stalls(latencies),
         server_cpu_cores=None if None in server or not server else sum(server) / span,
         warmup_errors=sum(m.warmup_errors for m in measurements), error_kinds=dict(errors),
         first_error=next((m.first_error for m in measurements if m.first_error), None), client=client,
