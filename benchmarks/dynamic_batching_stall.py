@@ -203,12 +203,12 @@ def _row(backend: str, case: Case, concurrency: int, measurement) -> dict:
 def table(rows: list[dict]) -> str:
     from maddpg_benchmarks.load import STALL_MS
 
-    lines = [f"| Backend | Config | Concurrency | Requests | Stalled (p50 + {STALL_MS:g} ms) | Max ms | p99 ms | "
-             "Avg batch |", "|---|---|--:|--:|--:|--:|--:|--:|"]
+    lines = [f"| Backend | Config | Concurrency | Requests | Stalled (p50 + {STALL_MS:g} ms) | Errors | Max ms | "
+             "p99 ms | Avg batch |", "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         batch = "-" if r["average_batch_size"] is None else f"{r['average_batch_size']:.2f}"
         lines.append(f"| {r['backend']} | {r['config']} | {r['concurrency']} | {r['requests']:,} | {r['stalled']} | "
-                     f"{r['max_ms']:.1f} | {r['p99_ms']:.2f} | {batch} |")
+                     f"{r['errors']} | {r['max_ms']:.1f} | {r['p99_ms']:.2f} | {batch} |")
     return "\n".join(lines)
 
 
@@ -237,7 +237,8 @@ def page(data: dict) -> str:
         f"{' / '.join(f'{v:.2f}' for v in data['loadavg_end'])} at the end; 1 / 5 / 15 min). Closed-loop callers "
         f"(each sends its next request when its answer arrives), {data['requests']:,} requests per row, against the "
         f"tritonserver 2.51 bundled in nvidia-pytriton serving {model}. A request is stalled when it was answered "
-        f"more than {data['stall_ms']:g} ms later than its row's median. Why it happens and what the served configs "
+        f"more than {data['stall_ms']:g} ms later than its row's median; *Errors* are requests the queue policy "
+        "rejected after waiting its 1 s timeout. Why it happens and what the served configs "
         "do about it: [benchmarks.md, The 500 ms stall](benchmarks.md#the-500-ms-stall); the cases are described in "
         "`benchmarks/dynamic_batching_stall.py`.",
         "",

@@ -550,7 +550,7 @@ def stall_section(data: dict[str, Any]) -> list[str]:
              "With `dynamic_batching` and a queue policy (a timeout, a timeout override or a queue bound; the configs "
              "had all three: `default_timeout_microseconds: 1000000`, `allow_timeout_override: true`, "
              "`max_queue_size: 4096`), Triton 2.51 now and then leaves a request in its queue for about 500 ms, "
-             "with both backends, one or two instances, at concurrency 1 as at 64."]
+             "with both backends and with one instance or two."]
     if group and group["variants"]:
         parts = []
         for v in group["variants"]:
