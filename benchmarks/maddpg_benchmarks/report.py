@@ -465,8 +465,9 @@ def limits(data: dict[str, Any]) -> list[str]:
                 f"{t['compute_us_per_request'] / 1000:.3f} ms in the model's execution and "
                 f"{t['queue_us_per_request'] / 1000:.3f} ms queued. The same graph in process takes "
                 f"{floor['p50_ms']:.3f} ms (p50) called back to back"
-                + (f" and {paced['p50_ms']:.3f} ms at the served pace (its weights, "
-                   f"{_weights_mib(data):.1f} MiB, partly leave the cache while the model idles)" if paced else "")
+                + (f" and {paced['p50_ms']:.3f} ms at the served pace" if paced else "")
+                + (f" (its weights, {_weights_mib(data):.1f} MiB, partly leave the cache while the model idles)"
+                   if paced and paced["p50_ms"] > floor["p50_ms"] else "")
                 + ". ")
         if backend == "onnxruntime":
             line += ("Triton's onnxruntime backend runs the graph inside the server process; the rest of the round "
@@ -501,8 +502,8 @@ def limits(data: dict[str, Any]) -> list[str]:
             f"{http16['server_cpu_cores']:.2f} cores, the load generator {http16['client_cpu_cores']:.2f}, and the "
             f"rest went to other processes (*Background load* below). The seed-style server is one Python process and "
             f"cannot use more than one core ({seed16['server_cpu_cores']:.2f} here); Triton's "
-            f"{settings['instances']} instance(s) can use {min(settings['instances'], cores)} of the {cores}, so on an "
-            f"otherwise idle machine the ratio would grow with the cores Triton gets, not measured here.")
+            f"{settings['instances']} instance(s) can run on {min(settings['instances'], cores)} of the {cores} cores, "
+            f"so on an otherwise idle machine the ratio would grow with the cores Triton gets, not measured here.")
     stalled = [r for r in results if r["target"].startswith("triton") and r.get("stalled")]
     if stalled:
         out.append(
@@ -581,8 +582,9 @@ def stall_section(data: dict[str, Any]) -> list[str]:
         "does not change that wait; preferred batch sizes make the batcher hit it more often.",
         "",
         "What the configs do: no queue policy (`ServingSettings.queue_timeout_us = 0`, `max_queue_size = 0`; "
-        "`dynamic_batching { }` keeps batching on, and the batcher never waits for a free instance), in "
-        "`config.pbtxt`, `configs/cpu.pbtxt` and `configs/local.pbtxt` alike"
+        "`dynamic_batching { }` keeps batching on; with prefetching the batcher only checks how many batches are "
+        "queued, at most two per instance, and is signalled after an instance has taken one, so no wake-up is "
+        "lost), in `config.pbtxt`, `configs/cpu.pbtxt` and `configs/local.pbtxt` alike"
         + _batching_words(results)
         + ". What it gives up: Triton no longer rejects requests that waited over a second or a queue over 4096; "
         "clients keep their own timeouts (`TritonPolicy(timeout=...)`), and the production overlay scales out on "
