@@ -8,6 +8,7 @@ with these configs of the same model:
     queue-policy+delay     the same with max_queue_delay_microseconds: 100
     queue-policy+preferred the same with preferred_batch_size: [4]
     no-queue-policy        dynamic_batching { }
+    no-queue-policy+delay  dynamic_batching { max_queue_delay_microseconds: 100 }   (what the served configs use)
     no-dynamic-batching    no dynamic_batching at all
 
 each with 1 and 2 instances, on the onnxruntime backend (built by ``make setup``) and the python backend. A request
@@ -88,7 +89,8 @@ def _no_batching(config) -> None:
 CASES = [Case(f"{name}, {n} instance{'s' if n > 1 else ''}", n, change)
          for name, change in (("queue-policy", _queue_policy), ("queue-policy+delay", _with(_queue_policy, _delay)),
                               ("queue-policy+preferred", _with(_queue_policy, _preferred)),
-                              ("no-queue-policy", lambda config: None), ("no-dynamic-batching", _no_batching))
+                              ("no-queue-policy", lambda config: None), ("no-queue-policy+delay", _delay),
+                              ("no-dynamic-batching", _no_batching))
          for n in (1, 2)]
 
 
@@ -152,16 +154,17 @@ def shipped_repository(root: Path, backend: str, case: Case, source: Path) -> Pa
     return root
 
 
-def run(backends, levels, requests: int, model: str, source: Path, progress: bool) -> list[dict]:
+def run(backends, levels, requests: int, model: str, source: Path, progress: bool,
+        cases: list[Case] = CASES) -> list[dict]:
     from tqdm.auto import tqdm
 
     from maddpg_benchmarks.load import Level, Payload, Target, measure
     from maddpg_serving.local_triton import LocalTritonServer, free_ports
 
     rows = []
-    bar = tqdm(total=len(backends) * len(CASES) * len(levels), unit="level", disable=not progress)
+    bar = tqdm(total=len(backends) * len(cases) * len(levels), unit="level", disable=not progress)
     for backend in backends:
-        for case in CASES:
+        for case in cases:
             with tempfile.TemporaryDirectory(prefix="stall-repro-") as workdir:
                 if model == "tiny":
                     repository, name = tiny_repository(Path(workdir), backend, case), MODEL
@@ -207,7 +210,7 @@ def table(rows: list[dict]) -> str:
              "p99 ms | Avg batch |", "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         batch = "-" if r["average_batch_size"] is None else f"{r['average_batch_size']:.2f}"
-        lines.append(f"| {r['backend']} | {r['config']} | {r['concurrency']} | {r['requests']:,} | {r['stalled']} | "
+        lines.append(f"| {r['backend']} | {r['config']} | {r['concurrency']} | {r['requests']:,} | {'-' if r['stalled'] is None else r['stalled']} | "
                      f"{r['errors']} | {r['max_ms']:.1f} | {r['p99_ms']:.2f} | {batch} |")
     return "\n".join(lines)
 
@@ -217,7 +220,7 @@ def totals(rows: list[dict]) -> dict[str, tuple[int, int]]:
     found: dict[str, tuple[int, int]] = {}
     for r in rows:
         stalled, requests = found.get(r["config"], (0, 0))
-        found[r["config"]] = (stalled + r["stalled"], requests + r["requests"])
+        found[r["config"]] = (stalled + (r["stalled"] or 0), requests + r["requests"])
     return found
 
 
@@ -265,6 +268,8 @@ def main() -> None:
     parser.add_argument("--repository", type=Path, default=Path("model_repository"), help="for --model shipped")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="also write DIR/dynamic-batching-stall.md and .json")
+    parser.add_argument("--configs", default=None, metavar="NAME,NAME",
+                        help="only these configs (e.g. no-queue-policy+delay); default: all")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
 
@@ -276,7 +281,8 @@ def main() -> None:
     levels = tuple(int(v) for v in args.levels.split(","))
     started = time.time()
     load = os.getloadavg()
-    rows = run(backends, levels, args.requests, args.model, args.repository, not args.no_progress)
+    chosen = [c for c in CASES if args.configs is None or c.name.split(",")[0] in args.configs.split(",")]
+    rows = run(backends, levels, args.requests, args.model, args.repository, not args.no_progress, chosen)
     from maddpg_benchmarks.load import STALL_MS
 
     command = " ".join(["python", *sys.argv])

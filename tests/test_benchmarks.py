@@ -110,7 +110,7 @@ def test_goals_are_computed_from_the_run(run):
     assert latency["met"] == (latency["ratio"] <= 4)
     tight = find_result(run, "onnxruntime-inprocess", 1, 1)
     assert goals["latency_c1_back_to_back"]["ratio"] == pytest.approx(http["p50_ms"] / tight["p50_ms"])
-    stalled = sum(r["stalled"] for r in run["results"] if r["target"] in ("triton-http", "triton-grpc"))
+    stalled = sum(r["stalled"] or 0 for r in run["results"] if r["target"] in ("triton-http", "triton-grpc"))
     assert goals["no_stalls"]["met"] == (stalled == 0) and goals["no_stalls"]["measured"].startswith(f"{stalled} of ")
     batched = goals["batched_http"]
     assert batched["ratio"] > 1  # 64 districts per request beat one per request on any machine
@@ -159,14 +159,15 @@ def fake_results(p50_ms: float, requests_per_s: float, decisions_per_s: float) -
             result(16, 64, int(decisions_per_s / 64 / 17), 1.0)]
 
 
-@pytest.mark.parametrize(("median_ms", "stalled"), [(0.5, 2), (150.0, 0)])
+@pytest.mark.parametrize(("median_ms", "stalled"), [(0.5, 2), (50.0, 0), (150.0, None)])
 def test_stalls_are_answers_far_slower_than_their_rows_median(median_ms, stalled):
     from maddpg_benchmarks.load import STALL_MS, Measurement, summarise
 
     # Many answers at the median, one just inside the threshold, two 500 ms stalls on top of the median.
     latencies_ms = [median_ms] * 20 + [median_ms + STALL_MS - 1, 0.9 * median_ms + 500, median_ms + 501]
-    if median_ms > 100:  # a slow row (big batches at high concurrency): its slowest answers are no stalls
-        latencies_ms = [median_ms] * 20 + [3 * median_ms, 3.3 * median_ms, 3.6 * median_ms]  # over 400 ms, not stalls
+    if median_ms == 50:  # a loaded row: a tail of its own, over 400 ms but within 400 ms of the median
+        latencies_ms = [median_ms] * 20 + [250, 420, 440]
+    # median 150 ms: overloaded on purpose, a stall would not stand out from the tail, so none is counted (None)
     measurement = Measurement(np.asarray([int(v * 1e6) for v in latencies_ms], np.int64), seconds=1.0, span_s=1.0,
                               client_cpu_s=0.1)
     result = summarise("triton-http", Level(1), Payload(np.zeros((1, 17, 52), np.float32)), [measurement])

@@ -199,7 +199,7 @@ def results_table(results: list[dict], stall_ms: float) -> list[str]:
         lines.append(
             f"| {LABELS.get(r['target'], r['target'])} | {r['config']} | {r['districts']} | {r['concurrency']} | "
             f"{_f(r['requests_per_s'], 0)} | {_f(r['decisions_per_s'], 0)} | {_f(r['p50_ms'], 3)} | "
-            f"{_f(r['p95_ms'], 3)} | {_f(r['p99_ms'], 3)} | {_f(r['max_ms'], 1)} | {r.get('stalled', 0)} | "
+            f"{_f(r['p95_ms'], 3)} | {_f(r['p99_ms'], 3)} | {_f(r['max_ms'], 1)} | {_stall_cell(r)} | "
             f"{r['errors']} | {_f(triton.get('average_batch_size'), 1)} | {_f(r['client_cpu_cores'])} | "
             f"{_f(r.get('server_cpu_cores'))} |")
     return lines
@@ -217,7 +217,11 @@ def goals_table(goals: list[dict]) -> list[str]:
 
 
 def _stalls(variant: dict) -> int:
-    return sum(r.get("stalled", 0) for r in variant["results"])
+    return sum(r.get("stalled") or 0 for r in variant["results"])
+
+
+def _stall_cell(result: dict) -> str:
+    return "-" if result.get("stalled") is None else str(result["stalled"])
 
 
 def tuning_section(group: dict, stall_ms: float) -> list[str]:
@@ -387,7 +391,8 @@ def markdown(data: dict[str, Any], plot_name: str = "benchmarks.png") -> str:
         "action count, in [-1, 1]); every later answer by status and size. Wrong answers count as errors.",
         f"- **Stalls**: answers slower than their row's median by more than {stall_ms:g} ms, counted per row "
         "(*Stalled*): Triton's 500 ms wait on top of whatever the request costs, while big batches that are slow "
-        "for good reason do not count; *Max ms* is the slowest answer of the row.",
+        f"for good reason do not count. A row whose median is above {_detectable_ms():g} ms (overloaded on purpose) "
+        "has a tail as wide as a stall and is not counted (-); *Max ms* is the slowest answer of the row.",
         "- **Triton's batching**: `nv_inference_count / nv_inference_exec_count` differences between metrics "
         "snapshots taken just outside each window (rows per model execution; with 64 districts per request it "
         "counts rows, so 64 means no merging).",
@@ -504,7 +509,7 @@ def limits(data: dict[str, Any]) -> list[str]:
             f"cannot use more than one core ({seed16['server_cpu_cores']:.2f} here); Triton's "
             f"{settings['instances']} instance(s) can run on {min(settings['instances'], cores)} of the {cores} cores, "
             f"so on an otherwise idle machine the ratio would grow with the cores Triton gets, not measured here.")
-    stalled = [r for r in results if r["target"].startswith("triton") and r.get("stalled")]
+    stalled = [r for r in results if r["target"].startswith("triton") and (r.get("stalled") or 0)]
     if stalled:
         out.append(
             f"- **Stalls**: {sum(r['stalled'] for r in stalled)} request(s) in {len(stalled)} Triton row(s) took "
@@ -556,13 +561,14 @@ def stall_section(data: dict[str, Any]) -> list[str]:
         parts = []
         for v in group["variants"]:
             levels = ", ".join(f"c{r['concurrency']}{' x ' + str(r['districts']) + ' districts' if r['districts'] > 1 else ''}: "
-                               f"{r.get('stalled', 0)} of {r['requests']:,}" for r in v["results"])
+                               f"{_stall_cell(r)} of {r['requests']:,}" for r in v["results"])
             parts.append(f"{v['label']}: {levels}")
         lines[-1] += f" In this run (the queue-policy group under Tuning, {data.get('backend')} backend): " + \
             "; ".join(parts) + "."
     if triton:
-        lines[-1] += (f" In the comparison, with the served configs: {sum(r.get('stalled', 0) for r in triton)} of "
-                      f"{sum(r['requests'] for r in triton):,} Triton requests took more than {stall_ms:g} ms longer "
+        counted = [r for r in triton if r.get("stalled") is not None]
+        lines[-1] += (f" In the comparison, with the served configs: {sum(r['stalled'] for r in counted)} of "
+                      f"{sum(r['requests'] for r in counted):,} Triton requests took more than {stall_ms:g} ms longer "
                       f"than their row's median.")
     lines += [
         "",
@@ -602,6 +608,12 @@ def _batching_words(results: list[dict]) -> str:
     return ("; under load Triton still merges requests: " + ", ".join(
         f"{r['triton']['average_batch_size']:.1f} rows per execution at concurrency {r['concurrency']}"
         for r in sorted(loaded, key=lambda r: r["concurrency"])) + " (HTTP, this run)")
+
+
+def _detectable_ms() -> float:
+    from .load import STALL_DETECTABLE_MEDIAN_MS
+
+    return STALL_DETECTABLE_MEDIAN_MS
 
 
 def _loadavg(values) -> str:

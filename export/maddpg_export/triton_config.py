@@ -31,11 +31,11 @@ class ServingSettings:
     """Knobs of the served model. Defaults were chosen from the benchmarks in ``docs/benchmarks.md``."""
 
     max_batch_size: int = 4096
-    # Dynamic batching: how long the first request of a batch may wait for company, and the queue bound.
-    # 0: requests that queue while every instance is busy are still merged (average batch ~3-7 at concurrency 16),
-    # but a lone request is not held back; 100-500 us cost every request at concurrency 1 that much and bought no
-    # throughput here (docs/benchmarks.md). A GPU deployment with expensive executions may want to raise it.
-    max_queue_delay_us: int = 0
+    # Dynamic batching: how long the first request of a batch may wait for company. Without a queue policy (below)
+    # the batcher hands each batch to an instance's queue at once (prefetching), so with no delay requests that
+    # arrive under load are seldom merged; 100 us merges them again for about that much extra latency at
+    # concurrency 1 (0, 100, 200 and 500 us are measured against each other in docs/benchmarks.md, Tuning).
+    max_queue_delay_us: int = 100
     # A queue policy (reject after a timeout, bound the queue) is off by default, on purpose: in Triton 2.51 any
     # non-default queue policy turns off the batcher's payload prefetching, and then a request now and then waits
     # ~500 ms for a wake-up that never comes (measured with both backends, at concurrency 1 to 64, 1 or 2 instances;
