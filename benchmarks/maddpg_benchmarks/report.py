@@ -568,8 +568,16 @@ def stall_section(data: dict[str, Any]) -> list[str]:
     if triton:
         counted = [r for r in triton if r.get("stalled") is not None]
         lines[-1] += (f" In the comparison, with the served configs: {sum(r['stalled'] for r in counted)} of "
-                      f"{sum(r['requests'] for r in counted):,} Triton requests took more than {stall_ms:g} ms longer "
-                      f"than their row's median.")
+                      f"{sum(r['requests'] for r in counted):,} Triton requests (both backends) took more than "
+                      f"{stall_ms:g} ms longer than their row's median.")
+    slow = _slow_rows(data)
+    if slow:
+        lines += ["", "Every row of this run with answers that late, and whether Triton's queue held requests long "
+                  "enough to account for them (its queue time over the window against the stalls x "
+                  f"{stall_ms:g} ms; where it does not, the delay was outside Triton's queue, e.g. the server or the "
+                  "load generator waiting for a core):", "",
+                  "| Where | Variant | Level | Stalled | Requests | Queue time, s | Stalls x "
+                  f"{stall_ms:g} ms, s | Triton's queue time covers them |", "|---|---|---|--:|--:|--:|--:|---|", *slow]
     lines += [
         "",
         "How often, for which configs, concurrency levels and backends, on a one-node model and on the shipped one: "
@@ -598,6 +606,25 @@ def stall_section(data: dict[str, Any]) -> list[str]:
         "",
     ]
     return lines
+
+
+def _slow_rows(data: dict[str, Any]) -> list[str]:
+    stall_ms = data.get("stall_ms", 400.0)
+    found = [("comparison", LABELS.get(r["target"], r["target"]), r) for r in data["results"]]
+    for group in data["tuning"]:
+        for variant in group["variants"]:
+            found += [(f"tuning: {group['knob']}", variant["label"], r) for r in variant["results"]]
+    rows = []
+    for where, label, r in found:
+        triton = r.get("triton") or {}
+        if not (r.get("stalled") or 0) or "queue_us_per_request" not in triton:
+            continue
+        queue_s = triton["queue_us_per_request"] * r["requests"] / 1e6
+        needed_s = r["stalled"] * stall_ms / 1000
+        level = f"c{r['concurrency']} x {r['districts']}"
+        rows.append(f"| {where} | {label} | {level} | {r['stalled']} | {r['requests']:,} | {queue_s:.1f} | "
+                    f"{needed_s:.1f} | {'yes' if queue_s >= needed_s else 'no'} |")
+    return rows
 
 
 def _batching_words(results: list[dict]) -> str:
