@@ -22,9 +22,9 @@ ifneq ($(wildcard $(SHARED_TRITON_SOURCES)),)
 export MADDPG_TRITON_SOURCES ?= $(SHARED_TRITON_SOURCES)
 endif
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean promtool
 
-setup: $(STAMP)
+setup: $(STAMP) promtool
 	# Triton's onnxruntime backend for the bundled tritonserver (~1 min the first time; nothing when current).
 	$(BIN)/python -m maddpg_serving.onnxruntime_backend build
 
@@ -37,6 +37,22 @@ $(STAMP): pyproject.toml
 	# citylearn's declared dependencies (openstudio, doe_xstock, torchvision) are not needed to run the env.
 	$(BIN)/python -m pip install --no-deps "citylearn==3.0.2"
 	touch $(STAMP)
+
+# promtool checks and unit-tests the alerting rules (tests/test_k8s_monitoring.py). It is not on PyPI: Debian's
+# `prometheus` package ships it. Installed with apt-get as root or through sudo; elsewhere setup stops and says so.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    if [ "$$(id -u)" -eq 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else SUDO="none"; fi; \
+	    if [ "$$SUDO" != "none" ]; then \
+	      echo "installing promtool (Debian package prometheus) ..."; \
+	      $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	        --no-install-recommends prometheus >/dev/null || true; \
+	    fi; \
+	  fi; \
+	  command -v promtool >/dev/null 2>&1 || { \
+	    echo "make setup: promtool is missing and could not be installed: install Debian's prometheus package (apt-get install prometheus) or put a promtool binary on PATH, then run make again" >&2; \
+	    exit 1; }; }
 
 demo: setup
 	$(BIN)/maddpg-citylearn evaluate --serve model_repository --start 0 --end 719 --out reports/demo

@@ -2,8 +2,8 @@
 
 Measures, on the same env window:
   1. the env alone (zero actions),
-  2. training without learning (acting, team reward, replay; the update threshold is never reached),
-  3. training with learning (one critic update per step, an actor update every second one),
+  2. a fine-tuning episode without learning (acting, safety layer, team reward, replay; no update),
+  3. a fine-tuning episode with learning (one critic update per step, an actor update every second one),
 and, outside the env, the cost of one learning update with the stacked networks this project uses against the
 seed project's layout (17 separate critics and a Python loop of 17 actor updates).
 
@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from maddpg_evaluation.citylearn_env import CityLearnAdapter, EnvSpec, layout_from_env
-from maddpg_training.bootstrap import rollout_observations, zero_controller
+from maddpg_training.bootstrap import no_storage_controller, rollout_observations
 from maddpg_training.config import TrainConfig
 from maddpg_training.networks import ActorSpec, PolicyNetwork
 from maddpg_training.replay import ReplayBuffer
+from maddpg_training.team_reward import STATE_WIDTH
 from maddpg_training.trainer import MADDPG, train
 
 
@@ -37,18 +38,22 @@ def env_only(spec: EnvSpec) -> float:
     env = spec.build()
     layout = layout_from_env(env)
     started = time.perf_counter()
-    rollout_observations(env, CityLearnAdapter(layout, env), zero_controller(layout))
+    rollout_observations(env, CityLearnAdapter(layout, env), no_storage_controller(layout))
     return (env.time_steps - 1) / (time.perf_counter() - started)
 
 
 def training_rate(spec: EnvSpec, learning: bool, out: Path) -> float:
+    """Env steps per second of one fine-tuning episode (acting, safety layer, team reward, replay, and with
+    ``learning`` one critic update per step and an actor update every second one). The rule teacher and tiny teacher
+    phases keep the rest short; they are not what is measured."""
     steps = spec.end - spec.start
-    # No demonstration pass: this measures the steady state of an episode (acting, reward, replay, updates).
-    config = TrainConfig(dataset=spec.schema, start=spec.start, end=spec.end, episodes=1, demonstration=False,
-                         learning_starts=256 if learning else steps + 1, update_every=1)
+    config = TrainConfig(dataset=spec.schema, start=spec.start, end=spec.end, episodes=1, teacher="rule",
+                         dagger_rounds=0, clone_steps=10, critic_warmup_steps=10,
+                         update_every=1 if learning else steps + 1)
     evaluation = EnvSpec(schema=spec.schema, start=spec.start, end=spec.start + 24)
-    result = train(config, out, progress=False, evaluation=evaluation)
-    return result.summary["history"][0]["steps_per_second"]
+    result = train(config, out, progress=False, evaluation=evaluation, evaluate_every=0)
+    episode = result.summary["history"][0]
+    return episode["steps"] / episode["seconds"]
 
 
 class SeedStyleLearner:
@@ -87,22 +92,23 @@ class SeedStyleLearner:
 
 def update_cost(layout, batch_size: int, repeats: int) -> dict[str, float]:
     generator = torch.Generator().manual_seed(0)
-    buffer = ReplayBuffer(batch_size * 4, layout.observation_shape, layout.action_shape, layout.n_agents + 1)
-    for _ in range(batch_size * 4):
+    shares = layout.n_agents + 2
+    buffer = ReplayBuffer(batch_size * 4, layout.observation_shape, layout.action_shape, shares, STATE_WIDTH)
+    for t in range(batch_size * 4):
         buffer.add(torch.randn(layout.observation_shape), torch.rand(layout.action_shape) * 2 - 1,
-                   torch.randn(layout.n_agents + 1) * 0.1, torch.randn(layout.observation_shape),
-                   torch.rand(layout.action_shape) * 2 - 1)
+                   torch.randn(shares) * 0.1, torch.randn(layout.observation_shape), torch.rand(STATE_WIDTH),
+                   torch.rand(STATE_WIDTH), episode=t // 200)
     # policy_delay=1: every update also updates the actors, like the seed's loop (an upper bound for ours).
-    stacked = MADDPG(PolicyNetwork(layout, ActorSpec()), TrainConfig(policy_delay=1), torch.device("cpu"))
+    stacked = MADDPG(PolicyNetwork(layout, ActorSpec(features=("hour_cycle",))), TrainConfig(policy_delay=1), shares)
     seed_style = SeedStyleLearner(layout.n_agents, layout.obs_width, layout.action_width)
     timings = {}
     for name, step in (("stacked (this project)", lambda b: stacked.update(b)),
                        ("17 separate networks, Python loop (seed style)",
-                        lambda b: seed_style.update(b.observations, b.actions, b.rewards.sum(-1), b.next_observations))):
-        step(buffer.sample(batch_size, generator))  # warm-up
+                        lambda b: seed_style.update(b.observations, b.actions, b.returns.sum(-1), b.next_observations))):
+        step(buffer.sample(batch_size, generator, n_step=12))  # warm-up
         started = time.perf_counter()
         for _ in range(repeats):
-            step(buffer.sample(batch_size, generator))
+            step(buffer.sample(batch_size, generator, n_step=12))
         timings[name] = 1000 * (time.perf_counter() - started) / repeats
     return timings
 

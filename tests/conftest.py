@@ -90,3 +90,36 @@ def triton_server(request, exported_repository):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def saturated_checkpoint_path(tmp_path_factory, initial_checkpoint_path) -> Path:
+    """The same policy with a last actor layer thousands of times larger than a fresh one's (+-3e-3): weights +-5 and
+    biases +-30, so most actors' tanh is saturated and their served actions sit on the bounds (the case the bounds
+    checks exist for), while many still vary with the input. Larger weights would break the export's torch parity
+    (1e-5): float32 rounding grows with the size of the terms summed."""
+    from dataclasses import replace
+
+    import torch
+
+    from maddpg_training.checkpoint import load_checkpoint, save_checkpoint
+
+    checkpoint = load_checkpoint(initial_checkpoint_path)
+    layers = sorted({int(k.split(".")[3]) for k in checkpoint.policy if k.startswith("actors.mlp.layers.")})
+    weights = dict(checkpoint.policy)
+    for name, scale, seed in (("weight", 5.0, 3), ("bias", 30.0, 4)):
+        key = f"actors.mlp.layers.{layers[-1]}.{name}"
+        weights[key] = torch.empty_like(weights[key]).uniform_(-scale, scale, generator=torch.Generator().manual_seed(seed))
+    path = tmp_path_factory.mktemp("checkpoints") / "saturated.pt"
+    save_checkpoint(path, replace(checkpoint, policy=weights, path=None, sha256=None,
+                                  summary={**checkpoint.summary, "saturated_for_tests": True}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def saturated_repository(tmp_path_factory, saturated_checkpoint_path) -> Path:
+    from maddpg_export.pipeline import export_checkpoint
+
+    repository = tmp_path_factory.mktemp("saturated_repository")
+    export_checkpoint(saturated_checkpoint_path, repository)
+    return repository

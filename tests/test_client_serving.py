@@ -24,8 +24,10 @@ from maddpg_client import (
     RetryPolicy,
     TritonPolicy,
     scrape,
+    scrape_settled,
 )
 from maddpg_client.triton_policy import classify_error
+from maddpg_serving.local_triton import LocalTritonServer, free_ports
 from maddpg_serving.processes import reserve_ports
 
 pytestmark = [pytest.mark.triton, pytest.mark.citylearn]
@@ -88,11 +90,56 @@ def test_metrics_endpoint_reports_the_requests_made(triton_server, observations)
         for i in range(20):
             policy.act(observations[i])
         policy.act(observations[:64])
-    window = scrape(triton_server.metrics_url, MODEL) - before
+    # Read once the counters have caught up (Triton updates them just after answering): exact counts, no race.
+    window = scrape_settled(triton_server.metrics_url, MODEL, expected_success=before.request_success + 21) - before
     assert window.request_success == 21
     assert window.inference_count == 20 + 64
     assert window.execution_count >= 1 and window.average_batch_size >= 1.0
     assert window.compute_us_per_request > 0 and window.queue_us_per_request >= 0
+
+
+class LaggingMetrics:
+    """A metrics endpoint whose success counter catches up one request per read, as Triton's does (rarely, by a
+    request or two) right after answering: a read-count clock, so the test does not depend on timing."""
+
+    def __init__(self, counts: list[int]):
+        import http.server
+
+        self.counts, self.reads = counts, 0
+        endpoint = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                value = endpoint.counts[min(endpoint.reads, len(endpoint.counts) - 1)]
+                endpoint.reads += 1
+                body = f'nv_inference_request_success{{model="{MODEL}",version="1"}} {value}\n'.encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/metrics"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("expected", [21, None])
+def test_settled_reads_wait_for_counters_that_lag_behind_the_answers(expected):
+    endpoint = LaggingMetrics([18, 19, 20, 21])
+    try:
+        assert scrape_settled(endpoint.url, MODEL, expected_success=expected, interval_s=0.001).request_success == 21
+        # A count that never comes (a restarted server) ends the wait at its bound with the last value read.
+        assert scrape_settled(endpoint.url, MODEL, expected_success=1000, timeout_s=0.2,
+                              interval_s=0.01).request_success == 21
+    finally:
+        endpoint.close()
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -129,6 +176,35 @@ def test_non_finite_observations_can_be_left_to_the_model_to_sanitise(triton_ser
         actions = policy.act(hostile)
     low, high = policy.layout.action_bounds()
     assert np.isfinite(actions).all() and (actions >= low).all() and (actions <= high).all()
+
+
+@pytest.fixture(scope="module")
+def saturated_server(saturated_repository):
+    """A served policy whose actors are saturated (see conftest): its actions sit on their bounds."""
+    server = LocalTritonServer(saturated_repository, ports=free_ports())
+    server.start(timeout=120)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_served_saturated_actors_stay_on_their_bounds_never_past_them(saturated_server, saturated_repository,
+                                                                     observations, protocol):
+    with TritonPolicy(url_for(saturated_server, protocol), protocol=protocol, allow_non_finite=True) as policy:
+        low, high = policy.layout.action_bounds()
+        mask = policy.layout.action_mask()
+        hostile = np.full((4, 17, 52), np.inf, np.float32)
+        hostile[1], hostile[2], hostile[3] = -np.inf, np.nan, 3.4e38
+        for batch in (observations, hostile):
+            actions = policy.act(batch)
+            assert np.isfinite(actions).all()
+            assert (actions >= low).all() and (actions <= high).all()
+            assert (actions[:, ~mask] == 0).all()
+        actions = policy.act(observations)
+    assert (actions == high)[:, mask].any() and (actions == low)[:, mask].any(), "the fixture must saturate"
+    assert np.abs(actions - LocalPolicy(saturated_repository).act(observations)).max() <= 1e-6
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

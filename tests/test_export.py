@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -124,17 +122,28 @@ def test_onnxruntime_on_the_written_file_matches_torch(exported_repository, init
         assert np.abs(got - expected).max() <= 1e-5
 
 
-def test_actions_stay_finite_and_within_bounds_for_hostile_inputs(exported_repository):
-    session = ort.InferenceSession(str(exported_repository / MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    layout = PolicyLayout.from_json((exported_repository / MODEL / "1" / "layout.json").read_text())
+@pytest.mark.parametrize("policy", ["fresh", "saturated"])
+def test_actions_stay_finite_and_within_bounds_for_real_and_hostile_inputs(policy, request, initial_checkpoint_path):
+    """A fresh policy acts near 0; the saturated one (see conftest) pushes most slots onto their bounds."""
+    repository = request.getfixturevalue("exported_repository" if policy == "fresh" else "saturated_repository")
+    session = ort.InferenceSession(str(repository / MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    layout = PolicyLayout.from_json((repository / MODEL / "1" / "layout.json").read_text())
     low, high = layout.action_bounds()
-    hostile = np.array([np.nan, np.inf, -np.inf, 1e30, -1e30, 3.4e38, -3.4e38], dtype=np.float32)
-    for value in hostile:
-        x = np.full((2, 17, 52), value, dtype=np.float32)
+    mask = layout.action_mask()
+    real = torch.load(initial_checkpoint_path, weights_only=True)["reference_observations"].numpy()
+    hostile = [np.full((2, 17, 52), value, dtype=np.float32)
+               for value in (np.nan, np.inf, -np.inf, 1e30, -1e30, 3.4e38, -3.4e38)]
+    batches = [real, *hostile]
+    for x in batches:
         actions = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-        assert np.isfinite(actions).all(), value
-        assert (actions >= low).all() and (actions <= high).all(), value
-        assert (actions[:, ~layout.action_mask()] == 0).all(), "padded action slots must be exactly 0"
+        assert np.isfinite(actions).all()
+        assert (actions >= low).all() and (actions <= high).all()
+        assert (actions[:, ~mask] == 0).all(), "padded action slots must be exactly 0"
+    if policy == "saturated":
+        actions = session.run([OUTPUT_NAME], {INPUT_NAME: real})[0]
+        on_bound = (actions == low) | (actions == high)
+        assert on_bound[:, mask].mean() > 0.7, "the saturated fixture must actually saturate"
+        assert (actions == high)[:, mask].any() and (actions == low)[:, mask].any()
 
 
 def test_existing_version_is_refused_without_force_and_replaced_with_it(initial_checkpoint_path, repository):
@@ -231,23 +240,44 @@ def test_validation_failures_are_all_reported_and_nothing_is_written(monkeypatch
     assert not (repository / MODEL).exists() or not any(p.name.isdigit() for p in (repository / MODEL).iterdir())
 
 
-def test_an_export_killed_midway_never_leaves_a_partial_version(tmp_path, initial_checkpoint_path):
-    """Kill real export processes at many moments; every numbered version present must be complete."""
-    repository = tmp_path / "repo"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "maddpg_ops.cli", "export", str(initial_checkpoint_path), "-r", str(repository)]
+# Runs the real `maddpg-citylearn export` with one change: the process SIGKILLs itself right after the commit has
+# written its N-th file into the staging directory. The kill lands inside the commit by construction, not by timing.
+EXPORT_KILLED_AFTER_FILE_N = """
+import os, signal, sys
+import maddpg_export.repository as repository
+n, write, written = int(sys.argv[1]), repository._write_synced, []
+def write_then_die(path, data):
+    write(path, data)
+    written.append(path)
+    if len(written) == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+repository._write_synced = write_then_die
+from maddpg_ops.cli import main
+sys.argv = ["maddpg-citylearn", *sys.argv[2:]]
+main()
+"""
+
+
+def test_an_export_killed_inside_the_commit_leaves_no_visible_version(tmp_path, initial_checkpoint_path):
+    """Killed after 1, 2 and all 3 files of a version: the staging directory held them, no version ever showed."""
+    export = ["export", str(initial_checkpoint_path), "-r"]
     complete = {"model.onnx", "model.py", "layout.json"}
-    for delay in (0.5, 1.5, 2.5, 3.5, 4.5, 5.0, 5.5, 6.0):
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
+    for files_written in (1, 2, 3):
+        repository = tmp_path / f"killed-after-{files_written}"
+        killed = subprocess.run([sys.executable, "-c", EXPORT_KILLED_AFTER_FILE_N, str(files_written), *export,
+                                 str(repository)], capture_output=True, text=True, timeout=300)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr  # it died where the kill was put, not before
         model_dir = repository / MODEL
-        if model_dir.exists():
-            for version in (p for p in model_dir.iterdir() if p.name.isdigit()):
-                assert {f.name for f in version.iterdir()} == complete, f"partial version after kill at {delay}s"
-                onnx.checker.check_model(onnx.load(version / "model.onnx"))
-    # Whatever was left behind, the next export cleans its staging debris and writes the next version.
-    assert subprocess.run(command, env=env, capture_output=True, timeout=300).returncode == 0
-    assert not list((repository / MODEL).glob(".staging-*"))
+        (staging,) = model_dir.glob(".staging-*")  # the version was being assembled...
+        assert len({p.name for p in staging.iterdir()} & complete) == files_written
+        assert not [p for p in model_dir.iterdir() if p.name.isdigit()], "a version became visible"  # ...unseen
+        assert not (model_dir / "config.pbtxt").exists()  # configs are written only after the version
+    # The next export removes the debris and writes a complete version 1.
+    again = subprocess.run([sys.executable, "-m", "maddpg_ops.cli", *export, str(repository)], capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert not list(model_dir.glob(".staging-*"))
+    assert sorted(p.name for p in model_dir.iterdir() if p.name.isdigit()) == ["1"]
+    assert {f.name for f in (model_dir / "1").iterdir()} == complete
+    onnx.checker.check_model(onnx.load(model_dir / "1" / "model.onnx"))
     shutil.rmtree(repository)

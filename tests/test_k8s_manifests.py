@@ -318,6 +318,60 @@ def test_pods_run_locked_down(rendered, target):
         assert not context.get("privileged", False)
 
 
+def test_the_model_image_runs_as_the_pods_high_uid(rendered):
+    # checkov CKV_K8S_40: a UID above 10000 clashes with no host account. The model image's own USER is the same one,
+    # so a pod with no securityContext would still read what the image ships.
+    dockerfile = (K8S_DIR / "model-image" / "Dockerfile").read_text()
+    (user,) = re.findall(r"^USER (\d+):(\d+)$", dockerfile, re.MULTILINE)
+    (chown,) = re.findall(r"^COPY --chown=(\d+):(\d+) ", dockerfile, re.MULTILINE)
+    for target in TARGETS:
+        pod = pod_spec(rendered[target])["securityContext"]
+        assert pod["runAsUser"] >= 10000 and pod["runAsGroup"] >= 10000, target
+        assert (str(pod["runAsUser"]), str(pod["runAsGroup"])) == user == chown, target
+
+
+# --- checkov (PyPI): security posture of every rendered target ---------------------------------------------------------
+# What may be skipped, per target: each skip is an annotation in the manifest with its reason (docs/kubernetes.md,
+# "Security"). Anything else checkov finds fails the test.
+CHECKOV_SKIPS = {
+    "base": {"CKV_K8S_21", "CKV_K8S_43", "CKV_K8S_15"},   # Docker Desktop: context's namespace, local model image
+    "gpu": {"CKV_K8S_21", "CKV_K8S_43", "CKV_K8S_15"},
+    "production": {"CKV_K8S_43"},                         # a digest can only be read from the registry
+}
+
+
+@pytest.fixture(scope="module")
+def checkov_results(rendered, tmp_path_factory) -> dict[str, dict]:
+    """checkov run once, offline, over every rendered target (one folder each); results by target."""
+    checkov = Path(sys.executable).with_name("checkov")
+    assert checkov.exists(), "checkov is not installed: run `make setup` (it is in the test extra)"
+    root = tmp_path_factory.mktemp("checkov")
+    for target in CHECKOV_SKIPS:
+        (root / target).mkdir()
+        (root / target / "rendered.yaml").write_text(yaml.safe_dump_all(rendered[target], sort_keys=False))
+    result = subprocess.run([str(checkov), "--directory", str(root), "--framework", "kubernetes", "--skip-download",
+                             "--output", "json", "--compact"], capture_output=True, text=True, timeout=300)
+    report = json.loads(result.stdout)
+    report = report[0] if isinstance(report, list) else report
+    by_target: dict[str, dict] = {t: {"passed": [], "failed": [], "skipped": []} for t in CHECKOV_SKIPS}
+    for outcome in ("passed", "failed", "skipped"):
+        for check in report["results"][f"{outcome}_checks"]:
+            by_target[Path(check["file_path"]).parts[1]][outcome].append(check)
+    return by_target
+
+
+@pytest.mark.parametrize("target", list(CHECKOV_SKIPS))
+def test_checkov_finds_nothing_that_is_not_explained(checkov_results, target):
+    results = checkov_results[target]
+    assert len(results["passed"]) > 50, "checkov did not check the manifests"
+    failed = [f"{c['check_id']} {c['resource']}: {c['check_name']}" for c in results["failed"]]
+    assert not failed, f"{target}: checkov findings with no explanation in the manifest:\n" + "\n".join(failed)
+    assert {c["check_id"] for c in results["skipped"]} == CHECKOV_SKIPS[target]
+    for check in results["skipped"]:
+        reason = check["check_result"].get("suppress_comment", "")
+        assert len(reason) > 30 and reason != "No comment provided", f"{check['check_id']} skipped without a reason"
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_rollouts_never_lower_capacity(rendered, target):
     spec = deployment(rendered[target])["spec"]

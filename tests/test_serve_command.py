@@ -86,12 +86,11 @@ def test_serve_prints_endpoints_serves_and_stops_cleanly_on_ctrl_c(exported_repo
         urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/health/ready", timeout=2)
 
 
-def test_a_second_serve_on_a_busy_port_fails_fast_and_clearly(triton_server, exported_repository):
-    started = time.monotonic()
+def test_a_second_serve_on_a_busy_port_fails_before_starting_and_clearly(triton_server, exported_repository):
     result = subprocess.run(serve_command(exported_repository, triton_server.ports), capture_output=True, text=True,
-                            timeout=60)
+                            timeout=60)  # a bounded wait, not a timing assert
     assert result.returncode == 1
-    assert time.monotonic() - started < 30
+    assert "tritonserver exited" not in result.stderr  # refused by the port check, not launched and failed
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and f"port {triton_server.ports.http}" in errors[0] and "already in use" in errors[0]
     assert triton_server.is_ready(), "the running server must not be disturbed"
@@ -109,11 +108,9 @@ def test_a_model_that_cannot_load_ends_with_the_server_log_and_leaves_nothing_be
     shutil.copytree(exported_repository, broken)
     (broken / "maddpg_ctde" / "1" / "model.py").write_text("raise RuntimeError('this stub cannot start')\n")
     shm_before = shm_regions()
-    started = time.monotonic()
     result = subprocess.run(serve_command(broken, free_ports(), "--backend", "python", "--ready-timeout", "60"),
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120)  # a bounded wait, not a timing assert
     assert result.returncode == 1
-    assert time.monotonic() - started < 90
     assert "tritonserver" in result.stderr and "this stub cannot start" in result.stderr
     assert shm_regions() <= shm_before
 

@@ -1,4 +1,4 @@
-"""The cooperative team reward: what it rewards and penalises, on hand-made numbers and on the real env."""
+"""The team reward is the evaluation's headline KPIs, decomposed per step: checked against env.evaluate() itself."""
 
 from __future__ import annotations
 
@@ -6,164 +6,93 @@ import numpy as np
 import pytest
 
 from maddpg_core.layout import layout_from_names
-from maddpg_training.team_reward import BaselineSeries, TeamReward, TeamRewardWeights
-
-CHARGER = ["electric_vehicle_charger_c1_connected_state", "connected_electric_vehicle_at_charger_c1_departure_time",
-           "connected_electric_vehicle_at_charger_c1_required_soc_departure", "connected_electric_vehicle_at_charger_c1_soc"]
-APPLIANCE = ["deferrable_appliance_d1_can_start", "deferrable_appliance_d1_running"]
+from maddpg_training.team_reward import DAY, BaselineSeries, StepSeries, TeamReward, TeamRewardWeights
 
 
-def two_buildings():
-    """Building A has a charger and an appliance; building B only a battery."""
-    layout = layout_from_names(
-        ["A", "B"],
-        [["hour", *CHARGER, *APPLIANCE], ["hour", "electrical_storage_soc"]],
-        [["electrical_storage", "electric_vehicle_storage_charger_c1", "deferrable_appliance_d1"], ["electrical_storage"]],
-        [[-1, -1, 0], [-1]], [[1, 1, 1], [1]],
-    )
-    steps = 4
-    baseline = BaselineSeries(
-        consumption=np.array([[2.0, 1.0]] * steps),
-        cost=np.array([[0.4, 0.1]] * steps),
-        emissions=np.array([[0.8, 0.2]] * steps),
-        battery_capacity=np.array([6.4, 6.4]),
-    )
+def two_buildings(steps: int = 48):
+    layout = layout_from_names(["A", "B"], [["hour"], ["hour"]], [["electrical_storage"], ["electrical_storage"]],
+                               [[-1], [-1]], [[1], [1]])
+    baseline = BaselineSeries(consumption=np.array([[2.0, 1.0]] * steps), cost=np.array([[0.4, 0.1]] * steps),
+                              emissions=np.array([[0.8, 0.2]] * steps), battery_capacity=np.array([6.4, 6.4]))
     return layout, baseline
 
 
-def rows(connected=0.0, departure=-1.0, required=-0.1, soc=-0.1, can_start=0.0, running=0.0, battery=0.0):
-    a = np.zeros((2, 7), np.float32)
-    a[0, 1:7] = [connected, departure, required, soc, can_start, running]
-    a[1, 1] = battery
-    return a
+def series(consumption, cost, emissions, baseline=((2.0, 1.0), (0.4, 0.1), (0.8, 0.2))):
+    return StepSeries(*(np.asarray(v, dtype=float) for v in (consumption, cost, emissions, *baseline)))
 
 
-def reward_of(reward: TeamReward, consumption, cost, emissions, after=None, before=None):
-    after = rows() if after is None else after
-    before = rows() if before is None else before
-    parts = reward.components(0, np.array(consumption), np.array(cost), np.array(emissions), after, before)
-    return reward.reward(parts), parts
-
-
-def test_doing_exactly_what_the_baseline_does_scores_zero():
+def test_doing_what_the_baseline_does_scores_zero():
     layout, baseline = two_buildings()
     reward = TeamReward(layout, baseline)
-    value, parts = reward_of(reward, [2.0, 1.0], [0.4, 0.1], [0.8, 0.2])
-    assert all(type(v) is float for v in parts.values()), "plain floats: they are saved in weights_only checkpoints"
-    assert value == pytest.approx(0.0)
-    assert all(v == pytest.approx(0.0) for v in parts.values())
+    for _ in range(30):
+        shares, terms = reward.step(series([2.0, 1.0], [0.4, 0.1], [0.8, 0.2]))
+        assert np.allclose(shares, 0.0) and all(v == pytest.approx(0.0) for v in terms.values())
 
 
-def test_cost_and_emissions_are_relative_to_each_buildings_own_baseline():
+def test_each_building_share_moves_only_with_that_building_and_shares_sum_to_the_team_reward():
     layout, baseline = two_buildings()
-    reward = TeamReward(layout, baseline)
-    # One extra unit of each building's average cost, in either building, weighs the same (the KPI is a mean of
-    # per-building ratios).
-    _, in_a = reward_of(reward, [2.0, 1.0], [0.8, 0.1], [0.8, 0.2])
-    _, in_b = reward_of(reward, [2.0, 1.0], [0.4, 0.2], [0.8, 0.2])
-    assert in_a["cost"] == pytest.approx(in_b["cost"]) == pytest.approx(0.5)
-    cheaper, _ = reward_of(reward, [2.0, 1.0], [0.2, 0.1], [0.8, 0.2])
-    assert cheaper > 0
-
-
-def test_the_shares_sum_to_the_team_reward_and_each_building_share_is_its_own_doing():
-    layout, baseline = two_buildings()
-    reward = TeamReward(layout, baseline)
-    before = rows(connected=1, departure=5, required=0.8, soc=0.5, battery=0.2)
-    after = rows(connected=1, departure=4, required=0.8, soc=0.45, battery=0.4)
-    args = (0, np.array([2.5, 0.7]), np.array([0.5, 0.05]), np.array([0.9, 0.1]), after, before)
-    shares = reward.split(*reward.terms(*args))
-    assert shares.shape == (3,)  # two buildings and the district
-    assert shares.sum() == pytest.approx(reward.reward(reward.components(*args)))
-    # Building B's share moves with B's cost and battery only; A's car and cost do not touch it.
-    other = (0, np.array([2.5, 0.7]), np.array([0.9, 0.05]), np.array([0.9, 0.1]),
-             rows(connected=1, departure=4, required=0.8, soc=0.3, battery=0.4), before)
-    changed = reward.split(*reward.terms(*other))
-    assert changed[1] == pytest.approx(shares[1]) and changed[0] < shares[0]
+    reward = TeamReward(layout, baseline, TeamRewardWeights(daily_peak=0.0, all_time_peak=0.0), scale=1.0)
+    shares, terms = reward.step(series([2.0, 1.0], [0.8, 0.1], [0.8, 0.2]))  # A pays double at one step
+    assert shares.shape == (4,)
+    assert shares[0] == pytest.approx(-0.4 / (0.4 * 48) / 2) and shares[1] == 0.0
+    assert shares.sum() == pytest.approx(-(terms["cost"] + terms["emissions"]))
 
 
 def test_exports_are_not_costs():
-    """CityLearn's cost KPI sums max(0, cost): selling back does not earn money, so it does not earn reward either."""
     layout, baseline = two_buildings()
     reward = TeamReward(layout, baseline)
-    _, zero = reward_of(reward, [2.0, 1.0], [0.0, 0.1], [0.0, 0.2])
-    _, negative = reward_of(reward, [2.0, 1.0], [-5.0, 0.1], [-5.0, 0.2])
-    assert zero["cost"] == pytest.approx(negative["cost"])
+    shares, _ = reward.step(series([2.0, -3.0], [0.4, -0.5], [0.8, -0.6]))
+    # B exported instead of importing 0.1: its positive cost fell from 0.1 to 0, a gain, but no more than that.
+    assert shares[1] == pytest.approx(reward.scale * (0.1 / (0.1 * 48) + 0.2 / (0.2 * 48)) / 2)
 
 
-def test_peaks_are_penalised_more_than_proportionally():
+def test_peaks_cost_only_when_the_running_maximum_rises():
     layout, baseline = two_buildings()
-    reward = TeamReward(layout, baseline, TeamRewardWeights(cost=0, emissions=0, peak=1, ev=0, appliance=0))
-    small, _ = reward_of(reward, [2.5, 1.0], [0.4, 0.1], [0.8, 0.2])
-    large, _ = reward_of(reward, [3.0, 1.0], [0.4, 0.1], [0.8, 0.2])
-    assert large < small < 0
-    assert (0 - large) > 2 * (0 - small)  # quadratic in the district load
-    shaved, _ = reward_of(reward, [1.5, 1.0], [0.4, 0.1], [0.8, 0.2])
-    assert shaved > 0
-
-
-def test_draining_a_parked_ev_below_its_target_is_penalised_and_charging_it_credited_less():
-    layout, baseline = two_buildings()
-    weights = TeamRewardWeights(cost=0, emissions=0, peak=0, ev=5, ev_charge_credit=0.1, appliance=0, storage=0)
-    reward = TeamReward(layout, baseline, weights)
-    before = rows(connected=1, departure=5, required=0.8, soc=0.5)
-    drained, parts = reward_of(reward, [2.0, 1.0], [0.4, 0.1], [0.8, 0.2], after=rows(1, 4, 0.8, 0.4), before=before)
-    assert parts["ev"] == pytest.approx(0.1, abs=1e-6) and drained == pytest.approx(-0.5, abs=1e-5)
-    charged, _ = reward_of(reward, [2.0, 1.0], [0.4, 0.1], [0.8, 0.2], after=rows(1, 4, 0.8, 0.6), before=before)
-    assert charged == pytest.approx(0.05, abs=1e-5)
-    # Charging beyond the requested state of charge earns nothing more.
-    full = rows(connected=1, departure=5, required=0.8, soc=0.9)
-    beyond, _ = reward_of(reward, [2.0, 1.0], [0.4, 0.1], [0.8, 0.2], after=rows(1, 4, 0.8, 1.0), before=full)
-    assert beyond == 0.0
-    # A car arriving or leaving is not something the policy did.
-    arrival, _ = reward_of(reward, [2.0, 1.0], [0.4, 0.1], [0.8, 0.2], after=rows(1, 9, 0.8, 0.2), before=rows())
-    leaving, _ = reward_of(reward, [2.0, 1.0], [0.4, 0.1], [0.8, 0.2], after=rows(), before=rows(1, 0, 0.8, 0.2))
-    assert arrival == leaving == 0.0
-
-
-def test_an_appliance_window_that_closes_without_a_run_is_penalised():
-    layout, baseline = two_buildings()
-    reward = TeamReward(layout, baseline, TeamRewardWeights(cost=0, emissions=0, peak=0, ev=0, appliance=2))
-    missed, _ = reward_of(reward, [2.0, 1.0], [0.4, 0.1], [0.8, 0.2], after=rows(can_start=0), before=rows(can_start=1))
-    started, _ = reward_of(reward, [2.0, 1.0], [0.4, 0.1], [0.8, 0.2], after=rows(can_start=0, running=1),
-                           before=rows(can_start=1))
-    assert missed == -2.0 and started == 0.0
-
-
-def test_energy_put_into_a_battery_is_credited_when_it_goes_in_and_debited_when_it_comes_out():
-    layout, baseline = two_buildings()
-    reward = TeamReward(layout, baseline, TeamRewardWeights(cost=0, emissions=0, peak=0, ev=0, appliance=0, storage=1),
-                        gamma=0.99)
-    value_per_kwh = reward.scales.stored_kwh_value[1]
-    assert value_per_kwh == pytest.approx(2.0 / (1.0 * 2))  # building B imports 1 kWh per step on average
-    charge, _ = reward_of(reward, [2.0, 1.0], [0.4, 0.1], [0.8, 0.2], after=rows(battery=0.5), before=rows(battery=0.0))
-    assert charge == pytest.approx(0.99 * 0.5 * 6.4 * value_per_kwh)
-    discharge, _ = reward_of(reward, [2.0, 1.0], [0.4, 0.1], [0.8, 0.2], after=rows(battery=0.0), before=rows(battery=0.5))
-    assert discharge == pytest.approx(-0.5 * 6.4 * value_per_kwh)
-    # Potential-based: a round trip through the battery earns nothing by itself (only discounting remains).
-    assert charge + discharge == pytest.approx(-0.01 * 0.5 * 6.4 * value_per_kwh)
+    weights = TeamRewardWeights(cost=0.0, emissions=0.0)
+    reward = TeamReward(layout, baseline, weights, scale=1.0)
+    first, _ = reward.step(series([3.0, 1.0], [0.4, 0.1], [0.8, 0.2]))       # 4 kW against a baseline of 3 kW
+    assert first[-2] < 0 and first[-1] < 0
+    lower, _ = reward.step(series([1.0, 1.0], [0.4, 0.1], [0.8, 0.2]))        # below the running max: free
+    assert lower[-2] == pytest.approx(0.0) and lower[-1] == pytest.approx(0.0)
+    assert reward.state()[0] == pytest.approx(4.0 / 3.0) and reward.state()[1] == pytest.approx(4.0 / 3.0)
+    for _ in range(DAY - 2):
+        reward.step(series([2.0, 1.0], [0.4, 0.1], [0.8, 0.2]))
+    new_day, _ = reward.step(series([3.0, 1.0], [0.4, 0.1], [0.8, 0.2]))     # the daily maximum starts again
+    assert new_day[-2] < 0 and new_day[-1] == pytest.approx(0.0)
 
 
 @pytest.mark.citylearn
-def test_on_the_real_env_no_control_earns_nothing_but_ev_and_appliance_terms(week_spec):
-    """Zero actions reproduce the no-storage baseline: cost, emission and peak terms vanish step by step."""
-    from maddpg_evaluation.citylearn_env import CityLearnAdapter
+def test_over_a_real_window_the_terms_sum_to_the_kpis_env_evaluate_reports(schema_path):
+    from maddpg_evaluation.citylearn_env import CityLearnAdapter, EnvSpec
+    from maddpg_evaluation.kpis import district_kpis
     from maddpg_training.bootstrap import warmup
 
-    warm = warmup(week_spec)
-    reward = TeamReward(warm.layout, warm.baseline)
-    assert len(reward.chargers) == 8 and len(reward.appliances) == 1  # found by name in the real layout
-    assert len(reward.battery_soc) == 17 and (warm.baseline.battery_capacity > 0).all()
-    env = week_spec.build()
+    spec = EnvSpec(schema=str(schema_path), start=100, end=299)
+    warm = warmup(spec)
+    env = spec.build()
     adapter = CityLearnAdapter(warm.layout, env)
-    observations, _ = env.reset()
-    previous = adapter.observations_to_array(observations)
-    totals = dict.fromkeys(("cost", "emissions", "peak", "storage"), 0.0)
+    reward = TeamReward(warm.layout, warm.baseline, scale=1.0)
+    rng = np.random.default_rng(0)
+    env.reset()
+    reward.reset()
+    totals, returns = {}, 0.0
+    appliance = [(i, j) for i, a in enumerate(warm.layout.agents) for j, n in enumerate(a.action_names)
+                 if n.startswith("deferrable_appliance")]
     while not env.terminated:
-        observations, *_ = env.step(adapter.actions_to_lists(np.zeros(warm.layout.action_shape)))
-        current = adapter.observations_to_array(observations)
-        _, parts = reward.step_reward(env, current, previous)
-        for key in totals:
-            totals[key] += abs(parts[key])
-        previous = current
-    assert all(value == pytest.approx(0.0, abs=1e-6) for value in totals.values()), totals
+        actions = rng.uniform(-0.6, 0.6, size=warm.layout.action_shape).astype(np.float32)
+        actions[:, 1:] = np.abs(actions[:, 1:])  # chargers draw power
+        for i, j in appliance:
+            actions[i, j] = 1.0                  # as the baseline the KPIs are a ratio to
+        env.step(adapter.actions_to_lists(actions))
+        shares, terms = reward.step_env(env)     # the path the trainer uses
+        returns += shares.sum()
+        for key, value in terms.items():
+            totals[key] = totals.get(key, 0.0) + value
+    kpis = district_kpis(env)
+    assert totals["cost"] == pytest.approx(kpis["cost_total"] - 1, abs=1e-6)
+    assert totals["emissions"] == pytest.approx(kpis["carbon_emissions_total"] - 1, abs=1e-6)
+    assert totals["daily_peak"] == pytest.approx(kpis["daily_peak_average"] - 1, abs=1e-6)
+    assert totals["all_time_peak"] == pytest.approx(kpis["all_time_peak_average"] - 1, abs=1e-6)
+    headline = sum(kpis[k] - 1 for k in ("cost_total", "carbon_emissions_total", "daily_peak_average",
+                                          "all_time_peak_average"))
+    assert returns == pytest.approx(-headline, abs=1e-5)

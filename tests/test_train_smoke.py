@@ -21,6 +21,15 @@ def train(*args):
                                     "--no-progress", *map(str, args)])
 
 
+def test_a_bad_setting_is_named_before_any_work(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('teacher = "oracle"\nn_step = 0\n')
+    result = CliRunner().invoke(cli, ["train", "--config", str(config), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1
+    assert "teacher = 'oracle'" in result.output and "n_step = 0" in result.output
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, schema_path):
     out = tmp_path_factory.mktemp("smoke")
@@ -31,21 +40,51 @@ def smoke_run(tmp_path_factory, schema_path):
 
 def test_training_writes_checkpoints_a_summary_and_a_deterministic_evaluation(smoke_run):
     out, result = smoke_run
-    assert {p.name for p in out.iterdir()} >= {"last.pt", "final.pt", "summary.json"}
+    assert {p.name for p in out.iterdir()} >= {"last.pt", "best.pt", "final.pt", "summary.json", "metrics.jsonl"}
     summary = json.loads((out / "summary.json").read_text())
-    # One demonstration pass of the self-consumption rule, one DAgger pass of the clone, then two episodes.
-    assert summary["demonstration"]["dagger_rounds"] == 1
-    assert summary["demonstration"]["env_steps"] == 2 * 199 and summary["demonstration"]["clone_loss"] >= 0
+    # The rule teacher drives one pass, the clone one DAgger pass, then two fine-tuning episodes.
+    assert [p["phase"] for p in summary["teaching"]["passes"]] == ["teach", "dagger 1"]
+    assert summary["teaching"]["labelled_states"] == 199 + 100  # every state of the teacher's pass, every 2nd of DAgger
     assert summary["episodes"] == 2 and summary["env_steps"] == 4 * 199
-    assert len(summary["history"]) == 2
+    assert [h["episode"] for h in summary["history"]] == [1, 2]
     for episode in summary["history"]:
-        assert episode["steps_per_second"] > 0 and set(episode["reward_terms"]) == {"cost", "emissions", "peak", "ev", "appliance", "storage"}
+        assert set(episode["terms"]) == {"cost", "emissions", "daily_peak", "all_time_peak"}
+        assert episode["evaluation_kpis"]["cost_total"] > 0
     assert set(summary["evaluation"]) >= {"cost_total", "carbon_emissions_total", "daily_peak_average", "all_time_peak_average"}
-    assert "ev_departures_acceptable" in summary["evaluation_service"]
+    assert summary["evaluation_service"]["ev_departures_acceptable"] == 1.0  # the safety layer's promise
     assert "deterministic evaluation" in result.output and "EV departures" in result.output
     final = load_checkpoint(out / "final.pt")
-    assert final.summary["trained"] is True and final.trainer is not None
+    assert final.summary["trained"] is True and final.trainer is not None and final.safety is not None
     assert final.reference_observations is not None and final.layout.observation_shape == (17, 52)
+
+
+def test_training_leaves_a_trace_of_every_update_pass_and_evaluation(smoke_run):
+    from maddpg_training.trace import read_trace
+
+    out, _ = smoke_run
+    records = read_trace(out)
+    updates = [r for r in records if r["kind"] == "update"]
+    warmup = [r for r in updates if r["phase"] == "critic_warmup"]
+    finetune = [r for r in updates if r["phase"] == "finetune"]
+    assert len(warmup) == 5  # every 10th warm-up update
+    # Per episode: a critic update at each of the 199 steps, 20 critic refits, 10 actor steps (every 2nd of 20).
+    stages = [r["stage"] for r in finetune]
+    assert (stages.count("collect"), stages.count("critic refit"), stages.count("improve")) == (2 * 199, 2 * 20, 2 * 20)
+    assert all({"critic_loss", "td_error", "q", "target"} <= set(r) for r in updates)
+    actor_steps = [r for r in finetune if "actor_loss" in r]
+    assert len(actor_steps) == 2 * 10 and all(r["stage"] == "improve" for r in actor_steps)
+    assert all({"cloning_loss", "actor_q", "q_scale"} <= set(r) for r in actor_steps)
+    assert [r["phase"] for r in records if r["kind"] == "rollout"] == ["teach", "dagger 1", "finetune", "finetune"]
+    assert [r["episode"] for r in records if r["kind"] == "evaluation"] == [0, 1, 2]
+    gates = [r for r in records if r["kind"] == "gate"]
+    assert [g["episode"] for g in gates] == [0, 1, 2]  # 0: the clone's score, where fine-tuning starts
+    best = gates[0]["score"]
+    for gate in gates[1:]:  # kept only if better than the best so far; else back to it with half the actor steps
+        assert gate["accepted"] == (gate["score"] < best)
+        best = min(best, gate["score"])
+    assert any(r["kind"] == "clone" for r in records)
+    picture = CliRunner().invoke(cli, ["plot-training", str(out)])
+    assert picture.exit_code == 0 and (out / "training.png").stat().st_size > 10_000
 
 
 def test_the_policy_charges_parked_cars_but_never_discharges_them(smoke_run):
@@ -61,15 +100,15 @@ def test_the_policy_charges_parked_cars_but_never_discharges_them(smoke_run):
     assert (actions[:, :, 0] < 0).any(), "batteries may still discharge"
 
 
-def test_learning_changed_the_actors(smoke_run, tmp_path, schema_path):
+def test_fine_tuning_moved_the_actors_away_from_the_clone(smoke_run, tmp_path, schema_path):
     out, _ = smoke_run
-    untrained = tmp_path / "untrained"
-    assert train("--dataset", schema_path, "--episodes", "0", "--out", untrained).exit_code == 0
-    before = load_checkpoint(untrained / "final.pt").policy
+    clone_only = tmp_path / "clone-only"
+    assert train("--dataset", schema_path, "--episodes", "0", "--out", clone_only).exit_code == 0
+    before = load_checkpoint(clone_only / "final.pt").policy
     after = load_checkpoint(out / "final.pt").policy
     assert torch.equal(before["normaliser.mean"], after["normaliser.mean"])  # same warm-up statistics
     changed = [k for k in before if k.startswith("actors.") and not torch.equal(before[k], after[k])]
-    assert changed, "two episodes of updates must move the actor weights"
+    assert changed, "two episodes of MADDPG updates must move the actor weights away from the clone"
 
 
 def test_resume_continues_from_the_last_checkpoint(smoke_run, tmp_path, schema_path):
@@ -79,7 +118,7 @@ def test_resume_continues_from_the_last_checkpoint(smoke_run, tmp_path, schema_p
     assert result.exit_code == 0, result.output
     assert "resuming after episode 2" in result.output
     summary = json.loads((resumed / "summary.json").read_text())
-    assert summary["episodes"] == 3 and summary["env_steps"] == 5 * 199  # 2 demonstration passes + 3 episodes
+    assert summary["episodes"] == 3 and summary["env_steps"] == 5 * 199  # teacher + DAgger passes + 3 episodes
     assert [h["episode"] for h in summary["history"]] == [1, 2, 3]
     before = load_checkpoint(out / "last.pt").trainer["learner"]["updates"]
     after = load_checkpoint(resumed / "final.pt").trainer["learner"]["updates"]

@@ -53,8 +53,6 @@ def count_stalls(latencies_ns: np.ndarray) -> int | None:
     if median > STALL_DETECTABLE_MEDIAN_MS * 1e6:
         return None
     return int((latencies_ns > median + STALL_MS * 1e6).sum())
-# Triton updates its counters after the answer has left: give them this long before the closing snapshot.
-METRICS_SETTLE_S = 0.1
 
 
 class ResponseError(Exception):
@@ -588,12 +586,11 @@ class _Snapshot:
 
 
 def _snapshot(target: Target) -> _Snapshot:
-    from maddpg_client.metrics import scrape
+    from maddpg_client.metrics import scrape_settled
 
     metrics = None
     if target.metrics_url:
-        time.sleep(METRICS_SETTLE_S)
-        metrics = scrape(target.metrics_url, target.model)
+        metrics = scrape_settled(target.metrics_url, target.model)  # once the last answered requests are counted
     return _Snapshot(time.perf_counter(), time.process_time(), process_group_cpu_seconds(target.server_pid), metrics)
 
 

@@ -12,13 +12,14 @@ from maddpg_core.errors import (
     MaddpgCitylearnError,
     ModelNotFoundError,
     PolicyError,
+    PolicyOverloadedError,
     PolicyTimeoutError,
     PolicyUnavailableError,
 )
 from maddpg_core.layout import DEFAULT_MODEL_NAME, INPUT_NAME, OUTPUT_NAME, AgentLayout, PolicyLayout
 
 from .local_policy import LocalPolicy
-from .metrics import ModelMetrics, scrape
+from .metrics import ModelMetrics, scrape, scrape_settled
 from .triton_policy import AsyncTritonPolicy, RetryPolicy, TritonPolicy
 
 __all__ = [
@@ -35,9 +36,11 @@ __all__ = [
     "OUTPUT_NAME",
     "PolicyError",
     "PolicyLayout",
+    "PolicyOverloadedError",
     "PolicyTimeoutError",
     "PolicyUnavailableError",
     "RetryPolicy",
     "TritonPolicy",
     "scrape",
+    "scrape_settled",
 ]

@@ -1,12 +1,15 @@
 """Read Triton's Prometheus endpoint (``:8002/metrics``) and turn its counters into the figures operators ask for.
 
 Counters are cumulative since the server started, so the useful numbers are differences between two snapshots:
-``after - before`` gives what a load test or an evaluation run caused.
+``after - before`` gives what a load test or an evaluation run caused. Triton updates them a little after it has
+answered, so a snapshot taken right after the last response can miss the last requests: take the closing one with
+:func:`scrape_settled`.
 """
 
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 from dataclasses import dataclass
 
@@ -119,3 +122,25 @@ def scrape(url: str, model: str, timeout: float = 5.0) -> ModelMetrics:
     except OSError as exc:
         raise PolicyUnavailableError(f"cannot read Triton metrics at {url} ({exc}); is the metrics port open?") from exc
     return model_metrics(text, model)
+
+
+def scrape_settled(url: str, model: str, *, expected_success: float | None = None, timeout_s: float = 5.0,
+                   interval_s: float = 0.05, timeout: float = 5.0) -> ModelMetrics:
+    """:func:`scrape` once Triton's counters have caught up with the requests already answered.
+
+    With ``expected_success`` (the success count the caller knows it caused, plus the count before), poll until the
+    count reaches it; without, until two reads in a row agree. Either way at most ``timeout_s`` seconds: the last read
+    is returned then, and the caller compares it with what it expected (a server that restarted starts from zero).
+    """
+    deadline = time.monotonic() + timeout_s
+    previous = scrape(url, model, timeout)
+    while True:
+        if expected_success is not None and previous.request_success >= expected_success:
+            return previous
+        if time.monotonic() >= deadline:
+            return previous
+        time.sleep(interval_s)
+        current = scrape(url, model, timeout)
+        if expected_success is None and current == previous:
+            return current
+        previous = current

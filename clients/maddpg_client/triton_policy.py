@@ -5,9 +5,13 @@
     policy.layout                                               # read from the model config `parameters`
     actions = policy.act(observations)                          # [agents, obs_width] or [batch, agents, obs_width]
 
-Failures become the project's typed errors: :class:`PolicyUnavailableError` (connection refused, UNAVAILABLE; retried
-with backoff first), :class:`PolicyTimeoutError`, :class:`ModelNotFoundError`, :class:`BadInputError` (checked before
+Failures become the project's typed errors: :class:`PolicyUnavailableError` (connection refused or dropped, UNAVAILABLE,
+model not loaded), :class:`PolicyOverloadedError` (the server's queue turned the request away), both retried with
+backoff first, :class:`PolicyTimeoutError`, :class:`ModelNotFoundError`, :class:`BadInputError` (checked before
 sending, or reported by the server) and :class:`LayoutMismatchError` (a model without a maddpg-citylearn layout).
+Retrying is safe because every call is a read or a stateless inference: a rejected request never ran, and running one
+twice gives the same actions. Timeouts are not retried: the request may still be running, and a second copy only adds
+load to a server that is already slow.
 
 A ``tritonclient.http`` client must stay in the thread that made it, so :class:`TritonPolicy` keeps one client per
 thread: one policy object can be shared by many threads.
@@ -16,7 +20,9 @@ thread: one policy object can be shared by many threads.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -29,6 +35,7 @@ from maddpg_core.errors import (
     LayoutMismatchError,
     ModelNotFoundError,
     PolicyError,
+    PolicyOverloadedError,
     PolicyTimeoutError,
     PolicyUnavailableError,
 )
@@ -42,15 +49,42 @@ PROTOCOLS = ("http", "grpc")
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Bounded retries with exponential backoff and jitter, only for errors where retrying can help."""
+    """Bounded retries with exponential backoff and jitter, only for errors where retrying can help.
+
+    At most ``attempts`` calls in all and, when ``within_s`` is set, no retry later than ``within_s`` seconds after the
+    first failure: that bounds the wait in time, whatever the backoff.
+    """
 
     attempts: int = 3
     backoff_s: float = 0.1
     max_backoff_s: float = 2.0
+    within_s: float | None = None
+
+    @classmethod
+    def for_seconds(cls, seconds: float, backoff_s: float = 0.25, max_backoff_s: float = 2.0) -> "RetryPolicy":
+        """Keep retrying for up to ``seconds``: long enough to ride out a server restart (a few seconds here)."""
+        return cls(attempts=sys.maxsize, backoff_s=backoff_s, max_backoff_s=max_backoff_s, within_s=seconds)
 
     def delays(self):
+        # A generator: the clock starts at the first failure (the first next()), not when the call began.
+        deadline = None if self.within_s is None else time.monotonic() + self.within_s
         for attempt in range(self.attempts - 1):
-            yield min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
+            delay = min(self.max_backoff_s, self.backoff_s * 2 ** min(attempt, 32)) * (0.5 + random.random() / 2)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                delay = min(delay, left)
+            yield delay
+
+
+# Triton answers UNAVAILABLE (HTTP 503) both when it cannot serve at all and when a model's queue turns a request
+# away; only the message tells them apart (measured on 2.51: "Exceeds maximum queue size" when max_queue_size is
+# reached, "Request timeout expired" when a request waited past the queue policy's timeout).
+OVERLOAD_MESSAGES = ("Exceeds maximum queue size", "Request timeout expired")
+# While a model unloads (a server stopping, a version being replaced) Triton answers NOT_FOUND with this message:
+# the model exists but has no version loaded right now, which is worth waiting for, unlike an unknown model.
+NOT_LOADED_MESSAGE = "has no available versions"
 
 
 def classify_error(exc: BaseException, protocol: str, url: str, model: str) -> PolicyError:
@@ -67,6 +101,13 @@ def classify_error(exc: BaseException, protocol: str, url: str, model: str) -> P
         message = exc.message() or str(exc)
         if "DEADLINE_EXCEEDED" in status:
             return PolicyTimeoutError(f"{where} did not answer in time ({message}); raise the client timeout")
+        if any(text in message for text in OVERLOAD_MESSAGES):
+            return PolicyOverloadedError(
+                f"{where} is overloaded and turned the request away ({message.strip()}); send fewer requests at once, "
+                f"or give the server more instances or a longer queue (max_queue_size, queue timeout)")
+        if NOT_LOADED_MESSAGE in message:
+            return PolicyUnavailableError(f"{where} has no version of {model!r} loaded right now ({message}); is the "
+                                          f"server starting, stopping or reloading the model?")
         if status in {"404", "StatusCode.NOT_FOUND"} or "unknown model" in message:
             return ModelNotFoundError(f"{where} does not serve model {model!r} ({message}); check --model and the "
                                       f"server's repository")
@@ -75,14 +116,27 @@ def classify_error(exc: BaseException, protocol: str, url: str, model: str) -> P
         if status in {"503", "StatusCode.UNAVAILABLE"} or "UNAVAILABLE" in status:
             return PolicyUnavailableError(f"{where} is unavailable ({message}); is tritonserver running and ready?")
         return PolicyError(f"{where} failed: [{status}] {message}")
-    if isinstance(exc, (ConnectionError, OSError)):
+    if isinstance(exc, (ConnectionError, OSError, http.client.HTTPException)) or _is_aiohttp_connection_error(exc):
+        # HTTPException: geventhttpclient's HTTPConnectionClosed when the server goes away mid-request.
         return PolicyUnavailableError(f"cannot connect to {where} ({exc}); is tritonserver running? "
                                       f"(start one with `maddpg-citylearn serve`)")
     return PolicyError(f"{where} failed: {type(exc).__name__}: {exc}")
 
 
+def _is_aiohttp_connection_error(exc: BaseException) -> bool:
+    aiohttp = sys.modules.get("aiohttp")  # only loaded when the asyncio HTTP client is in use
+    return aiohttp is not None and isinstance(exc, aiohttp.ClientConnectionError)
+
+
 def _retryable(error: PolicyError) -> bool:
-    return isinstance(error, PolicyUnavailableError)
+    return isinstance(error, (PolicyUnavailableError, PolicyOverloadedError))
+
+
+def _given_up(error: PolicyError, attempts: int, first_failure: float) -> PolicyError:
+    """The error to raise after the last attempt: the same type, saying how long it was retried."""
+    if attempts < 2:
+        return error
+    return type(error)(f"{error} (gave up after {attempts} attempts over {time.monotonic() - first_failure:.1f} s)")
 
 
 def _config_dict(protocol: str, raw: Any) -> dict:
@@ -157,15 +211,16 @@ class TritonPolicy(_ServedPolicy):
         return client
 
     def _call(self, operation, *, retry: bool = True):
-        delays = iter(self.retry.delays() if retry else ())
+        delays, attempts, first_failure = iter(self.retry.delays() if retry else ()), 0, 0.0
         while True:
             try:
                 return operation(self._client())
             except Exception as exc:  # noqa: BLE001 - classified below
                 error = classify_error(exc, self.protocol, self.url, self.model)
+                attempts, first_failure = attempts + 1, first_failure or time.monotonic()
                 delay = next(delays, None) if _retryable(error) else None
                 if delay is None:
-                    raise error from exc
+                    raise _given_up(error, attempts, first_failure) from exc
                 time.sleep(delay)
 
     def _grpc_timeout(self) -> dict:
@@ -258,15 +313,16 @@ class AsyncTritonPolicy(_ServedPolicy):
         return self._client_instance
 
     async def _call(self, operation, *, retry: bool = True):
-        delays = iter(self.retry.delays() if retry else ())
+        delays, attempts, first_failure = iter(self.retry.delays() if retry else ()), 0, 0.0
         while True:
             try:
                 return await asyncio.wait_for(operation(self._client()), self.timeout)
             except Exception as exc:  # noqa: BLE001 - classified below
                 error = classify_error(exc, self.protocol, self.url, self.model)
+                attempts, first_failure = attempts + 1, first_failure or time.monotonic()
                 delay = next(delays, None) if _retryable(error) else None
                 if delay is None:
-                    raise error from exc
+                    raise _given_up(error, attempts, first_failure) from exc
                 await asyncio.sleep(delay)
 
     async def is_ready(self) -> bool:

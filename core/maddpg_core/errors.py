@@ -2,7 +2,8 @@
 
 Every error a user can act on derives from :class:`MaddpgCitylearnError`; the CLI prints its message as one line and
 exits non-zero. Callers of the client catch the subclass they can do something about (retry on
-:class:`PolicyUnavailableError`, fix the input on :class:`BadInputError`, ...).
+:class:`PolicyUnavailableError`, slow down on :class:`PolicyOverloadedError`, fix the input on
+:class:`BadInputError`, ...).
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ class PolicyError(MaddpgCitylearnError):
 
 class PolicyUnavailableError(PolicyError):
     """The server cannot be reached or is not ready (connection refused, UNAVAILABLE, model not loaded)."""
+
+
+class PolicyOverloadedError(PolicyError):
+    """The server is up but turned the request away: its queue was full (``max_queue_size``) or the request waited
+    longer than the queue timeout. The request never ran; it is safe to send again later, more slowly."""
 
 
 class PolicyTimeoutError(PolicyError):
@@ -62,6 +68,10 @@ class RepositoryError(MaddpgCitylearnError):
 # --- env / serving operations ---------------------------------------------------------------------------------------
 class EnvironmentSetupError(MaddpgCitylearnError):
     """The CityLearn env cannot be built as asked (missing schema, dataset unavailable offline, bad window)."""
+
+
+class PlannerError(MaddpgCitylearnError):
+    """The perfect-foresight planner cannot plan as asked (unknown objective, bad horizon, LP not solved)."""
 
 
 class ServerStartError(MaddpgCitylearnError):

@@ -15,6 +15,7 @@ from typing import Callable, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from maddpg_core.errors import PolicyError
 from maddpg_core.layout import PolicyLayout
 
 from .citylearn_env import CityLearnAdapter
@@ -59,6 +60,8 @@ def run_episode(env, policy: Policy, *, reference: Policy | None = None, name: s
     """Reset ``env`` and step it to the end with ``policy``; the env's names are checked against the layout first.
 
     ``before_act`` runs before every policy call (simulators stepping in lockstep wait on a shared barrier there).
+    A policy that fails (a server that stayed away longer than the client's retries) ends the episode with the same
+    error type, saying at which step: there is no partial result.
     """
     adapter = CityLearnAdapter(policy.layout, env, what=name)
     if reference is not None:
@@ -69,12 +72,18 @@ def run_episode(env, policy: Policy, *, reference: Policy | None = None, name: s
     env_seconds = inference_seconds = 0.0
     bar = tqdm(total=total, desc=name, unit="step", disable=not progress, leave=False)
     started_at = time.time()  # wall clock: comparable across the processes of a multi-simulator run
+    step = 0
     while not env.terminated:
+        step += 1
         row = adapter.observations_to_array(observations)
         if before_act is not None:
             before_act()
         started = time.perf_counter()
-        actions = np.asarray(policy.act(row))
+        try:
+            actions = np.asarray(policy.act(row))
+        except PolicyError as exc:
+            bar.close()
+            raise type(exc)(f"{name} failed at step {step} of {total}: {exc}") from exc
         inference_seconds += time.perf_counter() - started
         if reference is not None:
             parity.append(float(np.abs(actions - np.asarray(reference.act(row))).max()))

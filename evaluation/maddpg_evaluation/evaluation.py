@@ -1,7 +1,8 @@
 """Prove in CityLearn that a policy (served or local) is the trained one, and measure how well it controls the district.
 
 :func:`evaluate_policy` runs the policy through an env window deterministically, optionally steps a reference policy in
-lockstep (parity), runs the reference controllers on the same window (zero actions, BasicBatteryRBC), and can run
+lockstep (parity), runs the reference controllers on the same window (zero actions, BasicBatteryRBC, charge on
+arrival), and can run
 ``envs`` simulators at once against one server so that Triton's dynamic batching has something to batch. The
 simulators step in lockstep, like a fleet of co-simulations on a shared clock: every step, all of them ask for their
 actions at the same moment, which is when a server can batch.
@@ -20,13 +21,13 @@ from functools import partial
 from typing import Any, Callable
 
 from maddpg_client.local_policy import LocalPolicy
-from maddpg_client.metrics import ModelMetrics, scrape
-from maddpg_client.triton_policy import TritonPolicy
+from maddpg_client.metrics import ModelMetrics, scrape, scrape_settled
+from maddpg_client.triton_policy import RetryPolicy, TritonPolicy
 from maddpg_core.errors import MaddpgCitylearnError, PolicyUnavailableError
 
 from .citylearn_env import EnvSpec, layout_from_env
 from .episode import EpisodeResult, Policy, run_episode
-from .reference_controllers import BasicBatteryRBCPolicy, ZeroPolicy
+from .reference_controllers import BasicBatteryRBCPolicy, ChargeOnArrivalPolicy, ZeroPolicy
 
 PolicyFactory = Callable[[], Policy]
 # Parity bounds of the contract: the served graph against the same graph in process, and against the torch policy
@@ -34,18 +35,21 @@ PolicyFactory = Callable[[], Policy]
 PARITY_TOLERANCE = 1e-6
 TORCH_PARITY_TOLERANCE = 1e-5
 BARRIER_TIMEOUT_S = 300
+RELATIVE_KPIS = ("cost_total", "carbon_emissions_total")
 
 
-def triton_factory(url: str, protocol: str, model: str) -> PolicyFactory:
-    return partial(_ready_triton_policy, url, protocol, model)
+def triton_factory(url: str, protocol: str, model: str, retry: RetryPolicy | None = None) -> PolicyFactory:
+    """``retry``: how long a step may wait for a server that went away (default: the client's few quick retries)."""
+    return partial(_ready_triton_policy, url, protocol, model, retry)
 
 
 def local_factory(path: str, model: str) -> PolicyFactory:
     return partial(LocalPolicy, path, model)
 
 
-def _ready_triton_policy(url: str, protocol: str, model: str) -> TritonPolicy:
-    return TritonPolicy(url, protocol=protocol, model=model).wait_until_ready(timeout=30)
+def _ready_triton_policy(url: str, protocol: str, model: str, retry: RetryPolicy | None = None) -> TritonPolicy:
+    options = {"retry": retry} if retry is not None else {}
+    return TritonPolicy(url, protocol=protocol, model=model, **options).wait_until_ready(timeout=30)
 
 
 @dataclass
@@ -59,6 +63,17 @@ class EvaluationReport:
     throughput: dict[str, Any] = field(default_factory=dict)
     layout_source: dict[str, Any] = field(default_factory=dict)
 
+    def relative_to_charge_on_arrival(self, result: EpisodeResult) -> dict[str, float] | None:
+        """Cost and carbon of ``result`` over those of charge on arrival (the reference that serves the cars too).
+
+        Both KPIs are ratios to no control, which never charges a car; dividing by charge on arrival's ratio asks
+        instead how a controller compares with one that charges every car.
+        """
+        reference = self.baselines.get("charge_on_arrival")
+        if reference is None:
+            return None
+        return {kpi: _ratio(result.kpis.get(kpi), reference.kpis.get(kpi)) for kpi in RELATIVE_KPIS}
+
     @property
     def parity_ok(self) -> bool | None:
         value = self.policy.parity_max_abs_diff
@@ -66,8 +81,12 @@ class EvaluationReport:
 
     def to_dict(self) -> dict[str, Any]:
         def result(r: EpisodeResult) -> dict[str, Any]:
-            return {"kpis": r.kpis, "service": r.service, "steps": r.steps,
-                    "env_ms_per_step": r.env_ms_per_step, "inference_ms_per_step": r.inference_ms_per_step}
+            out = {"kpis": r.kpis, "service": r.service, "steps": r.steps,
+                   "env_ms_per_step": r.env_ms_per_step, "inference_ms_per_step": r.inference_ms_per_step}
+            relative = self.relative_to_charge_on_arrival(r)
+            if relative is not None:
+                out["relative_to_charge_on_arrival"] = relative
+            return out
 
         parity = None
         if self.policy.parity is not None:
@@ -102,11 +121,13 @@ def evaluate_policy(policy: PolicyFactory, spec: EnvSpec, *, policy_name: str = 
     if envs < 1:
         raise MaddpgCitylearnError("--envs must be at least 1")
 
-    def snapshot() -> ModelMetrics | None:
+    def snapshot(expected_success: float | None = None) -> ModelMetrics | None:
         if not (metrics_url and model):
             return None
         try:
-            return scrape(metrics_url, model)
+            if expected_success is None:
+                return scrape(metrics_url, model)
+            return scrape_settled(metrics_url, model, expected_success=expected_success)
         except PolicyUnavailableError as exc:
             if not metrics_optional:
                 raise
@@ -121,30 +142,30 @@ def evaluate_policy(policy: PolicyFactory, spec: EnvSpec, *, policy_name: str = 
     else:
         say(f"running {envs} simulators at once, one process each")
         main, others = _run_concurrently(policy, reference, spec, envs, policy_name)
-    after = snapshot() if before is not None else None
-
     runs = [main, *others]
-    steps = sum(r.steps for r in runs)
+    steps = sum(r.steps for r in runs)  # one inference request per step and simulator
+    after = snapshot(expected_success=before.request_success + steps) if before is not None else None
     # Only the stepping counts: env construction, process start-up and KPI evaluation are not decisions.
     wall = max(r.extra["stepped_at"] for r in runs) - min(r.extra["started_at"] for r in runs)
     throughput = {
         "envs": envs,
+        "steps_per_simulator": [r.steps for r in runs],
         "wall_seconds": wall,
         "district_steps_per_second": steps / wall,
         "agent_decisions_per_second": steps * env_layout.n_agents / wall,
     }
     if before is not None and after is not None:
         window: ModelMetrics = after - before
-        throughput["server"] = window.as_dict()
-        throughput["average_batch_size"] = window.average_batch_size
+        if window.request_success >= steps:
+            throughput["server"] = window.as_dict()
+            throughput["average_batch_size"] = window.average_batch_size
+        else:  # counters start from zero in a restarted server: a difference across a restart means nothing
+            say(f"no batch statistics: Triton counted {window.request_success:.0f} of the {steps} requests of this "
+                f"run (did the server restart during it?)")
 
     results = {}
     if baselines:
-        for name, make in (("zero_actions", lambda e: ZeroPolicy(layout_from_env(e))),
-                           ("basic_battery_rbc", lambda e: BasicBatteryRBCPolicy(e))):
-            say(f"reference controller: {name}")
-            baseline_env = spec.build()
-            results[name] = run_episode(baseline_env, make(baseline_env), name=name, progress=progress)
+        results = run_baselines(spec, progress=progress, say=say)
     return EvaluationReport(
         policy_name=policy_name,
         env={"dataset": spec.dataset_name, "schema": str(spec.resolve_schema()), "start": spec.start, "end": spec.end,
@@ -156,6 +177,31 @@ def evaluate_policy(policy: PolicyFactory, spec: EnvSpec, *, policy_name: str = 
         throughput=throughput,
         layout_source=dict(probe.layout.source),
     )
+
+
+REFERENCE_CONTROLLERS: dict[str, Callable[[Any], Policy]] = {
+    "zero_actions": lambda env: ZeroPolicy(layout_from_env(env)),
+    "basic_battery_rbc": BasicBatteryRBCPolicy,
+    "charge_on_arrival": ChargeOnArrivalPolicy,
+}
+
+
+def run_baselines(spec: EnvSpec, *, progress: bool = True,
+                  say: Callable[[str], None] = lambda _: None) -> dict[str, EpisodeResult]:
+    """Every reference controller on the window of ``spec``, each in a fresh env."""
+    results = {}
+    for name, make in REFERENCE_CONTROLLERS.items():
+        say(f"reference controller: {name}")
+        env = spec.build()
+        results[name] = run_episode(env, make(env), name=name, progress=progress)
+    return results
+
+
+def _ratio(value, reference) -> float:
+    try:
+        return float(value) / float(reference)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return float("nan")
 
 
 def _episode_in_worker(policy: PolicyFactory, reference: PolicyFactory | None, spec: EnvSpec, name: str,

@@ -17,9 +17,11 @@ from maddpg_core.errors import MaddpgCitylearnError
 # name -> (module in maddpg_ops.commands, attribute, one-line help shown by `maddpg-citylearn --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("train", "train", "Train the cooperative MADDPG (CTDE, team reward) on CityLearn."),
+    "plot-training": ("plot_training", "plot_training", "Draw what a training run wrote to its metrics.jsonl."),
     "export": ("export", "export", "Export a checkpoint to a validated ONNX model version in a Triton repository."),
     "serve": ("serve", "serve", "Serve a model repository with the local tritonserver (no cluster needed)."),
     "evaluate": ("evaluate", "evaluate", "Run a policy (served or local) through CityLearn: KPIs, parity, plots."),
+    "plan": ("plan", "plan", "Replay the perfect-foresight LP planner in CityLearn: the best any controller could do."),
     "deploy": ("deploy", "deploy", "Deploy to Kubernetes and operate it (apply, status, logs, test, ...)."),
     "bench": ("bench", "bench", "Benchmark served inference against the alternatives."),
 }
@@ -54,6 +56,13 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except MaddpgCitylearnError as exc:
             raise click.ClickException(str(exc)) from exc
+        except ModuleNotFoundError as exc:
+            # The base install is the client; commands that train, export or step the env need an extra.
+            name = ctx.invoked_subcommand or "this command"
+            raise click.ClickException(
+                f"`{name}` needs the Python package {exc.name!r}, which is not installed: "
+                f"pip install 'maddpg-citylearn[all]' (see README, Install)"
+            ) from exc
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -1,10 +1,11 @@
 """The checkpoint format: one ``torch.save`` of plain containers and tensors, loadable with ``weights_only=True``.
 
-Format ``maddpg-citylearn.checkpoint`` version 1::
+Format ``maddpg-citylearn.checkpoint`` version 2 (version 1, without ``safety``, is still read)::
 
     format, format_version     identify the file (anything else is refused as foreign)
     layout                     PolicyLayout as a JSON string (building, observation and action names, bounds, widths)
-    actor_spec                 architecture needed to rebuild the PolicyNetwork
+    actor_spec                 architecture needed to rebuild the PolicyNetwork (hidden sizes, in-graph features)
+    safety                     SafetySpec as a plain dict (guarded charger and appliance slots), or None
     policy                     PolicyNetwork state_dict: normaliser statistics + stacked actor weights
     reference_observations     [n, agents, obs_width] float32 real env observations, used by export to validate
     trainer                    critic, target networks, optimisers, counters, config (for --resume); may be None
@@ -32,9 +33,11 @@ from maddpg_core.files import atomic_write
 from maddpg_core.layout import PolicyLayout
 
 from .networks import ActorSpec, PolicyNetwork
+from .safety import SafetySpec
 
 CHECKPOINT_FORMAT = "maddpg-citylearn.checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Checkpoint:
     actor_spec: ActorSpec
     policy: dict[str, torch.Tensor]
     reference_observations: torch.Tensor | None = None
+    safety: SafetySpec | None = None
     trainer: dict[str, Any] | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     # Set on load: where it came from and its sha256, for provenance in the exported layout.
@@ -51,7 +55,7 @@ class Checkpoint:
 
     def build_policy(self) -> PolicyNetwork:
         """The deployable torch policy with this checkpoint's weights, in eval mode."""
-        policy = PolicyNetwork(self.layout, self.actor_spec)
+        policy = PolicyNetwork(self.layout, self.actor_spec, self.safety)
         try:
             policy.load_state_dict(self.policy, strict=True)
         except RuntimeError as exc:
@@ -71,6 +75,7 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint) -> Path:
         "format_version": CHECKPOINT_VERSION,
         "layout": checkpoint.layout.to_json(),
         "actor_spec": checkpoint.actor_spec.to_dict(),
+        "safety": None if checkpoint.safety is None else checkpoint.safety.to_dict(),
         "policy": {k: v.detach().cpu().contiguous() for k, v in checkpoint.policy.items()},
         "reference_observations": (
             None if checkpoint.reference_observations is None else checkpoint.reference_observations.detach().cpu()
@@ -128,10 +133,10 @@ def checkpoint_from_payload(payload: dict[str, Any], *, path: Path | None = None
             f"train one with `maddpg-citylearn train`"
         )
     version = payload.get("format_version")
-    if version != CHECKPOINT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{where} has format version {version}; this maddpg-citylearn reads version {CHECKPOINT_VERSION}. "
-            f"Use the maddpg-citylearn release that wrote it"
+            f"{where} has format version {version}; this maddpg-citylearn reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}. Use the maddpg-citylearn release that wrote it"
         )
     missing = [k for k in ("layout", "actor_spec", "policy") if k not in payload]
     if missing:
@@ -139,6 +144,7 @@ def checkpoint_from_payload(payload: dict[str, Any], *, path: Path | None = None
     try:
         layout = PolicyLayout.from_json(payload["layout"])
         spec = ActorSpec.from_dict(payload["actor_spec"])
+        safety = None if payload.get("safety") is None else SafetySpec.from_dict(payload["safety"])
     except Exception as exc:  # noqa: BLE001 - any malformed field is the same user problem
         raise CheckpointError(f"{where} has a malformed layout or architecture: {_first_line(exc)}") from exc
     reference = payload.get("reference_observations")
@@ -152,6 +158,7 @@ def checkpoint_from_payload(payload: dict[str, Any], *, path: Path | None = None
         actor_spec=spec,
         policy=dict(payload["policy"]),
         reference_observations=reference,
+        safety=safety,
         trainer=payload.get("trainer"),
         summary=dict(payload.get("summary") or {}),
         path=path,

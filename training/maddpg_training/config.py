@@ -12,6 +12,8 @@ from maddpg_evaluation.citylearn_env import DEFAULT_DATASET
 
 from .team_reward import TeamRewardWeights
 
+OBJECTIVES = ("balanced", "cost", "carbon", "peak")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -19,7 +21,10 @@ class TrainConfig:
     dataset: str = DEFAULT_DATASET        # dataset name or schema.json path
     start: int | None = None              # training window (inclusive time steps); None = whole dataset
     end: int | None = None
-    episodes: int = 12                    # passes over the window
+    # Several training windows instead of start/end, e.g. [[0, 1464], [3673, 8759]] (January to September of the
+    # shared dataset, which starts on 1 August): episodes go through them in turn.
+    windows: tuple[tuple[int, int], ...] = ()
+    episodes: int = 4                     # MADDPG fine-tuning passes over the window(s), after the teacher phases
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None            # torch intra-op threads; None = torch's default
@@ -27,44 +32,81 @@ class TrainConfig:
     # --- networks ----------------------------------------------------------------------------------------------------
     actor_hidden: tuple[int, ...] = (256, 256)
     critic_hidden: tuple[int, ...] = (256, 256)
+    features: tuple[str, ...] = ("hour_cycle", "ev_slack")  # computed in the graph from each building's own row
 
-    # --- TD3-style MADDPG ---------------------------------------------------------------------------------------------
+    # --- what the policy may do ----------------------------------------------------------------------------------------
+    # False narrows every EV charger action to [0, 1]: the policy charges parked cars but never discharges them into
+    # the building (vehicle-to-grid needs the owner's consent).
+    allow_ev_discharge: bool = False
+    safety: bool = True                   # the in-graph safety layer: cars leave charged, appliance cycles run
+    ev_margin: float = 0.02               # the safety layer charges cars to required SOC - 0.05 + this
+
+    # --- the teacher (learning from demonstrations, then DAgger) -------------------------------------------------------
+    teacher: str = "planner"              # planner | rule (see teachers.py)
+    planner_horizon: int = 48             # hours of perfect foresight
+    planner_objective: str = "balanced"   # balanced | cost | carbon | peak
+    dagger_rounds: int = 2                # passes where the clone drives and the teacher labels, each then re-cloned
+    label_every: int = 1                  # the teacher labels every k-th state of a DAgger pass
+    dagger_noise: float = 0.05            # exploration of the driving clone in DAgger passes (unit action scale)
+    clone_steps: int = 6_000              # behaviour-cloning steps per cloning
+    clone_lr: float = 1e-3
+    cache_demonstration: bool = True      # keep the teacher's own pass on disk (runs/.cache): seeds share it
+
+    # --- MADDPG fine-tuning (TD3-style, centralised critic, n-step returns) --------------------------------------------
+    # Each episode: the actors drive (exploring) while the critic learns every step; then `critic_refit_steps` more
+    # critic updates and `actor_steps` actor updates on that episode's transitions; then a deterministic check on
+    # the training window(s) keeps the new actors only if they score better, else returns to the best and halves
+    # `actor_steps` (a trust region measured in the env, not assumed).
+    actor_steps: int = 1_000
+    critic_refit_steps: int = 2_000
     gamma: float = 0.99
+    n_step: int = 12                      # returns over n steps before bootstrapping (peaks answer hours later)
     tau: float = 0.005                    # Polyak rate of the target networks
-    actor_lr: float = 3e-4
+    actor_lr: float = 1e-4
     critic_lr: float = 3e-4
     batch_size: int = 256
-    buffer_size: int = 100_000
-    learning_starts: int = 2_000          # uniform random actions before the first update
-    update_every: int = 2                 # env steps per gradient update of the critic
+    buffer_size: int = 60_000
+    critic_warmup_steps: int = 6_000      # critic updates on the teacher's and DAgger data, actors held still
+    update_every: int = 1                 # env steps per critic update while fine-tuning
     policy_delay: int = 2                 # critic updates per actor (and target) update
-    target_noise: float = 0.2             # target policy smoothing (unit action scale)
-    target_noise_clip: float = 0.5
+    target_noise: float = 0.1             # target policy smoothing (unit action scale)
+    target_noise_clip: float = 0.3
     exploration_start: float = 0.05       # Gaussian exploration std (unit action scale), decayed linearly ...
     exploration_end: float = 0.05
-    exploration_decay_episodes: int = 8   # ... over this many episodes, then held
+    exploration_decay_episodes: int = 4   # ... over this many episodes, then held
+    bc_alpha: float = 0.1                 # TD3+BC: weight of the normalised Q term against cloning the teacher;
+                                          # 0 = cloning only (no MADDPG step changes the actors)
     grad_clip: float = 1.0
     preactivation_penalty: float = 0.01   # keeps actors out of tanh saturation (see trainer)
-
-    # --- learning from a demonstration (DDPGfD; see demonstration.py) ---------------------------------------------------
-    demonstration: bool = True            # start from the self-consumption rule: replay seeded, actors cloned
-    demonstration_noise: float = 0.1      # Gaussian noise on the rule's actions while it fills the replay buffer
-    clone_steps: int = 5_000              # behaviour-cloning steps of the actors (per cloning)
-    clone_lr: float = 1e-3
-    dagger_rounds: int = 1                # passes where the clone acts and the rule labels, each followed by
-                                          # re-cloning on everything labelled so far (DAgger)
-    critic_warmup_steps: int = 3_000      # critic updates on the demonstration before the actors follow the critic
-    guide_alpha: float = 0.3              # TD3+BC: weight of the normalised Q term against staying near the rule;
-                                          # 0 turns the pull towards the rule off (pure TD3 after the warm start)
-
-    # --- what the policy may do -----------------------------------------------------------------------------------------
-    # False narrows every EV charger action to [0, 1]: the policy charges parked cars but never discharges them into
-    # the building (vehicle-to-grid needs the owner's consent, and draining a car is what an untamed policy learns
-    # first: measured EV service 0.006 against 0.094 for doing nothing).
-    allow_ev_discharge: bool = False
+    heldout_fraction: float = 0.1         # teacher transitions kept out of critic training, to measure its error
 
     # --- team reward ---------------------------------------------------------------------------------------------------
     reward: TeamRewardWeights = field(default_factory=TeamRewardWeights)
+
+    def __post_init__(self) -> None:
+        from .networks import FEATURES
+        from .teachers import TEACHERS
+
+        problems = []
+        if self.teacher not in TEACHERS:
+            problems.append(f"teacher = {self.teacher!r} (choose {' or '.join(TEACHERS)})")
+        if self.planner_objective not in OBJECTIVES:
+            problems.append(f"planner_objective = {self.planner_objective!r} (choose one of {', '.join(OBJECTIVES)})")
+        if set(self.features) - set(FEATURES):
+            problems.append(f"features = {list(self.features)} (known: {', '.join(FEATURES)})")
+        for name in ("n_step", "label_every", "batch_size", "policy_delay", "update_every", "planner_horizon"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} = {getattr(self, name)} (must be at least 1)")
+        if not 0 <= self.heldout_fraction < 1:
+            problems.append(f"heldout_fraction = {self.heldout_fraction} (must be in [0, 1))")
+        for window in self.windows:
+            if len(window) != 2 or window[0] < 0 or window[1] <= window[0]:
+                problems.append(f"windows entry {list(window)} (need [start, end] with 0 <= start < end)")
+        if problems:
+            raise MaddpgCitylearnError("invalid training setting(s): " + "; ".join(problems))
+
+    def training_windows(self) -> tuple[tuple[int | None, int | None], ...]:
+        return tuple(tuple(w) for w in self.windows) if self.windows else ((self.start, self.end),)
 
     def exploration_std(self, episode: int) -> float:
         if self.exploration_decay_episodes <= 0:
@@ -76,6 +118,8 @@ class TrainConfig:
         data = asdict(self)
         data["actor_hidden"] = list(self.actor_hidden)
         data["critic_hidden"] = list(self.critic_hidden)
+        data["features"] = list(self.features)
+        data["windows"] = [list(w) for w in self.windows]
         return data
 
     @classmethod
@@ -88,6 +132,10 @@ class TrainConfig:
         for name in ("actor_hidden", "critic_hidden"):
             if name in values:
                 values[name] = tuple(int(h) for h in values[name])
+        if "features" in values:
+            values["features"] = tuple(str(f) for f in values["features"])
+        if "windows" in values:
+            values["windows"] = tuple((int(a), int(b)) for a, b in values["windows"])
         if "reward" in values:
             reward = values["reward"]
             allowed = {f.name for f in fields(TeamRewardWeights)}

@@ -18,6 +18,9 @@ import torch
 from torch import nn
 
 from maddpg_core.layout import PolicyLayout
+from maddpg_evaluation.ev_service import EvServiceRule
+
+from .safety import SafetyLayer, SafetySpec
 
 # Normalised observations are clipped to this many standard deviations: a sensor glitch (1e30, inf) cannot push an
 # actor far outside what it saw in training.
@@ -26,18 +29,30 @@ OBSERVATION_CLIP = 5.0
 MIN_STD = 1e-3
 
 
+FEATURES = ("hour_cycle", "ev_slack")
+
+
 @dataclass(frozen=True)
 class ActorSpec:
-    """Architecture of the stacked actors (stored in checkpoints so export can rebuild them)."""
+    """Architecture of the stacked actors (stored in checkpoints so export can rebuild them).
+
+    ``features`` are computed inside the graph from each building's own raw observations and appended to its
+    normalised row (see :class:`ObservationFeatures`); () is the plain architecture of format-1 checkpoints.
+    """
 
     hidden_sizes: tuple[int, ...] = (256, 256)
+    features: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        return {"hidden_sizes": list(self.hidden_sizes)}
+        return {"hidden_sizes": list(self.hidden_sizes), "features": list(self.features)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ActorSpec":
-        return cls(hidden_sizes=tuple(int(h) for h in data["hidden_sizes"]))
+        features = tuple(str(f) for f in data.get("features", ()))
+        unknown = sorted(set(features) - set(FEATURES))
+        if unknown:
+            raise ValueError(f"unknown actor feature(s) {unknown}; this version computes {list(FEATURES)}")
+        return cls(hidden_sizes=tuple(int(h) for h in data["hidden_sizes"]), features=features)
 
 
 class StackedLinear(nn.Module):
@@ -99,12 +114,73 @@ class ObservationNormaliser(nn.Module):
         return torch.clamp(z, -OBSERVATION_CLIP, OBSERVATION_CLIP) * self.mask
 
 
-class StackedActors(nn.Module):
-    """One deterministic actor per building: normalised own observation -> tanh action in [-1, 1] per slot."""
+class ObservationFeatures(nn.Module):
+    """What an actor reads besides its normalised observations, computed from its own building's raw row.
 
-    def __init__(self, layout: PolicyLayout, spec: ActorSpec):
+    * ``hour_cycle``: sin and cos of the hour of day (23:00 and 00:00 are neighbours, which a normalised hour hides);
+    * ``ev_slack``: per charger of the building, the hours a connected car can still wait before the safety layer's
+      floor must charge it (``d + 1 - needed / energy per step``), in days, clipped to [-1, 2]; 0 without a car, 1
+      for a stay without a departure time.
+      The actor cannot see the future, but it can see how urgent each car is.
+
+    Agent-major widths: every agent gets the same number of columns (chargers padded with zeros).
+    """
+
+    def __init__(self, layout: PolicyLayout, names: tuple[str, ...], safety: SafetySpec | None):
         super().__init__()
-        self.mlp = StackedMLP(layout.n_agents, layout.obs_width, spec.hidden_sizes, layout.action_width)
+        self.names = names
+        hour = [agent.observation_names.index("hour") if agent.observation_names and "hour" in agent.observation_names
+                else -1 for agent in layout.agents]
+        self.register_buffer("hour_slot", torch.tensor([max(h, 0) for h in hour]), persistent=False)
+        self.register_buffer("has_hour", torch.tensor([float(h >= 0) for h in hour]), persistent=False)
+        chargers = list(safety.chargers) if safety is not None else []
+        per_agent = max([sum(1 for c in chargers if c.agent == i) for i in range(layout.n_agents)], default=0)
+        self.ev_columns = per_agent if "ev_slack" in names else 0
+        # [agents, ev_columns, 5] observation slots (-1: no charger in that column) and energy per step.
+        slots = torch.full((layout.n_agents, max(self.ev_columns, 1), 5), -1, dtype=torch.long)
+        energy = torch.ones(layout.n_agents, max(self.ev_columns, 1))
+        filled = [0] * layout.n_agents
+        for c in chargers if self.ev_columns else []:
+            k = filled[c.agent]
+            slots[c.agent, k] = torch.tensor([c.connected, c.departure_time, c.required_soc, c.soc, c.battery_capacity])
+            energy[c.agent, k] = float(safety.ev_rule.step_kwh(c.max_power_kw))
+            filled[c.agent] += 1
+        self.register_buffer("ev_slots", slots.clamp_min(0), persistent=False)
+        self.register_buffer("ev_present", (slots[..., 0] >= 0).float(), persistent=False)
+        self.register_buffer("ev_step_kwh", energy, persistent=False)
+        self.target_offset = (safety.ev_rule if safety is not None else EvServiceRule()).target_offset
+        self.width = (2 if "hour_cycle" in names else 0) + self.ev_columns
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        """``[batch, agents, obs_width]`` raw -> ``[batch, agents, width]``."""
+        x = torch.where(torch.isnan(observations), torch.zeros_like(observations), observations)
+        parts = []
+        if "hour_cycle" in self.names:
+            index = self.hour_slot.view(1, -1, 1).expand(x.shape[0], -1, 1)
+            angle = torch.clamp(torch.gather(x, 2, index), -1e3, 1e3) * (2 * math.pi / 24.0)
+            parts += [torch.sin(angle) * self.has_hour.view(1, -1, 1), torch.cos(angle) * self.has_hour.view(1, -1, 1)]
+        if self.ev_columns:
+            batch, agents = x.shape[0], x.shape[1]
+            index = self.ev_slots.reshape(1, agents, -1).expand(batch, -1, -1)
+            picked = torch.gather(x, 2, index).reshape(batch, agents, self.ev_columns, 5)
+            connected = picked[..., 0] >= 0.5
+            known = picked[..., 1] >= 0.0
+            steps_left = torch.clamp(picked[..., 1], 0.0, 1e4) + 1.0
+            target = torch.clamp(picked[..., 2], 0.0, 1.0) + self.target_offset
+            needed = torch.clamp(target - torch.clamp(picked[..., 3], 0.0, 1.0), min=0.0) * torch.clamp(picked[..., 4], 0.0, 1e3)
+            slack = torch.clamp((steps_left - needed / self.ev_step_kwh) / 24.0, -1.0, 2.0)
+            slack = torch.where(known, slack, torch.ones_like(slack))  # no departure time: these stays are long
+            parts.append(torch.where(connected, slack, torch.zeros_like(slack)) * self.ev_present)
+        return torch.cat(parts, dim=-1) if parts else x[..., :0]
+
+
+class StackedActors(nn.Module):
+    """One deterministic actor per building: normalised own observation (+ features) -> tanh action per slot."""
+
+    def __init__(self, layout: PolicyLayout, spec: ActorSpec, in_features: int | None = None):
+        super().__init__()
+        width = layout.obs_width if in_features is None else in_features
+        self.mlp = StackedMLP(layout.n_agents, width, spec.hidden_sizes, layout.action_width)
         self.register_buffer("action_mask", torch.as_tensor(layout.action_mask(), dtype=torch.float32))
         # Start near action 0 (DDPG's small final layer): no agent begins pinned at a bound.
         with torch.no_grad():
@@ -141,41 +217,56 @@ class ActionScaler(nn.Module):
 class PolicyNetwork(nn.Module):
     """What gets exported: raw ``observations [batch, agents, obs_width]`` -> ``actions [batch, agents, action_width]``.
 
-    Decentralised execution: agent ``i``'s action depends only on agent ``i``'s observation row.
+    normalise (+ features) -> 17 stacked actors -> clip to each slot's bounds -> safety layer (every car leaves
+    charged, every appliance cycle runs; see ``safety.py``). Decentralised execution: agent ``i``'s action depends
+    only on agent ``i``'s observation row, safety layer included.
     """
 
-    def __init__(self, layout: PolicyLayout, spec: ActorSpec = ActorSpec()):
+    def __init__(self, layout: PolicyLayout, spec: ActorSpec = ActorSpec(), safety: SafetySpec | None = None):
         super().__init__()
         self.layout = layout
         self.spec = spec
+        self.safety_spec = safety
         self.normaliser = ObservationNormaliser(layout)
-        self.actors = StackedActors(layout, spec)
+        self.features = ObservationFeatures(layout, spec.features, safety)
+        self.actors = StackedActors(layout, spec, layout.obs_width + self.features.width)
         self.scaler = ActionScaler(layout)
+        self.safety = SafetyLayer(layout, safety) if safety is not None else None
 
-    def unit_actions(self, observations: torch.Tensor) -> torch.Tensor:
-        return self.actors(self.normaliser(observations))
+    def actor_inputs(self, observations: torch.Tensor) -> torch.Tensor:
+        """``[batch, agents, obs_width + features]``: what each actor (and the centralised critic) reads."""
+        z = self.normaliser(observations)
+        return torch.cat([z, self.features(observations)], dim=-1) if self.features.width else z
+
+    def guard(self, observations: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Env actions after the safety layer (the identity without one)."""
+        return actions if self.safety is None else self.safety(observations, actions)
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
-        return self.scaler(self.unit_actions(observations))
+        return self.guard(observations, self.scaler(self.actors(self.actor_inputs(observations))))
 
 
 class TwinCentralCritic(nn.Module):
-    """Centralised critic of CTDE: Q(all normalised observations, all unit actions), one value per reward share.
+    """Centralised critic of CTDE: Q(every actor's inputs, every applied action, district state), one value per share.
 
-    The team reward is a sum of shares (each building's own terms, and the district's peak term: see
-    ``team_reward.TeamReward.split``); the critic predicts the return of every share and the team's Q is their sum.
-    Same inputs and the same objective as one scalar critic, but 18 learning targets instead of one: the share of a
-    building responds to that building's action, which is the credit assignment MADDPG otherwise has to discover in a
-    single number. Two independent critics (clipped double Q, TD3) are stacked into one batched MLP.
+    The team reward is a sum of shares (each building's cost and emissions, and the district's peak terms: see
+    ``team_reward.TeamReward``); the critic predicts the return of every share and the team's Q is their sum. Same
+    objective as one scalar critic, but one learning target per share: a building's share responds to that building's
+    action, which is the credit assignment MADDPG otherwise has to discover in a single number. The district state
+    (running daily and all-time peaks, the district load) is what makes the peak terms Markov: no single building
+    observes it, but the critic may (centralised training). Two critics (clipped double Q, TD3) are stacked into one
+    batched MLP.
     """
 
-    def __init__(self, layout: PolicyLayout, hidden_sizes: tuple[int, ...] = (256, 256)):
+    def __init__(self, layout: PolicyLayout, inputs_per_agent: int, shares: int, state_width: int = 0,
+                 hidden_sizes: tuple[int, ...] = (256, 256)):
         super().__init__()
-        in_features = layout.n_agents * (layout.obs_width + layout.action_width)
-        self.shares = layout.n_agents + 1
-        self.heads = StackedMLP(2, in_features, hidden_sizes, self.shares)
+        in_features = layout.n_agents * (inputs_per_agent + layout.action_width) + state_width
+        self.shares = shares
+        self.heads = StackedMLP(2, in_features, hidden_sizes, shares)
 
-    def forward(self, z: torch.Tensor, unit_actions: torch.Tensor) -> torch.Tensor:
-        """``[batch, agents, obs_width]`` and ``[batch, agents, action_width]`` -> ``[2, batch, shares]``."""
-        x = torch.cat([z.flatten(1), unit_actions.flatten(1)], dim=1)
+    def forward(self, inputs: torch.Tensor, actions: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        """``[batch, agents, inputs]``, ``[batch, agents, action_width]``, ``[batch, state]`` -> ``[2, batch, shares]``."""
+        parts = [inputs.flatten(1), actions.flatten(1)] + ([state] if state is not None and state.shape[1] else [])
+        x = torch.cat(parts, dim=1)
         return self.heads(x.unsqueeze(0).expand(2, -1, -1))

@@ -33,9 +33,12 @@ from ..options import env_options, env_spec_from, model_option
               help="Simulators running at once against the server (one process each): exercises dynamic batching.")
 @click.option("--metrics-url", default=None, metavar="URL",
               help="Triton metrics endpoint for batch statistics (default: the server's host, port 8002).")
+@click.option("--retry-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
+              help="How long a step waits for a server that went away or is overloaded (retried with backoff) "
+                   "before the run ends without a report.")
 @click.option("--progress/--no-progress", default=True)
 def evaluate(url, protocol, local_repository, serve_repository, model_name, schema, dataset, start, end, out_dir,
-             reference_onnx, reference_checkpoint, baselines, envs, metrics_url, progress):
+             reference_onnx, reference_checkpoint, baselines, envs, metrics_url, retry_seconds, progress):
     """Validate a policy in the CityLearn env and report its KPIs.
 
     \b
@@ -45,11 +48,17 @@ def evaluate(url, protocol, local_repository, serve_repository, model_name, sche
     for zero actions and BasicBatteryRBC, parity against a reference, ms per step, and a plot.
 
     \b
+    A server that restarts during the run is waited for (--retry-seconds) and the run goes on where it was; one that
+    stays away ends the run with one error line and no report.
+
+    \b
     Examples:
       maddpg-citylearn evaluate --serve model_repository --start 0 --end 167
       maddpg-citylearn evaluate --url localhost:8001 --protocol grpc --reference-onnx model_repository
       maddpg-citylearn evaluate --url localhost:8000 --envs 4 --no-baselines
     """
+    from maddpg_client.triton_policy import RetryPolicy
+    from maddpg_core.errors import PolicyError
     from maddpg_evaluation.evaluation import evaluate_policy, local_factory, triton_factory
     from maddpg_evaluation.report import format_table, write_evaluation_report
 
@@ -86,15 +95,19 @@ def evaluate(url, protocol, local_repository, serve_repository, model_name, sche
             url = server.http_url if protocol == "http" else server.grpc_url
             metrics_url = metrics_url or server.metrics_url
         if url:
-            policy, name = triton_factory(url, protocol, model_name), f"Triton {protocol}://{url}"
+            policy = triton_factory(url, protocol, model_name, RetryPolicy.for_seconds(retry_seconds))
+            name = f"Triton {protocol}://{url}"
             metrics_url = metrics_url or _default_metrics_url(url)
         else:
             policy, name = local_factory(local_repository, model_name), f"onnxruntime {local_repository}"
-        report = evaluate_policy(policy, spec, policy_name=name, reference=reference, reference_name=reference_name,
-                          parity_tolerance=tolerance,
-                          baselines=baselines, envs=envs, metrics_url=metrics_url if url else None,
-                          metrics_optional=metrics_optional, model=model_name,
-                          progress=progress, say=lambda m: click.echo(f"... {m}", err=True))
+        try:
+            report = evaluate_policy(policy, spec, policy_name=name, reference=reference, reference_name=reference_name,
+                                     parity_tolerance=tolerance,
+                                     baselines=baselines, envs=envs, metrics_url=metrics_url if url else None,
+                                     metrics_optional=metrics_optional, model=model_name,
+                                     progress=progress, say=lambda m: click.echo(f"... {m}", err=True))
+        except PolicyError as exc:  # nothing is written: a report must never look complete when the run was not
+            raise click.ClickException(f"{exc}; no report was written to {out_dir}") from exc
     paths = write_evaluation_report(report, out_dir)
     click.echo(format_table(report))
     click.echo(f"\nreport: {paths['json']}\nplot:   {paths['plot']}")

@@ -19,7 +19,10 @@ from maddpg_evaluation.citylearn_env import EnvSpec
 @click.option("--dataset", metavar="NAME|PATH", default=None,
               help="CityLearn dataset name or schema.json path (default: the config's, else the 2022 EV dataset).")
 @click.option("--seed", type=int, default=None, help="Random seed (networks, exploration, replay sampling).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Where the networks learn.")
+@click.option("--teacher", type=click.Choice(["planner", "rule"]), default=None,
+              help="Who the actors learn from first: the perfect-foresight planner (default) or the "
+                   "self-consumption rule (instant; smoke runs).")
+@click.option("--device", type=click.Choice(["cpu"]), default=None, help="Where the networks learn (CPU).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/ctde", show_default=True,
               help="Output folder: last.pt every episode, best.pt, final.pt, summary.json.")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None,
@@ -27,17 +30,25 @@ from maddpg_evaluation.citylearn_env import EnvSpec
 @click.option("--eval-start", type=click.IntRange(min=0), default=None,
               help="Window of the final deterministic evaluation (default: the whole dataset).")
 @click.option("--eval-end", type=click.IntRange(min=0), default=None)
-@click.option("--evaluate-every", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Also evaluate deterministically every N episodes and keep the best policy as best.pt.")
+@click.option("--evaluate-every", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Evaluate deterministically every N fine-tuning episodes (0: only at the end); the teacher-taught "
+                   "policy is always evaluated; the best is kept as best.pt.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars.")
-def train(config_file, episodes, start, end, dataset, seed, device, out_dir, resume, eval_start, eval_end,
+def train(config_file, episodes, start, end, dataset, seed, teacher, device, out_dir, resume, eval_start, eval_end,
           evaluate_every, progress):
     """Train one actor per building with a centralised twin critic on the cooperative team reward.
 
     \b
-    Decentralised execution: each actor sees only its own building. Centralised training: the critic sees every
-    building's observation and action. TD3 stabilisers: target networks, clipped double Q, target policy smoothing,
-    delayed actor updates; Gaussian exploration decayed over episodes.
+    A teacher (the perfect-foresight planner, every car charged) drives first and labels what it sees; the actors
+    are cloned from it and refined by DAgger (the clone drives, the teacher labels); the critic is warmed up on
+    that data; then MADDPG fine-tunes the actors against the team reward (the headline KPIs, per step), kept near
+    the teacher by TD3+BC. Decentralised execution: each actor sees only its own building. Centralised training:
+    the critic sees every building's observation and action and the district's running peaks. The exported graph
+    ends with a safety layer: every car leaves charged, every appliance cycle runs.
+
+    \b
+    Writes OUT/metrics.jsonl (every update, pass, critic check and evaluation), last.pt, best.pt, final.pt,
+    summary.json. `maddpg-citylearn plot-training OUT` draws the trace.
 
     \b
     Example (the shipped model, see docs/model-card.md):
@@ -48,8 +59,9 @@ def train(config_file, episodes, start, end, dataset, seed, device, out_dir, res
     from maddpg_training.trainer import train as run_training
 
     config = TrainConfig.load(config_file) if config_file else TrainConfig()
-    config = config.override(episodes=episodes, start=start, end=end, dataset=dataset, seed=seed, device=device)
-    evaluation = EnvSpec(schema=config.dataset, start=eval_start, end=eval_end, random_seed=config.seed)
+    config = config.override(episodes=episodes, start=start, end=end, dataset=dataset, seed=seed, teacher=teacher,
+                             device=device)
+    evaluation = EnvSpec(schema=config.dataset, start=eval_start, end=eval_end)
     result = run_training(config, out_dir, resume=resume, progress=progress, evaluation=evaluation,
                           evaluate_every=evaluate_every, say=lambda m: click.echo(m, err=True))
     (result.out_dir / "summary.json").write_text(json.dumps(result.summary, indent=2))

@@ -1,0 +1,73 @@
+"""``maddpg-citylearn plan``: the perfect-foresight planner replayed in the real env, reported like ``evaluate``."""
+
+from __future__ import annotations
+
+import click
+
+from ..options import env_options, env_spec_from
+
+
+@click.command("plan")
+@click.option("--objective", type=click.Choice(["balanced", "cost", "carbon", "peak"]), default="balanced",
+              show_default=True, help="What the LP minimises: the mean of the four headline KPIs (plus a little "
+                                      "ramping), or one of them.")
+@click.option("--horizon", type=click.IntRange(min=1), default=48, show_default=True, metavar="HOURS",
+              help="Hours of perfect foresight per solve (receding mode).")
+@click.option("--mode", type=click.Choice(["receding", "open-loop"]), default="receding", show_default=True,
+              help="receding: re-solve from the env's true state every step and apply the first hour; open-loop: "
+                   "one solve for the whole window, replayed.")
+@click.option("--ev/--no-ev", default=True, show_default=True,
+              help="Charge every parked car to its required SOC by departure (--ev), or leave the cars alone.")
+@env_options()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/plan", show_default=True,
+              help="Where report.json and report.png go.")
+@click.option("--baselines/--no-baselines", default=True, show_default=True,
+              help="Also run zero actions, BasicBatteryRBC and charge on arrival on the same window.")
+@click.option("--progress/--no-progress", default=True)
+def plan(objective, horizon, mode, ev, schema, dataset, start, end, out_dir, baselines, progress):
+    """Replay the perfect-foresight LP planner in the CityLearn env and report its KPIs.
+
+    \b
+    The planner knows the dataset's whole future (loads, solar, prices, carbon, every car's arrival, departure
+    and required SOC, the appliance's cycles) and solves a linear program (HiGHS) whose objective is
+    env.evaluate()'s own: per-building cost and carbon relative to no control, daily and all-time peaks, ramping.
+    It is an upper bound on what a controller could reach, not a deployable controller. The report has the same
+    table, report.json and report.png as `evaluate`, with the planner as the controller and its solve time.
+
+    \b
+    Examples:
+      maddpg-citylearn plan --start 0 --end 167                          # a week, cars charged
+      maddpg-citylearn plan --objective balanced --no-ev --out reports/plan-no-ev    # the full year
+      maddpg-citylearn plan --mode open-loop --start 0 --end 719
+    """
+    from maddpg_evaluation.episode import run_episode
+    from maddpg_evaluation.evaluation import EvaluationReport, run_baselines
+    from maddpg_evaluation.planner import Planner, PlannerPolicy
+    from maddpg_evaluation.planner.planner import check_options
+    from maddpg_evaluation.report import format_table, write_evaluation_report
+
+    check_options(objective=objective, horizon=horizon, mode=mode)
+    spec = env_spec_from(schema, dataset, start, end)
+    spec.check_window()  # before building anything
+    env = spec.build()
+    planner = Planner(env, objective=objective, horizon=horizon, ev=ev, mode=mode)
+    cars = "cars charged" if ev else "cars left alone"
+    name = f"planner ({mode}{f' {horizon} h' if mode == 'receding' else ''}, {objective}, {cars})"
+    click.echo(f"... {name}", err=True)
+    result = run_episode(env, PlannerPolicy(planner, env), name="planner", progress=progress)
+    results = run_baselines(spec, progress=progress, say=lambda m: click.echo(f"... {m}", err=True)) if baselines else {}
+    layout = planner.layout
+    report = EvaluationReport(
+        policy_name=name,
+        env={"dataset": spec.dataset_name, "schema": str(spec.resolve_schema()), "start": spec.start, "end": spec.end,
+             "steps": result.steps, "citylearn_version": layout.citylearn_version},
+        policy=result,
+        baselines=results,
+        throughput={"planner": planner.timing.as_dict()},
+        layout_source={"controller": "perfect-foresight LP planner", "objective": objective, "mode": mode,
+                       "horizon_hours": horizon if mode == "receding" else None, "ev": ev,
+                       "weights": vars(planner.weights)},
+    )
+    paths = write_evaluation_report(report, out_dir)
+    click.echo(format_table(report))
+    click.echo(f"\nreport: {paths['json']}\nplot:   {paths['plot']}")
