@@ -2,8 +2,9 @@
 #   make demo   set up, then run the main job on the embedded default: serve model_repository/ with the local
 #               tritonserver and validate the served policy in CityLearn (KPIs, parity, plot) -> reports/demo/
 #   make test   set up, then run the whole test suite
-# Everything lands in .venv (override with VENV=...). Offline machines: CITYLEARN_LOCAL_DATASETS_PATH is pointed at
-# ../shared/citylearn/datasets when that folder exists.
+# Everything lands in .venv (override with VENV=...); the onnxruntime backend build in ~/.cache/maddpg-citylearn.
+# Offline machines: CITYLEARN_LOCAL_DATASETS_PATH is pointed at ../shared/citylearn/datasets and
+# MADDPG_TRITON_SOURCES at ../shared/triton-src when those folders exist.
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -15,10 +16,17 @@ ifneq ($(wildcard $(SHARED_DATASETS)),)
 export CITYLEARN_LOCAL_DATASETS_PATH ?= $(SHARED_DATASETS)
 export CITYLEARN_OFFLINE ?= 1
 endif
+# Triton's onnxruntime backend is built from pinned archives: offline machines take them from ../shared/triton-src.
+SHARED_TRITON_SOURCES := $(abspath ../shared/triton-src)
+ifneq ($(wildcard $(SHARED_TRITON_SOURCES)),)
+export MADDPG_TRITON_SOURCES ?= $(SHARED_TRITON_SOURCES)
+endif
 
 .PHONY: setup demo test lint clean promtool
 
 setup: $(STAMP) promtool
+	# Triton's onnxruntime backend for the bundled tritonserver (~1 min the first time; nothing when current).
+	$(BIN)/python -m maddpg_serving.onnxruntime_backend build
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -1,7 +1,7 @@
 """Shared fixtures: the real dataset, a checkpoint made by the project itself, an exported repository, a real server.
 
 Expensive things are session-scoped and built once: an initialised policy on the real env layout (one-week warm-up),
-its export, and one tritonserver on free ports that is stopped by PID at the end of the session.
+its export, and a tritonserver on free ports (one per backend, in turn) that is stopped by PID when its tests are done.
 """
 
 from __future__ import annotations
@@ -70,12 +70,21 @@ def exported_repository(tmp_path_factory, initial_checkpoint_path) -> Path:
     return repository
 
 
-@pytest.fixture(scope="session")
-def triton_server(exported_repository):
-    """One real tritonserver (bundled in nvidia-pytriton) for the whole session, on free ports."""
-    from maddpg_serving.local_triton import LocalTritonServer, free_ports
+# Both backends the local server can run; `make setup` builds the onnxruntime one, the python one is the fallback.
+SERVER_BACKENDS = ("onnxruntime", "python")
 
-    server = LocalTritonServer(exported_repository, ports=free_ports())
+
+@pytest.fixture(scope="session", params=SERVER_BACKENDS)
+def triton_server(request, exported_repository):
+    """A real tritonserver (bundled in nvidia-pytriton) on free ports, once per backend: every test that uses it runs
+    against Triton's onnxruntime backend (configs/cpu.pbtxt) and the python backend (configs/local.pbtxt)."""
+    from maddpg_serving.local_triton import LocalTritonServer, free_ports
+    from maddpg_serving.onnxruntime_backend import installed
+
+    if request.param == "onnxruntime" and installed() is None:
+        pytest.fail("Triton's onnxruntime backend is not built: run `make setup` (it builds it), or "
+                    "`python -m maddpg_serving.onnxruntime_backend build --sources ../shared/triton-src`")
+    server = LocalTritonServer(exported_repository, ports=free_ports(), backend=request.param)
     server.start(timeout=120)
     try:
         yield server

@@ -27,7 +27,8 @@ from maddpg_client import (
     scrape_settled,
 )
 from maddpg_client.triton_policy import classify_error
-from maddpg_serving.local_triton import LocalTritonServer, free_port, free_ports
+from maddpg_serving.local_triton import LocalTritonServer, free_ports
+from maddpg_serving.processes import reserve_ports
 
 pytestmark = [pytest.mark.triton, pytest.mark.citylearn]
 MODEL = "maddpg_ctde"
@@ -208,7 +209,7 @@ def test_served_saturated_actors_stay_on_their_bounds_never_past_them(saturated_
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_a_stopped_server_raises_unavailable_after_bounded_retries(protocol):
-    policy = TritonPolicy(f"127.0.0.1:{free_port()}", protocol=protocol, retry=RetryPolicy(attempts=2, backoff_s=0.01))
+    policy = TritonPolicy(f"127.0.0.1:{reserve_ports(1)[0]}", protocol=protocol, retry=RetryPolicy(attempts=2, backoff_s=0.01))
     with pytest.raises(PolicyUnavailableError, match="is tritonserver running"):
         _ = policy.layout
     assert policy.is_ready() is False

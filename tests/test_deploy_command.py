@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from maddpg_ops import kubernetes as k8s
 from maddpg_ops.cli import cli
-from maddpg_serving.local_triton import free_port
+from maddpg_serving.processes import reserve_ports
 
 pytestmark = pytest.mark.k8s
 
@@ -88,7 +88,7 @@ def test_a_configured_kubectl_that_does_not_exist_is_named(monkeypatch):
 @pytest.fixture
 def unreachable_cluster(tmp_path) -> tuple[dict, str]:
     """A kubeconfig whose API server is a closed local port, as when Docker Desktop's Kubernetes is stopped."""
-    server = f"https://127.0.0.1:{free_port()}"
+    server = f"https://127.0.0.1:{reserve_ports(1)[0]}"
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "docker-desktop",
@@ -193,7 +193,7 @@ def test_deploy_test_with_a_url_needs_no_kubectl(no_kubectl, triton_server):
 
 
 def test_deploy_test_on_a_server_that_is_not_there_fails_with_one_line():
-    url = f"127.0.0.1:{free_port()}"
+    url = f"127.0.0.1:{reserve_ports(1)[0]}"
     result = run_cli("deploy", "test", "--url", url, "--timeout", "2")  # a bounded wait (run_cli's timeout)
     assert result.returncode == 1
     (line,) = error_lines(result)

@@ -89,8 +89,9 @@ def test_written_configs_agree_with_each_other_and_with_the_onnx_graph(exported_
         assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [(INPUT_NAME, pb.TYPE_FP32, [17, 52])]
         assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [(OUTPUT_NAME, pb.TYPE_FP32, [17, 3])]
         assert PolicyLayout.from_json(config.parameters["layout"].string_value) == layout
-        assert config.dynamic_batching.default_queue_policy.max_queue_size > 0
-        assert config.dynamic_batching.default_queue_policy.default_timeout_microseconds > 0
+        assert config.HasField("dynamic_batching")
+        # No queue policy by default: in Triton 2.51 one makes requests stall ~500 ms (docs/benchmarks.md).
+        assert not config.dynamic_batching.HasField("default_queue_policy")
         assert len(config.model_warmup) >= 1
     kinds = {name: [g.kind for g in config.instance_group] for name, config in configs.items()}
     assert kinds["default"] == [pb.ModelInstanceGroup.KIND_GPU, pb.ModelInstanceGroup.KIND_CPU]

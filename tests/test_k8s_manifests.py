@@ -505,14 +505,19 @@ def test_rendered_triton_args_serve_the_declared_probes_and_metrics(rendered, ex
     container = triton(objects)
     pod_uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"  # what the kubelet would put in TRITON_ADMIN_KEY
     args = [expand_kubernetes_references(a, {"TRITON_ADMIN_KEY": pod_uid}) for a in container["args"]]
-    # The local server takes the repository and config name as parameters and sets ports and addresses itself.
-    assert flag(args, "--model-config-name") == ["cpu"]  # swapped for `local`: the bundled server has no onnxruntime
-    replaced = ("--model-repository=", "--model-config-name=", "--http-port=", "--grpc-port=", "--metrics-port=",
-                "--http-address=", "--grpc-address=", "--metrics-address=")
-    extra_args = [a for a in args if not a.startswith(replaced)]
-    assert len(extra_args) >= 8
+    # The local server takes the repository, ports and addresses as its own fields; the manifest's config variant,
+    # exit timeout and GPU-metrics switch map onto typed fields; everything else is passed through as options.
+    pairs = [a.removeprefix("--").split("=", 1) for a in args]
+    settings = {name: value for name, value in pairs}
+    assert settings["model-config-name"] == "cpu"  # served by Triton's onnxruntime backend, as in the pod
+    typed = ("model-repository", "model-config-name", "http-port", "grpc-port", "metrics-port", "exit-timeout-secs",
+             "allow-gpu-metrics")
+    options = tuple((name, value) for name, value in pairs if name not in typed)
+    assert len(options) >= 6
 
-    server = LocalTritonServer(exported_repository, ports=free_ports(), config_name="local", extra_args=extra_args)
+    server = LocalTritonServer(exported_repository, ports=free_ports(), backend="onnxruntime",
+                               config_name=settings["model-config-name"], options=options,
+                               exit_timeout_s=int(settings["exit-timeout-secs"]))
     server.start(timeout=120)
     try:
         # Container port name -> where the local server listens for that endpoint (test_triton_arguments checks

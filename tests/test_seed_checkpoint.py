@@ -209,11 +209,12 @@ def seed_session(seed_repository) -> ort.InferenceSession:
     return ort.InferenceSession(str(seed_repository / MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
 
 
-@pytest.fixture(scope="module")
-def seed_server(seed_repository):
+@pytest.fixture(scope="module", params=("onnxruntime", "python"))
+def seed_server(request, seed_repository):
     from maddpg_serving.local_triton import LocalTritonServer, free_ports
 
-    with LocalTritonServer(seed_repository, ports=free_ports()) as server:  # stopped by PID on the way out
+    # On both backends, like the session server; stopped by PID on the way out.
+    with LocalTritonServer(seed_repository, ports=free_ports(), backend=request.param) as server:
         yield server
 
 

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from maddpg_serving.local_triton import SHM_DIR, SHM_PREFIXES, free_ports
+from maddpg_serving.local_triton import SHM_DIR, free_ports
 
 pytestmark = pytest.mark.triton
+# Python-backend regions: this project's servers name theirs maddpg-<pid>-<token>-...; Triton's default prefix too.
+SHM_NAMES = ("maddpg-", "triton_python_backend_shm_region_")
 
 
 def serve_command(repository: Path, ports, *extra: str) -> list[str]:
@@ -54,18 +56,21 @@ def alive(pid: int) -> bool:
 
 
 def shm_regions() -> set[str]:
-    return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(SHM_PREFIXES)} if SHM_DIR.is_dir() else set()
+    return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(SHM_NAMES)} if SHM_DIR.is_dir() else set()
 
 
-def test_serve_prints_endpoints_serves_and_stops_cleanly_on_ctrl_c(exported_repository):
+@pytest.mark.parametrize(("backend", "variant"), [("onnxruntime", "configs/cpu.pbtxt"),
+                                                  ("python", "configs/local.pbtxt")])
+def test_serve_prints_endpoints_serves_and_stops_cleanly_on_ctrl_c(exported_repository, backend, variant):
     ports = free_ports()
     shm_before = shm_regions()
-    process = subprocess.Popen(serve_command(exported_repository, ports), stdout=subprocess.PIPE,
+    process = subprocess.Popen(serve_command(exported_repository, ports, "--backend", backend), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT)
     try:
         output = wait_for_line(process, "ready:", timeout=120)
         assert f"http://127.0.0.1:{ports.http}" in output and f"127.0.0.1:{ports.grpc}" in output
         assert f"127.0.0.1:{ports.metrics}/metrics" in output
+        assert f"{backend} backend, config variant" in output and f"({backend} backend, {variant})" in output
         with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/health/ready", timeout=5) as response:
             assert response.status == 200
         servers = children_named(process.pid, "tritonserver")
@@ -103,8 +108,8 @@ def test_a_model_that_cannot_load_ends_with_the_server_log_and_leaves_nothing_be
     shutil.copytree(exported_repository, broken)
     (broken / "maddpg_ctde" / "1" / "model.py").write_text("raise RuntimeError('this stub cannot start')\n")
     shm_before = shm_regions()
-    result = subprocess.run(serve_command(broken, free_ports(), "--ready-timeout", "60"), capture_output=True,
-                            text=True, timeout=120)  # a bounded wait, not a timing assert
+    result = subprocess.run(serve_command(broken, free_ports(), "--backend", "python", "--ready-timeout", "60"),
+                            capture_output=True, text=True, timeout=120)  # a bounded wait, not a timing assert
     assert result.returncode == 1
     assert "tritonserver" in result.stderr and "this stub cannot start" in result.stderr
     assert shm_regions() <= shm_before
@@ -112,5 +117,56 @@ def test_a_model_that_cannot_load_ends_with_the_server_log_and_leaves_nothing_be
 
 def test_serve_help_lists_the_options_users_need():
     result = subprocess.run([sys.executable, "-m", "maddpg_ops.cli", "serve", "--help"], capture_output=True, text=True)
-    for option in ("--repository", "--http-port", "--grpc-port", "--metrics-port", "--instances"):
+    for option in ("--repository", "--http-port", "--grpc-port", "--metrics-port", "--instances", "--backend"):
         assert option in result.stdout
+
+
+def ready_line_of_serve(repository: Path, *extra: str, env: dict | None = None) -> str:
+    """Start `serve`, return what it printed up to `ready:`, stop it with Ctrl-C."""
+    process = subprocess.Popen(serve_command(repository, free_ports(), *extra), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, env=env)
+    try:
+        output = wait_for_line(process, "ready:", timeout=120)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return output
+
+
+@pytest.mark.parametrize(("built", "expected"), [(True, "(onnxruntime backend, configs/cpu.pbtxt)"),
+                                                 (False, "(python backend, configs/local.pbtxt)")])
+def test_serve_runs_the_onnxruntime_backend_when_it_is_built_and_the_python_one_otherwise(
+        exported_repository, tmp_path, built, expected):
+    # The build lives in the cache directory: an empty one is a machine where `make setup` could not build it.
+    env = None if built else {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "no-build-here")}
+    assert expected in ready_line_of_serve(exported_repository, env=env)
+
+
+def test_asking_for_the_onnxruntime_backend_where_it_is_not_built_is_one_clear_line(exported_repository, tmp_path):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "no-build-here")}
+    result = subprocess.run(serve_command(exported_repository, free_ports(), "--backend", "onnxruntime"),
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "onnxruntime backend is not built" in errors[0] and "make setup" in errors[0]
+
+
+def has_gpu() -> bool:
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def test_the_gpu_config_is_refused_on_a_host_without_a_gpu(exported_repository):
+    if has_gpu():
+        pytest.skip("this host has a GPU: config.pbtxt's KIND_GPU group may load here")
+    result = subprocess.run(serve_command(exported_repository, free_ports(), "--config-name", "default"),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1
+    assert "config.pbtxt" in errors[0] and "KIND_GPU but no GPUs are available" in errors[0]
+    assert "--config-name cpu" in errors[0]

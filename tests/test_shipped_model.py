@@ -29,6 +29,18 @@ def test_the_shipped_configs_parse_and_serve_the_newest_version():
     assert json.loads((newest / "layout.json").read_text())["agents"], "the layout names the buildings"
 
 
+def test_the_shipped_configs_are_what_the_served_settings_render():
+    """The committed configs come from the project's one writer with ServingSettings() (re-render them with
+    `python -m maddpg_export.triton_config model_repository/maddpg_ctde` after changing the settings)."""
+    from maddpg_core.layout import PolicyLayout
+    from maddpg_export.triton_config import ServingSettings, render_configs
+
+    layout_text = parse_config((MODEL / "config.pbtxt").read_text()).parameters["layout"].string_value
+    rendered = render_configs(PolicyLayout.from_json(layout_text), "maddpg_ctde", ServingSettings())
+    for relative, text in rendered.items():
+        assert (MODEL / relative).read_text() == text, f"{relative} is not what ServingSettings() renders"
+
+
 @pytest.mark.citylearn
 def test_the_shipped_policy_controls_better_than_doing_nothing(week_spec):
     from maddpg_client.local_policy import LocalPolicy

@@ -77,13 +77,17 @@ def seed_loop_floor(layout) -> Callable[[Payload], Callable[[], object]]:
     return prepare
 
 
-def measure_inprocess(call: Callable[[], object], level: Level) -> Measurement:
-    """Call ``call`` back to back (one caller: concurrency 1) for the level's warm-up, then its window."""
+def measure_inprocess(call: Callable[[], object], level: Level, pause_s: float = 0.0) -> Measurement:
+    """Call ``call`` (one caller: concurrency 1) for the level's warm-up, then its window; back to back, or with
+    ``pause_s`` of sleep after each call (the paced floor: the model idles between calls as it does in a server whose
+    requests spend that long outside it, and its weights leave the cache as they do there)."""
     if level.concurrency != 1:
         raise ValueError("in-process floors are measured with one caller")
     deadline = time.perf_counter() + level.warmup_s
     while time.perf_counter() < deadline:
         call()
+        if pause_s > 0:
+            time.sleep(pause_s)
     window, clock = Window(), time.perf_counter_ns
     cpu_before, started = time.process_time(), time.perf_counter()
     deadline = started + level.duration_s
@@ -97,6 +101,8 @@ def measure_inprocess(call: Callable[[], object], level: Level) -> Measurement:
             window.error(exc)
             continue
         window.latencies.append(clock() - start)
+        if pause_s > 0:
+            time.sleep(pause_s)
     seconds = time.perf_counter() - started
     return Measurement(latencies_ns=np.asarray(window.latencies, dtype=np.int64), seconds=seconds, span_s=seconds,
                        client_cpu_s=time.process_time() - cpu_before, errors=window.errors,

@@ -35,6 +35,24 @@ CLIENTS = ("asyncio-raw", "tritonclient-aio", "tritonclient-threads")
 DEFAULT_CLIENT = "asyncio-raw"
 # A request with no answer after this long is counted as an error (and the level stops waiting for it).
 REQUEST_TIMEOUT_S = 10.0
+# An answer that took this much longer than its row's median is a stall, counted apart: Triton 2.51's dynamic
+# batcher, when it misses a wake-up, holds a request for its 500 ms timeout on top of whatever the request costs
+# (docs/benchmarks.md). Relative to the median, so that big batches that are slow for good reason do not count.
+STALL_MS = 400.0
+# Only where requests normally take well under the stall can it be told from queueing: a level whose median is
+# above this (64 callers x 64 districts, overloaded on purpose) has a wide tail of its own and is not counted.
+STALL_DETECTABLE_MEDIAN_MS = 100.0
+
+
+def count_stalls(latencies_ns: np.ndarray) -> int | None:
+    """Answers slower than the median of ``latencies_ns`` by more than ``STALL_MS``; None where the median is above
+    ``STALL_DETECTABLE_MEDIAN_MS`` (a stall would not stand out there)."""
+    if latencies_ns.size == 0:
+        return 0
+    median = np.median(latencies_ns)
+    if median > STALL_DETECTABLE_MEDIAN_MS * 1e6:
+        return None
+    return int((latencies_ns > median + STALL_MS * 1e6).sum())
 
 
 class ResponseError(Exception):
@@ -67,6 +85,7 @@ class LevelResult:
     mean_ms: float
     max_ms: float
     client_cpu_cores: float      # CPU time of this process / wall time (the load generator's share of the cores)
+    stalled: int | None = 0      # answers slower than the median by more than STALL_MS; None: not detectable
     server_cpu_cores: float | None = None
     warmup_errors: int = 0
     error_kinds: dict[str, int] = field(default_factory=dict)
@@ -405,6 +424,7 @@ def summarise(name: str, level: Level, payload: Payload, measurements: list[Meas
         requests=int(latencies.size), errors=int(sum(errors.values())),
         seconds=float(sum(m.seconds for m in measurements)), **latency_summary(latencies),
         client_cpu_cores=sum(m.client_cpu_s for m in measurements) / span,
+        stalled=count_stalls(latencies),
         server_cpu_cores=None if None in server or not server else sum(server) / span,
         warmup_errors=sum(m.warmup_errors for m in measurements), error_kinds=dict(errors),
         first_error=next((m.first_error for m in measurements if m.first_error), None), client=client,

@@ -93,6 +93,13 @@ def settings_view(source: BenchmarkRepository, settings, workdir: Path, *, onnx_
     return view
 
 
-def describe_settings(settings) -> str:
-    return (f"{settings.local_instances} instance(s), max_queue_delay {settings.max_queue_delay_us} us, "
-            f"ORT intra-op threads {settings.onnx_intra_op_threads}")
+# The ServingSettings field that sizes the instance group each backend's variant runs.
+INSTANCES_KNOB = {"onnxruntime": "cpu_instances", "python": "local_instances"}
+
+
+def describe_settings(settings, backend: str) -> str:
+    """``onnxruntime backend, 2 instance(s), max_queue_delay 0 us, ORT intra-op threads 1, no queue policy``."""
+    policy = ("no queue policy" if not (settings.queue_timeout_us or settings.max_queue_size) else
+              f"queue policy (timeout {settings.queue_timeout_us / 1000:g} ms, at most {settings.max_queue_size})")
+    return (f"{backend} backend, {getattr(settings, INSTANCES_KNOB[backend])} instance(s), max_queue_delay "
+            f"{settings.max_queue_delay_us} us, ORT intra-op threads {settings.onnx_intra_op_threads}, {policy}")

@@ -19,13 +19,10 @@ it as a subprocess on a free port and stops it by PID.
 # No `from __future__ import annotations`: FastAPI reads the request model from the real annotation of `predict`.
 import argparse
 import json
-import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -34,12 +31,11 @@ from pathlib import Path
 import numpy as np
 
 from maddpg_core.layout import PolicyLayout
+from maddpg_serving import processes
 
 SEED_HIDDEN = 256          # the seed's maddpg_config hidden_dim
 SEED_COORDINATION = 32     # the seed's coordination_dim: hints appended to each actor's input
 OBSERVATION_CLIP = 5.0
-
-log = logging.getLogger(__name__)
 
 
 def seed_actor(obs_dim: int, action_dim: int, hidden: int = SEED_HIDDEN):
@@ -188,29 +184,28 @@ class SeedServerProcess:
                    "--host", self.host, "--port", str(self.port), "--hidden", str(self.hidden),
                    "--endpoint", self.endpoint, "--torch-threads", str(self.torch_threads)]
         with open(self.log_path, "wb") as handle:
-            self.process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            self.process = processes.start_group(command, output=handle, env=env)
         try:
-            self._wait_ready(timeout)
+            processes.wait_ready(self.process, self.is_ready, timeout)
+        except processes.ProcessExited as exited:
+            self.stop()
+            raise RuntimeError(f"the comparison server exited with status {exited.returncode}:\n{self.log_tail()}") \
+                from None
+        except processes.ReadyTimeout:
+            self.stop()
+            raise RuntimeError(f"the comparison server was not ready after {timeout:.0f} s:\n{self.log_tail()}") \
+                from None
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the comparison server exited with status {self.process.returncode}:\n"
-                                   f"{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/ready", timeout=1.0) as response:
-                    if response.status == 200 and json.loads(response.read()).get("status") == "ready":
-                        return
-            except (urllib.error.URLError, OSError, ValueError):
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"the comparison server was not ready after {timeout:.0f} s:\n{self.log_tail()}")
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/ready", timeout=1.0) as response:
+                return response.status == 200 and json.loads(response.read()).get("status") == "ready"
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
 
     def log_tail(self, lines: int = 15) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -224,19 +219,7 @@ class SeedServerProcess:
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is not None:
-            if self.process.poll() is None:
-                try:
-                    os.killpg(self.process.pid, signal.SIGTERM)
-                    self.process.wait(timeout)
-                except ProcessLookupError:
-                    pass
-                except subprocess.TimeoutExpired:
-                    log.warning("comparison server (pid %d) ignored SIGTERM; killing it", self.process.pid)
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)  # anything it started goes with it
-            except (ProcessLookupError, PermissionError):
-                pass
-            self.process.wait(10)
+            processes.stop_group(self.process, timeout, name="comparison server")
             self.process = None
         if self._workdir is not None:
             import shutil

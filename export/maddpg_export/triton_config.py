@@ -12,11 +12,14 @@ A variant that lists KIND_GPU fails to load on a host without a GPU; the CPU var
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from maddpg_core.files import atomic_write
 from maddpg_core.layout import INPUT_NAME, LAYOUT_PARAMETER, OUTPUT_NAME, PolicyLayout
 
 DEFAULT_CONFIG = "config.pbtxt"
@@ -28,13 +31,18 @@ class ServingSettings:
     """Knobs of the served model. Defaults were chosen from the benchmarks in ``docs/benchmarks.md``."""
 
     max_batch_size: int = 4096
-    # Dynamic batching: how long the first request of a batch may wait for company, and the queue bound.
-    # 0: requests that queue while every instance is busy are still merged (average batch ~3-7 at concurrency 16),
-    # but a lone request is not held back; 100-500 us cost every request at concurrency 1 that much and bought no
-    # throughput here (docs/benchmarks.md). A GPU deployment with expensive executions may want to raise it.
-    max_queue_delay_us: int = 0
-    queue_timeout_us: int = 1_000_000       # a request waiting longer than this is rejected, not served late
-    max_queue_size: int = 4096              # beyond this the server answers UNAVAILABLE at once
+    # Dynamic batching: how long the first request of a batch may wait for company. Without a queue policy (below)
+    # the batcher hands each batch to an instance's queue at once (prefetching), so with no delay requests that
+    # arrive under load are seldom merged; 100 us merges them again for about that much extra latency at
+    # concurrency 1 (0, 100, 200 and 500 us are measured against each other in docs/benchmarks.md, Tuning).
+    max_queue_delay_us: int = 100
+    # A queue policy (reject after a timeout, bound the queue) is off by default, on purpose: in Triton 2.51 any
+    # non-default queue policy turns off the batcher's payload prefetching, and then a request now and then waits
+    # ~500 ms for a wake-up that never comes (measured with both backends, at concurrency 1 to 64, 1 or 2 instances;
+    # none without the policy: docs/benchmarks.md, "The 500 ms stall", and benchmarks/dynamic_batching_stall.py).
+    # Waiting stays bounded by the clients' own timeouts, and Kubernetes scales out on queue time before it grows.
+    queue_timeout_us: int = 0               # > 0: a request waiting longer than this is rejected, not served late
+    max_queue_size: int = 0                 # > 0: beyond this the server answers UNAVAILABLE at once
     gpu_instances: int = 1
     cpu_instances: int = 2
     local_instances: int = 2
@@ -53,11 +61,13 @@ def build_config(layout: PolicyLayout, model_name: str, variant: str, settings: 
     config.output.add(name=OUTPUT_NAME, data_type=pb.TYPE_FP32, dims=list(layout.action_shape))
 
     batching = config.dynamic_batching
+    batching.SetInParent()  # dynamic_batching { } even when every field below keeps its default
     batching.max_queue_delay_microseconds = settings.max_queue_delay_us
-    batching.default_queue_policy.timeout_action = pb.ModelQueuePolicy.REJECT
-    batching.default_queue_policy.default_timeout_microseconds = settings.queue_timeout_us
-    batching.default_queue_policy.allow_timeout_override = True
-    batching.default_queue_policy.max_queue_size = settings.max_queue_size
+    if settings.queue_timeout_us or settings.max_queue_size:  # see ServingSettings: the policy costs 500 ms stalls
+        batching.default_queue_policy.timeout_action = pb.ModelQueuePolicy.REJECT
+        batching.default_queue_policy.default_timeout_microseconds = settings.queue_timeout_us
+        batching.default_queue_policy.allow_timeout_override = True
+        batching.default_queue_policy.max_queue_size = settings.max_queue_size
 
     if variant == "local":
         config.backend = "python"
@@ -118,3 +128,31 @@ def with_instance_count(text: str, count: int) -> str:
     for group in config.instance_group:
         group.count = count
     return to_text(config)
+
+
+def rerender_model_directory(model_dir: str | Path, settings: ServingSettings = ServingSettings()) -> list[Path]:
+    """Rewrite every config variant of an exported model with ``settings``, keeping the model's name and layout.
+
+    The layout is read from the directory's ``config.pbtxt`` and must come back from the writer character for
+    character (it is the contract clients check); otherwise nothing is written.
+    """
+    model_dir = Path(model_dir)
+    current = parse_config((model_dir / DEFAULT_CONFIG).read_text())
+    layout_text = current.parameters[LAYOUT_PARAMETER].string_value
+    rendered = render_configs(PolicyLayout.from_json(layout_text), current.name, settings)
+    for relative, text in rendered.items():
+        if parse_config(text).parameters[LAYOUT_PARAMETER].string_value != layout_text:
+            raise ValueError(f"re-rendering {model_dir / relative} would change its layout parameter; nothing written")
+    return [atomic_write(model_dir / relative, _writer(text.encode())) for relative, text in rendered.items()]
+
+
+def _writer(data: bytes):
+    return lambda handle: handle.write(data)
+
+
+if __name__ == "__main__":
+    # python -m maddpg_export.triton_config MODEL_DIR...: re-render the configs of exported models with the current
+    # ServingSettings() (how model_repository/maddpg_ctde's configs are kept current).
+    for directory in sys.argv[1:]:
+        for path in rerender_model_directory(directory):
+            print(f"wrote {path}")

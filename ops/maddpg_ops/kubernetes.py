@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sysconfig
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Sequence
 import yaml
 
 from maddpg_core.errors import DeployError
+from maddpg_serving import processes
 
 KUBECTL_ENV = "MADDPG_CITYLEARN_KUBECTL"
 K8S_DIR_ENV = "MADDPG_CITYLEARN_K8S_DIR"
@@ -163,10 +163,7 @@ class Kubectl:
     def popen(self, args: Sequence[str], *, stderr) -> subprocess.Popen:
         """A background kubectl (port-forward for `deploy test`) in its own process group, so it can be ended.
         Its stdout (a line per forwarded connection) is discarded so it can never fill a pipe and block."""
-        return subprocess.Popen(
-            self.command(args), stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        return processes.start_group(self.command(args), output=subprocess.DEVNULL, stderr=stderr)
 
     def command(self, args: Sequence[str], *, cluster: bool = True) -> list[str]:
         flags = []
@@ -285,19 +282,3 @@ def pod_problems(kubectl: Kubectl) -> list[str]:
                 if condition.get("reason") == "Unschedulable":
                     problems.append(f"{name}: unschedulable ({condition.get('message', '')})")
     return problems
-
-
-def stop_process_group(process: subprocess.Popen, timeout: float = 5.0) -> None:
-    """End a process started with start_new_session=True, and its children: SIGTERM, then SIGKILL, by PID."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait(timeout)

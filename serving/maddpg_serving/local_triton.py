@@ -1,16 +1,25 @@
-"""Run the real ``tritonserver`` bundled in the nvidia-pytriton wheel, on a model repository, without Docker.
+"""Run the real ``tritonserver`` bundled in the nvidia-pytriton wheel on a model repository, without Docker.
 
-That build has only the python backend, so the repository's ``local`` config variant is used: the python backend runs
-the same ``model.onnx`` with onnxruntime. What the binary needs (measured, see docs/operations.md):
+Two backends can serve the model (``docs/operations.md`` says how to choose and what each needs):
 
-* a backend directory holding ``python/{libtriton_python.so, triton_python_backend_utils.py,
-  triton_python_backend_stub}``, the stub built for this interpreter's Python version;
-* ``LD_LIBRARY_PATH`` starting with this interpreter's LIBDIR (else the stub may load another libpython) and the
-  wheel's ``nvidia_pytriton.libs``;
-* this environment's ``bin/`` first on ``PATH``, so the stub finds numpy and onnxruntime.
+``onnxruntime``  Triton's own onnxruntime backend, built locally by :mod:`maddpg_serving.onnxruntime_backend`
+                 (``make setup`` does it), serving ``configs/cpu.pbtxt``: what Kubernetes' CPU nodes run.
+``python``       the python backend the wheel ships, serving ``configs/local.pbtxt``: ``model.py`` runs the same
+                 ``model.onnx`` with onnxruntime in a stub process. The fallback where the other is not built.
 
-The server is started in its own process group, every wait is bounded, and :meth:`LocalTritonServer.stop` always ends
-it by PID (SIGTERM, then SIGKILL) and removes the shared-memory regions its python stubs leave behind.
+``backend="auto"`` (the default of ``serve``, ``evaluate --serve``, the benchmarks and the tests) takes onnxruntime
+when it is built and every model has a ``cpu`` variant, and python otherwise.
+
+What the binary needs (measured): a backend directory holding ``python/{libtriton_python.so,
+triton_python_backend_utils.py, triton_python_backend_stub}`` (the stub built for this interpreter's Python) and, for
+onnxruntime, ``onnxruntime/`` as :func:`~maddpg_serving.onnxruntime_backend.assemble_backend_directory` lays it out;
+``LD_LIBRARY_PATH`` starting with this interpreter's LIBDIR (else the stub may load another libpython) and the wheel's
+``nvidia_pytriton.libs``; this environment's ``bin/`` first on ``PATH``, so the stub finds numpy and onnxruntime.
+
+The server runs in its own process group (:mod:`maddpg_serving.processes`), every wait is bounded, and
+:meth:`LocalTritonServer.stop` always ends it by PID (SIGTERM, then SIGKILL) and removes the python backend's
+shared-memory regions, only its own: each server gets a prefix of its own
+(``--backend-config=python,shm-region-prefix-name=...``), so servers started side by side never touch each other's.
 """
 
 from __future__ import annotations
@@ -18,57 +27,37 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from maddpg_core.errors import ServerStartError
 
+from . import onnxruntime_backend, processes
+from .processes import reserve_ports
+from .server_config import BackendSetting, TritonPorts, TritonServerConfig
+
 log = logging.getLogger(__name__)
 
+__all__ = ["LocalTritonServer", "TritonPorts", "free_ports", "reserve_ports", "default_backend", "BACKEND_CHOICES"]
+
 SHM_DIR = Path("/dev/shm")
-_TRITON_ERROR = re.compile(r"^E\d{4} ")
-# Shared-memory regions the python backend creates (one per model instance and one for the server's stubs).
-SHM_PREFIXES = ("triton_python_backend_shm_region_",)
-
-
-@dataclass(frozen=True)
-class TritonPorts:
-    http: int = 8000
-    grpc: int = 8001
-    metrics: int = 8002
-
-    def as_dict(self) -> dict[str, int]:
-        return {"http": self.http, "grpc": self.grpc, "metrics": self.metrics}
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def reserve_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct free ports (held open together so the kernel cannot hand out the same one twice)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+BACKEND_CHOICES = ("auto", "onnxruntime", "python")
+# The config variant each backend serves by default.
+DEFAULT_VARIANTS = {"onnxruntime": "cpu", "python": "local"}
+_TRITON_ERROR = re.compile(r"^E\d{4} [\d:.]+ \d+ \S+\] (.*)$")
+# Error lines every CPU-only start prints; they never say why a model did not load.
+_HARMLESS = ("CudaDriverHelper has not been initialized", "Unable to allocate pinned system memory",
+             "CUDA memory pool disabled")
+PYTHON_SHM_DEFAULT_BYTES = 4 * 1024 * 1024
 
 
 def free_ports(host: str = "127.0.0.1") -> TritonPorts:
@@ -99,6 +88,46 @@ def tritonserver_install() -> tuple[Path, Path, Path]:
     return binary, backend, stub
 
 
+def tritonserver_library(binary: Path) -> Path:
+    """The core library the wheel renamed (``nvidia_pytriton.libs/libtritonserver-<hash>.so``)."""
+    found = sorted((binary.parents[3] / "nvidia_pytriton.libs").glob("libtritonserver-*.so"))
+    if not found:
+        raise ServerStartError(f"no libtritonserver-*.so beside {binary}: reinstall nvidia-pytriton==0.7.0")
+    return found[0]
+
+
+def default_backend() -> str:
+    """``onnxruntime`` where its build exists, else ``python``."""
+    return "onnxruntime" if onnxruntime_backend.installed() is not None else "python"
+
+
+def _models(repository: Path) -> list[Path]:
+    return [p for p in sorted(repository.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+
+
+def variant_file(model_dir: Path, config_name: str) -> Path:
+    """The file Triton reads for ``config_name`` (``default``: config.pbtxt; a missing variant falls back to it)."""
+    if config_name != "default":
+        variant = model_dir / "configs" / f"{config_name}.pbtxt"
+        if variant.is_file():
+            return variant
+    return model_dir / "config.pbtxt"
+
+
+def variant_backend(config_file: Path) -> str:
+    """Which backend a config runs on (``platform: "onnxruntime_onnx"`` means onnxruntime)."""
+    from maddpg_export.triton_config import parse_config  # protobuf only; no torch
+
+    try:
+        config = parse_config(config_file.read_text())
+    except Exception as exc:  # noqa: BLE001 - a broken config is the user's to fix, said in one line
+        raise ServerStartError(f"{config_file} is not a valid model config ({str(exc).splitlines()[0]}): re-export "
+                               f"the model") from exc
+    if config.backend:
+        return config.backend
+    return "onnxruntime" if config.platform.startswith("onnxruntime") else config.platform or "unknown"
+
+
 @dataclass
 class LocalTritonServer:
     """A tritonserver process on ``repository``, stopped by PID. Use as a context manager or call start()/stop()."""
@@ -106,8 +135,9 @@ class LocalTritonServer:
     repository: Path
     ports: TritonPorts = field(default_factory=TritonPorts)
     host: str = "127.0.0.1"
-    config_name: str = "local"
-    extra_args: Sequence[str] = ()
+    backend: str = "auto"                  # "auto", "onnxruntime" or "python"
+    config_name: str | None = None         # None: the backend's variant (cpu / local); "default": config.pbtxt
+    options: tuple[tuple[str, str], ...] = ()  # further tritonserver options, see TritonServerConfig
     log_verbose: int = 0
     exit_timeout_s: int = 5  # how long a SIGTERMed server waits for open connections before it stops anyway
     stdout_path: Path | None = None  # where the server's output goes; default a temp file
@@ -115,11 +145,14 @@ class LocalTritonServer:
 
     def __post_init__(self) -> None:
         self.repository = Path(self.repository)
-        self.process: subprocess.Popen | None = None
+        if self.backend not in BACKEND_CHOICES:
+            raise ServerStartError(f"unknown backend {self.backend!r}: choose one of {', '.join(BACKEND_CHOICES)}")
+        self.process = None
+        self.config: TritonServerConfig | None = None  # what runs, once started
         self._workdir: Path | None = None
-        self._shm_before: set[str] = set()
         self._log_handle = None
-        self._served_repository = self.repository
+        # Every region this server's python stubs create starts with this; stop() removes those and no others.
+        self.shm_prefix = f"maddpg-{os.getpid()}-{secrets.token_hex(4)}-"
 
     # --- addresses ------------------------------------------------------------------------------------------------
     @property
@@ -138,52 +171,80 @@ class LocalTritonServer:
     def log_path(self) -> Path | None:
         return self.stdout_path
 
-    def command(self, backend_directory: Path | str = "<backend-dir>") -> list[str]:
-        binary = tritonserver_install()[0]
-        return [
-            str(binary),
-            f"--model-repository={self._served_repository.resolve()}",
-            f"--model-config-name={self.config_name}",
-            f"--backend-directory={backend_directory}",
-            "--backend-config=python,shm-default-byte-size=4194304",
-            "--allow-gpu-metrics=false",
-            f"--http-address={self.host}",
-            f"--http-port={self.ports.http}",
-            f"--grpc-address={self.host}",
-            f"--grpc-port={self.ports.grpc}",
-            f"--metrics-address={self.host}",
-            f"--metrics-port={self.ports.metrics}",
-            f"--log-verbose={self.log_verbose}",
-            f"--exit-timeout-secs={self.exit_timeout_s}",
-            *self.extra_args,
-        ]
+    @property
+    def served_backend(self) -> str | None:
+        return None if self.config is None else self.config.backend
+
+    def describe(self) -> str:
+        """``onnxruntime backend, configs/cpu.pbtxt`` (once started)."""
+        return "not started" if self.config is None else f"{self.config.backend} backend, {self.config.variant_file}"
+
+    # --- what runs ----------------------------------------------------------------------------------------------------
+    def resolve(self) -> tuple[str, str]:
+        """(backend, config variant) this server will run, checked against the repository and what is built."""
+        self._check_repository()
+        models = _models(self.repository)
+        built = onnxruntime_backend.installed() is not None
+        backend, config_name = self.backend, self.config_name
+        if backend == "auto" and config_name is None:
+            every_has_cpu = all((m / "configs" / "cpu.pbtxt").is_file() for m in models)
+            backend = "onnxruntime" if built and every_has_cpu else "python"
+        if config_name is None:
+            config_name = DEFAULT_VARIANTS[backend]
+        needs = {variant_backend(variant_file(m, config_name)) for m in models if variant_file(m, config_name).is_file()}
+        if backend == "auto":
+            backend = "onnxruntime" if "onnxruntime" in needs else "python"
+        for need in needs:
+            if need not in DEFAULT_VARIANTS:
+                raise ServerStartError(f"config variant `{config_name}` needs Triton's {need} backend, which the local "
+                                       f"server does not have: serve --config-name cpu or local")
+            if need != backend:
+                raise ServerStartError(f"config variant `{config_name}` runs on the {need} backend, not {backend}: "
+                                       f"pass --backend {need}, or --config-name {DEFAULT_VARIANTS[backend]}")
+        if backend == "onnxruntime" and not built:
+            raise ServerStartError(
+                "Triton's onnxruntime backend is not built here: run `python -m maddpg_serving.onnxruntime_backend "
+                "build` (make setup does it), or serve with --backend python")
+        return backend, config_name
+
+    def server_config(self, backend_directory: Path, served_repository: Path, backend: str,
+                      config_name: str) -> TritonServerConfig:
+        settings = (BackendSetting("python", "shm-default-byte-size", str(PYTHON_SHM_DEFAULT_BYTES)),
+                    BackendSetting("python", "shm-region-prefix-name", self.shm_prefix))
+        return TritonServerConfig(
+            repository=served_repository, backend_directory=backend_directory, backend=backend,
+            config_name=None if config_name == "default" else config_name, ports=self.ports, host=self.host,
+            backend_settings=settings, log_verbose=self.log_verbose, exit_timeout_s=self.exit_timeout_s,
+            options=tuple(self.options))
 
     # --- lifecycle ----------------------------------------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> "LocalTritonServer":
         if self.process is not None:
             raise ServerStartError("this server is already started")
-        self._check_repository()
+        backend, config_name = self.resolve()
         self._check_ports()
-        binary, backend, stub = tritonserver_install()
+        binary, python_backend, stub = tritonserver_install()
         self._workdir = Path(tempfile.mkdtemp(prefix="maddpg-triton-"))
         try:
+            served = self.repository
             if self.instances is not None:
-                self._served_repository = resized_repository(self.repository, self.instances, self.config_name,
-                                                             self._workdir)
-            backend_dir = self._workdir / "backends"
-            (backend_dir / "python").mkdir(parents=True)
-            for source in (backend / "libtriton_python.so", backend / "triton_python_backend_utils.py", stub):
-                shutil.copy2(source, backend_dir / "python" / source.name)
+                served = resized_repository(self.repository, self.instances, config_name, self._workdir)
+            backends = self._workdir / "backends"
+            (backends / "python").mkdir(parents=True)
+            for source in (python_backend / "libtriton_python.so", python_backend / "triton_python_backend_utils.py",
+                           stub):
+                shutil.copy2(source, backends / "python" / source.name)
+            library = onnxruntime_backend.installed()
+            if library is not None:
+                onnxruntime_backend.assemble_backend_directory(backends / "onnxruntime", library,
+                                                               tritonserver_library(binary))
+            self.config = self.server_config(backends, served, backend, config_name)
             if self.stdout_path is None:  # outside the work dir: the log outlives the server, for post-mortems
                 self.stdout_path = Path(tempfile.gettempdir()) / f"maddpg-tritonserver-{os.getpid()}-{self.ports.http}.log"
             self._log_handle = open(self.stdout_path, "ab")
-            self._shm_before = _shm_regions()
-            command = self.command(backend_dir)
+            command = self.config.argv(binary)
             log.info("starting %s", " ".join(command))
-            self.process = subprocess.Popen(
-                command, stdout=self._log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=_server_environment(binary), start_new_session=True,
-            )
+            self.process = processes.start_group(command, output=self._log_handle, env=_server_environment(binary))
             self._wait_ready(timeout)
         except BaseException:
             self.stop()
@@ -194,13 +255,12 @@ class LocalTritonServer:
         """SIGTERM, wait up to ``timeout`` s, then SIGKILL the whole process group. Returns the exit status."""
         status = None
         if self.process is not None:
-            status = _terminate(self.process, timeout)
+            status = processes.stop_group(self.process, timeout, name="tritonserver")
             self.process = None
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
-        leaked = _shm_regions() - self._shm_before
-        for name in leaked:
+        for name in shm_regions(self.shm_prefix):  # what the stubs left behind (a killed stub never cleans up)
             (SHM_DIR / name).unlink(missing_ok=True)
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
@@ -220,13 +280,22 @@ class LocalTritonServer:
         with open(self.stdout_path, errors="replace") as handle:
             return "".join(deque(handle, maxlen=lines))
 
+    def triton_errors(self, limit: int = 8) -> list[str]:
+        """Triton's own error lines (``E<date> ... ] message``: why a model did not load), messages only."""
+        if self.stdout_path is None or not self.stdout_path.exists():
+            return []
+        with open(self.stdout_path, errors="replace") as handle:
+            found = [m.group(1).strip().strip('"') for m in map(_TRITON_ERROR.match, handle) if m]
+        return [line for line in found if not line.startswith(_HARMLESS)][:limit]
+
     def log_summary(self, errors: int = 8, tail: int = 4) -> str:
-        """Triton's own error lines (``E<date> ...``: why a model did not load) and the last lines of its log."""
+        """Triton's own error lines and the last lines of its log."""
         if self.stdout_path is None or not self.stdout_path.exists():
             return "(no server log)"
         with open(self.stdout_path, errors="replace") as handle:
             lines = handle.readlines()
-        found = [line for line in lines if _TRITON_ERROR.match(line)][:errors]
+        found = [line for line in lines if _TRITON_ERROR.match(line) and not any(h in line for h in _HARMLESS)]
+        found = found[:errors]
         last = [line for line in lines[-tail:] if line not in found]
         return "".join(found + last).rstrip() + f"\n(full log: {self.stdout_path})"
 
@@ -241,7 +310,7 @@ class LocalTritonServer:
         if not self.repository.is_dir():
             raise ServerStartError(f"model repository {self.repository} does not exist: export a model into it first "
                                    f"(`maddpg-citylearn export CHECKPOINT --repository {self.repository}`)")
-        models = [p for p in self.repository.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        models = _models(self.repository)
         if not models:
             raise ServerStartError(f"model repository {self.repository} holds no model: export one into it first")
         for model in models:
@@ -261,20 +330,31 @@ class LocalTritonServer:
                     ) from None
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerStartError(
-                    f"tritonserver exited with status {self.process.returncode} before it was ready:\n"
-                    f"{self.log_summary()}"
-                )
-            if self.is_ready():
-                return
-            time.sleep(0.2)
-        raise ServerStartError(
-            f"tritonserver was not ready after {timeout:.0f} s (a model that cannot load, or a python stub that cannot "
-            f"start, keeps it 'loading'); stopped it:\n{self.log_summary()}"
-        )
+        try:
+            processes.wait_ready(self.process, self.is_ready, timeout)
+        except processes.ProcessExited as exited:
+            raise ServerStartError(f"tritonserver ({self.describe()}) exited with status {exited.returncode} before "
+                                   f"it was ready{self._reason()}:\n{self.log_summary()}") from None
+        except processes.ReadyTimeout:
+            raise ServerStartError(
+                f"tritonserver ({self.describe()}) was not ready after {timeout:.0f} s (a model that cannot load, or a "
+                f"python stub that cannot start, keeps it 'loading'){self._reason()}; stopped it:\n{self.log_summary()}"
+            ) from None
+
+    def _reason(self) -> str:
+        errors = self.triton_errors(1)
+        if not errors:
+            return ""
+        if "KIND_GPU but no GPUs are available" in errors[0]:
+            return f": {errors[0]} (this host has no GPU: serve configs/cpu.pbtxt, --config-name cpu)"
+        return f": {errors[0]}"
+
+
+def shm_regions(prefix: str) -> set[str]:
+    """Names of the shared-memory regions under /dev/shm that start with ``prefix``."""
+    if not SHM_DIR.is_dir():
+        return set()
+    return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(prefix)}
 
 
 def resized_repository(repository: Path, instances: int, config_name: str, workdir: Path) -> Path:
@@ -285,7 +365,7 @@ def resized_repository(repository: Path, instances: int, config_name: str, workd
     from maddpg_export.triton_config import with_instance_count  # protobuf only; no torch
 
     view = workdir / "repository"
-    for model in (p for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for model in _models(repository):
         target = view / model.name
         target.mkdir(parents=True)
         for entry in model.iterdir():
@@ -309,28 +389,3 @@ def _server_environment(binary: Path) -> dict[str, str]:
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
     env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
     return env
-
-
-def _terminate(process: subprocess.Popen, timeout: float) -> int | None:
-    status = None
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            status = process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("tritonserver (pid %d) ignored SIGTERM for %.0f s; killing it", process.pid, timeout)
-    # Whatever is left of the group (python stubs outliving the server) goes too.
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    return process.wait(10) if status is None else status
-
-
-def _shm_regions() -> set[str]:
-    if not SHM_DIR.is_dir():
-        return set()
-    return {p.name for p in SHM_DIR.iterdir() if p.name.startswith(SHM_PREFIXES)}

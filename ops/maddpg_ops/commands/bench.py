@@ -32,26 +32,30 @@ def _levels(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--max-requests", type=click.IntRange(1), default=None,
               help="At most this many requests per contender and level. [default: 200000]")
 @click.option("--tune/--no-tune", default=None,
-              help="Measure the tuning knobs first (instances, batching delay, ORT threads, graph form, client, "
-                   "comparison-server setup; adds ~5 minutes). [default: on; --quick off]")
+              help="Measure the tuning knobs first (instances, batching delay, ORT threads, queue policy, graph form, "
+                   "client, comparison-server setup; adds ~6 minutes). [default: on; --quick off]")
 @click.option("--tuning-duration", type=click.FloatRange(0.05, 600), default=None, metavar="SECONDS",
               help="Measured seconds per tuning variant and level (split over --rounds). [default: 3]")
 @click.option("--repository", "-r", type=click.Path(exists=True, file_okay=False), default=None, metavar="DIR",
               help="Benchmark this model repository instead of a fresh policy exported to a temp dir.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "python"]), default="auto", show_default=True,
+              help="Triton's backend for the Triton rows (the other one runs as a contender over HTTP). auto: "
+                   "onnxruntime when `make setup` has built it, as `serve` does.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="docs", show_default=True,
               help="Where benchmarks.md, benchmarks.json and benchmarks.png go.")
 @click.option("--quick", is_flag=True, help="A smoke run of about a minute: two levels, short windows, no tuning.")
 @click.option("--progress/--no-progress", default=True)
-def bench(duration, levels, districts, rounds, max_requests, tune, tuning_duration, repository, out_dir, quick,
-          progress):
+def bench(duration, levels, districts, rounds, max_requests, tune, tuning_duration, repository, backend, out_dir,
+          quick, progress):
     """Benchmark the served policy against what users would otherwise run, and write the report.
 
     \b
     One run measures, on this machine and side by side:
-      - local Triton (the bundled tritonserver, served defaults) over HTTP and gRPC,
-        1 and 64 districts per request, at concurrency 1/4/16/64;
+      - local Triton (the bundled tritonserver, served defaults; Triton's onnxruntime backend when built) over
+        HTTP and gRPC, 1 and 64 districts per request, at concurrency 1/4/16/64, and the other backend over HTTP;
       - a FastAPI + PyTorch server in the seed project's style (POST /predict, one actor call per building);
-      - in-process onnxruntime and torch: the floor no network server can beat;
+      - in-process onnxruntime and torch: the floor no network server can beat (back to back, and paced like
+        the served requests);
     then writes OUT/benchmarks.md (tables, goals, tuning decisions, machine, command), OUT/benchmarks.json and
     OUT/benchmarks.png (decisions/s against p99 latency). Everything runs on 127.0.0.1.
 
@@ -70,7 +74,8 @@ def bench(duration, levels, districts, rounds, max_requests, tune, tuning_durati
         duration_s=duration, levels=levels, districts=districts, rounds=rounds, max_requests=max_requests, tune=tune,
         tuning_duration_s=tuning_duration).items() if value is not None}
     command = shlex.join(["maddpg-citylearn", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else ""
-    common = dict(repository=Path(repository) if repository else None, command=command, progress=progress)
+    common = dict(repository=Path(repository) if repository else None, backend=backend, command=command,
+                  progress=progress)
     options = BenchOptions.quick(**given, **common) if quick else BenchOptions(**given, **common)
     say = lambda message: click.echo(message, err=True)  # noqa: E731 - progress lines on stderr
     data = Bench(options, say=say).run()

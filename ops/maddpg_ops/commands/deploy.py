@@ -261,9 +261,9 @@ class PortForward:
         self._stderr = tempfile.TemporaryFile(mode="w+")
 
     def __enter__(self) -> int:
-        from ..local_triton import free_port
+        from maddpg_serving.processes import reserve_ports
 
-        local_port = free_port()
+        [local_port] = reserve_ports(1)
         self.process = self.kubectl.popen(
             k8s.port_forward_args("127.0.0.1", [f"{local_port}:{self.service_port}"]), stderr=self._stderr)
         deadline = time.monotonic() + self.start_timeout
@@ -283,7 +283,9 @@ class PortForward:
 
     def __exit__(self, *exc) -> None:
         if self.process is not None:
-            k8s.stop_process_group(self.process)
+            from maddpg_serving.processes import stop_group
+
+            stop_group(self.process, timeout=5.0, name="kubectl port-forward")
             self.process = None
         self._stderr.close()
 

@@ -87,8 +87,11 @@ def evaluate(url, protocol, local_repository, serve_repository, model_name, sche
         if serve_repository:
             from maddpg_serving.local_triton import LocalTritonServer, free_ports
 
-            click.echo(f"starting the local tritonserver on {serve_repository} ...", err=True)
-            server = stack.enter_context(LocalTritonServer(Path(serve_repository), ports=free_ports()))
+            server = LocalTritonServer(Path(serve_repository), ports=free_ports())
+            running, variant = server.resolve()
+            click.echo(f"starting the local tritonserver on {serve_repository} ({running} backend, config variant "
+                       f"`{variant}`) ...", err=True)
+            stack.enter_context(server)
             url = server.http_url if protocol == "http" else server.grpc_url
             metrics_url = metrics_url or server.metrics_url
         if url:

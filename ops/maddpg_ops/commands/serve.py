@@ -1,4 +1,6 @@
-"""``maddpg-citylearn serve``: the model repository behind a real tritonserver on this machine (no Docker, no cluster)."""
+"""``maddpg-citylearn serve``: the model repository behind a real tritonserver on this machine (no Docker, no cluster).
+
+How the local server is started, its two backends, logs, ports and shared memory: docs/operations.md."""
 
 from __future__ import annotations
 
@@ -19,19 +21,26 @@ from ..options import repository_option
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
 @click.option("--instances", type=click.IntRange(1, 64), default=None,
               help="Model instances (parallel executions). Default: as in configs/local.pbtxt.")
-@click.option("--config-name", default="local", show_default=True,
-              help="Config variant (configs/<name>.pbtxt). The bundled server only has the python backend: `local`.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "python"]), default="auto", show_default=True,
+              help="Triton's onnxruntime backend (built by `make setup`; serves configs/cpu.pbtxt, as Kubernetes "
+                   "does) or the python backend (configs/local.pbtxt). auto: onnxruntime when it is built.")
+@click.option("--config-name", default=None,
+              help="Config variant configs/<name>.pbtxt (`default`: config.pbtxt). [default: cpu for onnxruntime, "
+                   "local for python]")
 @click.option("--ready-timeout", type=float, default=120.0, show_default=True,
               help="Seconds to wait for /v2/health/ready before giving up.")
 @click.option("--log-file", type=click.Path(dir_okay=False), default=None,
               help="Write the server's own log here (default: a temp file, shown on failure).")
-def serve(repository, host, http_port, grpc_port, metrics_port, instances, config_name, ready_timeout, log_file):
+def serve(repository, host, http_port, grpc_port, metrics_port, instances, backend, config_name, ready_timeout,
+          log_file):
     """Serve REPOSITORY with the tritonserver bundled in nvidia-pytriton until Ctrl-C.
 
     \b
-    Starts the real Triton server (python backend running each version's model.onnx with onnxruntime), waits until
-    it is ready, prints the HTTP, gRPC and metrics endpoints, and stops cleanly on Ctrl-C or SIGTERM. A busy port or
-    a broken repository ends with one error line and a non-zero exit.
+    Starts the real Triton server on Triton's onnxruntime backend (configs/cpu.pbtxt, what Kubernetes' CPU nodes
+    serve) when `make setup` has built it, else on the python backend (configs/local.pbtxt: model.py runs the same
+    model.onnx with onnxruntime), says which, waits until it is ready, prints the HTTP, gRPC and metrics endpoints,
+    and stops cleanly on Ctrl-C or SIGTERM. A busy port, a broken repository or a variant that cannot load here (a
+    KIND_GPU config on a host without a GPU) ends with one error line and a non-zero exit.
 
     \b
     Try it:
@@ -43,8 +52,8 @@ def serve(repository, host, http_port, grpc_port, metrics_port, instances, confi
     from maddpg_serving.local_triton import LocalTritonServer, TritonPorts
 
     server = LocalTritonServer(
-        Path(repository), ports=TritonPorts(http_port, grpc_port, metrics_port), host=host, config_name=config_name,
-        instances=instances, stdout_path=Path(log_file) if log_file else None,
+        Path(repository), ports=TritonPorts(http_port, grpc_port, metrics_port), host=host, backend=backend,
+        config_name=config_name, instances=instances, stdout_path=Path(log_file) if log_file else None,
     )
     stop = threading.Event()
 
@@ -53,9 +62,12 @@ def serve(repository, host, http_port, grpc_port, metrics_port, instances, confi
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        click.echo(f"starting tritonserver on {repository} (config variant `{config_name}`) ...", err=True)
+        running, variant = server.resolve()
+        click.echo(f"starting tritonserver on {repository}: {running} backend, config variant `{variant}` ...",
+                   err=True)
         server.start(timeout=ready_timeout)
-        click.echo(f"ready: HTTP http://{server.http_url}   gRPC {server.grpc_url}   metrics {server.metrics_url}")
+        click.echo(f"ready: HTTP http://{server.http_url}   gRPC {server.grpc_url}   metrics {server.metrics_url}   "
+                   f"({server.describe()})")
         click.echo(f"server log: {server.log_path}", err=True)
         click.echo("press Ctrl-C to stop", err=True)
         while not stop.wait(0.5):
