@@ -120,6 +120,11 @@ def test_resume_continues_from_the_last_checkpoint(smoke_run, tmp_path, schema_p
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["episodes"] == 3 and summary["env_steps"] == 5 * 199  # teacher + DAgger passes + 3 episodes
     assert [h["episode"] for h in summary["history"]] == [1, 2, 3]
+    # Fine-tuning's cloning term goes on with every label of the teacher phases, DAgger's included.
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    resume = next(r for r in records if r["kind"] == "resume")
+    assert resume["labelled_states"] == summary["teaching"]["labelled_states"]
+    assert (resumed / "labels.pt").is_file()
     before = load_checkpoint(out / "last.pt").trainer["learner"]["updates"]
     after = load_checkpoint(resumed / "final.pt").trainer["learner"]["updates"]
     assert after > before
