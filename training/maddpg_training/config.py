@@ -15,6 +15,8 @@ from .team_reward import TeamRewardWeights
 OBJECTIVES = ("balanced", "cost", "carbon", "peak")
 
 
+ACTOR_Q_TERMS = ("all", "buildings")
+
 @dataclass(frozen=True)
 class TrainConfig:
     # --- what to learn on --------------------------------------------------------------------------------------------
@@ -76,6 +78,8 @@ class TrainConfig:
     exploration_decay_episodes: int = 4   # ... over this many episodes, then held
     bc_alpha: float = 0.1                 # TD3+BC: weight of the normalised Q term against cloning the teacher;
                                           # 0 = cloning only (no MADDPG step changes the actors)
+    actor_q_terms: str = "all"            # which shares of the team Q the actors ascend: "all", or "buildings" (the
+                                          # per-building cost and carbon shares; the peak shares stay with cloning)
     grad_clip: float = 1.0
     preactivation_penalty: float = 0.01   # keeps actors out of tanh saturation (see trainer)
     heldout_fraction: float = 0.1         # teacher transitions kept out of critic training, to measure its error
@@ -92,6 +96,8 @@ class TrainConfig:
             problems.append(f"teacher = {self.teacher!r} (choose {' or '.join(TEACHERS)})")
         if self.planner_objective not in OBJECTIVES:
             problems.append(f"planner_objective = {self.planner_objective!r} (choose one of {', '.join(OBJECTIVES)})")
+        if self.actor_q_terms not in ACTOR_Q_TERMS:
+            problems.append(f"actor_q_terms = {self.actor_q_terms!r} (choose {' or '.join(ACTOR_Q_TERMS)})")
         if set(self.features) - set(FEATURES):
             problems.append(f"features = {list(self.features)} (known: {', '.join(FEATURES)})")
         for name in ("n_step", "label_every", "batch_size", "policy_delay", "update_every", "planner_horizon"):

@@ -138,7 +138,9 @@ class MADDPG:
             inputs = self.policy.actor_inputs(batch.observations)
             preactivation = self.actors.preactivation(inputs) * self.mask
             actions = self.env_actions(batch.observations, torch.tanh(preactivation) * self.mask)
-            q = self.critic(inputs, actions, batch.state)[0].sum(dim=-1)               # the team's Q
+            q = self.critic(inputs, actions, batch.state)[0]                           # [batch, shares]
+            # The team's Q: every share, or the buildings' (the last two shares are the district's peaks).
+            q = (q if cfg.actor_q_terms == "all" else q[..., :self.policy.layout.n_agents]).sum(dim=-1)
             scale = cfg.bc_alpha / q.abs().mean().detach().clamp_min(1e-6)
             # A small pull towards the unsaturated range: a saturated tanh has no gradient to learn back with.
             actor_loss = cfg.preactivation_penalty * preactivation.pow(2).mean() - scale * q.mean()

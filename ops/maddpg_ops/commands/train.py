@@ -13,7 +13,7 @@ from maddpg_evaluation.citylearn_env import EnvSpec
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file of training settings (see configs/ctde.toml). Options below override it.")
 @click.option("--episodes", type=click.IntRange(min=0), default=None,
-              help="Passes over the training window. 0 writes an untrained (initialised) policy.")
+              help="MADDPG fine-tuning passes over the training window. 0: the teacher phases only (the clone).")
 @click.option("--start", type=click.IntRange(min=0), default=None, help="First time step of the training window.")
 @click.option("--end", type=click.IntRange(min=0), default=None, help="Last time step of the training window (inclusive).")
 @click.option("--dataset", metavar="NAME|PATH", default=None,
@@ -22,6 +22,9 @@ from maddpg_evaluation.citylearn_env import EnvSpec
 @click.option("--teacher", type=click.Choice(["planner", "rule"]), default=None,
               help="Who the actors learn from first: the perfect-foresight planner (default) or the "
                    "self-consumption rule (instant; smoke runs).")
+@click.option("--bc-alpha", type=click.FloatRange(min=0), default=None,
+              help="Weight of the critic's Q against cloning the teacher in fine-tuning (TD3+BC); 0 = the actors "
+                   "only go on cloning (the ablation's control arm).")
 @click.option("--device", type=click.Choice(["cpu"]), default=None, help="Where the networks learn (CPU).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/ctde", show_default=True,
               help="Output folder: last.pt every episode, best.pt, final.pt, summary.json.")
@@ -34,7 +37,7 @@ from maddpg_evaluation.citylearn_env import EnvSpec
               help="Evaluate deterministically every N fine-tuning episodes (0: only at the end); the teacher-taught "
                    "policy is always evaluated; the best is kept as best.pt.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars.")
-def train(config_file, episodes, start, end, dataset, seed, teacher, device, out_dir, resume, eval_start, eval_end,
+def train(config_file, episodes, start, end, dataset, seed, teacher, bc_alpha, device, out_dir, resume, eval_start, eval_end,
           evaluate_every, progress):
     """Train one actor per building with a centralised twin critic on the cooperative team reward.
 
@@ -60,7 +63,7 @@ def train(config_file, episodes, start, end, dataset, seed, teacher, device, out
 
     config = TrainConfig.load(config_file) if config_file else TrainConfig()
     config = config.override(episodes=episodes, start=start, end=end, dataset=dataset, seed=seed, teacher=teacher,
-                             device=device)
+                             bc_alpha=bc_alpha, device=device)
     evaluation = EnvSpec(schema=config.dataset, start=eval_start, end=eval_end)
     result = run_training(config, out_dir, resume=resume, progress=progress, evaluation=evaluation,
                           evaluate_every=evaluate_every, say=lambda m: click.echo(m, err=True))
