@@ -135,3 +135,31 @@ def test_with_alpha_zero_fine_tuning_is_cloning_only():
     buffer = filled_buffer(layout, learner)
     stats = learner.update(buffer.sample(8, torch.Generator().manual_seed(0), n_step=3))
     assert stats["q_scale"] == 0.0
+
+
+class _PeaksOnlyCritic(torch.nn.Module):
+    """A critic whose building shares ignore the actions and whose two peak shares follow them."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, inputs, actions, state):
+        a = actions.sum(dim=(1, 2)) * self.weight
+        q = torch.stack([torch.zeros_like(a), torch.zeros_like(a), a, a], dim=-1)   # [batch, 2 buildings + 2 peaks]
+        return torch.stack([q, q])
+
+
+def test_actors_ascend_only_the_building_shares_when_asked():
+    moved = {}
+    for terms in ("all", "buildings"):
+        layout, policy, learner = two_agents()
+        buffer = filled_buffer(layout, learner)
+        learner.config = TrainConfig(batch_size=8, policy_delay=1, bc_alpha=1.0, preactivation_penalty=0.0,
+                                     actor_lr=1e-2, actor_q_terms=terms)
+        learner.critic, learner.target_critic = _PeaksOnlyCritic(), _PeaksOnlyCritic()
+        learner.critic_optimizer = torch.optim.Adam(learner.critic.parameters())
+        before = [p.detach().clone() for p in learner.actors.parameters()]
+        learner.update(buffer.sample(8, torch.Generator().manual_seed(0), n_step=3))
+        moved[terms] = any(not torch.equal(b, p) for b, p in zip(before, learner.actors.parameters()))
+    assert moved == {"all": True, "buildings": False}
