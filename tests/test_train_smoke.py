@@ -130,6 +130,28 @@ def test_resume_continues_from_the_last_checkpoint(smoke_run, tmp_path, schema_p
     assert after > before
 
 
+def test_planner_taught_training_clones_fine_tunes_resumes_and_exports(tmp_path, schema_path, monkeypatch):
+    """The shipped recipe (teacher = the perfect-foresight planner, cars charged) end to end on 72 steps."""
+    monkeypatch.setenv("MADDPG_CITYLEARN_CACHE", str(tmp_path / "cache"))
+    run, resumed = tmp_path / "planner", tmp_path / "planner-resumed"
+    args = ("--dataset", schema_path, "--teacher", "planner", "--start", "0", "--end", "71")
+    result = train(*args, "--episodes", "1", "--out", run)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["teaching"]["teacher"] == "planner"
+    assert summary["teaching"]["labelled_states"] == 71 + 36       # the planner labels its pass and DAgger's states
+    teacher_pass = summary["teaching"]["passes"][0]
+    assert teacher_pass["service"]["ev_departures_acceptable"] == 1.0
+    assert len(list((tmp_path / "cache" / "teacher-passes").glob("*.pt"))) == 1  # the LP pass is cached for reruns
+    result = train(*args, "--episodes", "2", "--resume", run / "last.pt", "--out", resumed)
+    assert result.exit_code == 0, result.output
+    assert "resuming after episode 1" in result.output
+    assert [h["episode"] for h in json.loads((resumed / "summary.json").read_text())["history"]] == [1, 2]
+    exported = CliRunner().invoke(cli, ["export", str(resumed / "best.pt"), "--repository", str(tmp_path / "repo")])
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "repo" / "maddpg_ctde" / "1" / "model.onnx").is_file()
+
+
 def test_the_trained_checkpoint_exports(smoke_run, tmp_path):
     out, _ = smoke_run
     result = CliRunner().invoke(cli, ["export", str(out / "final.pt"), "--repository", str(tmp_path / "repo")])
