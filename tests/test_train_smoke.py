@@ -58,6 +58,25 @@ def test_training_writes_checkpoints_a_summary_and_a_deterministic_evaluation(sm
     assert final.reference_observations is not None and final.layout.observation_shape == (17, 52)
 
 
+@pytest.mark.citylearn
+def test_the_training_evaluation_is_what_a_new_env_measures(smoke_run, schema_path):
+    """Scores in training (evaluation, fine-tuning checks) come from new envs, like `evaluate`'s: a reused env's
+    reset() leaves state behind, and the same weights then score differently pass after pass."""
+    from maddpg_evaluation.citylearn_env import EnvSpec
+    from maddpg_evaluation.episode import run_episode
+    from maddpg_evaluation.kpis import headline_score
+    from maddpg_training.torch_policy import TorchPolicy
+
+    out, _ = smoke_run
+    summary = json.loads((out / "summary.json").read_text())
+    result = run_episode(EnvSpec(schema=str(schema_path), start=0, end=47).build(),
+                         TorchPolicy.from_checkpoint(out / "final.pt"))
+    assert result.kpis == pytest.approx(summary["evaluation"], abs=1e-9)
+    # Where fine-tuning started (the clone on the training window), recorded for the ablation's clone arm.
+    start = summary["fine_tuning_start"]
+    assert start["score"] == pytest.approx(headline_score(start["kpis"]))
+
+
 def test_training_leaves_a_trace_of_every_update_pass_and_evaluation(smoke_run):
     from maddpg_training.trace import read_trace
 
