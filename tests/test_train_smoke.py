@@ -9,8 +9,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from maddpg_evaluation.citylearn_env import EnvSpec
+from maddpg_evaluation.episode import run_episode
 from maddpg_ops.cli import cli
 from maddpg_training.checkpoint import load_checkpoint
+from maddpg_training.config import TrainConfig
+from maddpg_training.torch_policy import TorchPolicy
 
 pytestmark = pytest.mark.citylearn
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.toml")
@@ -62,10 +66,7 @@ def test_training_writes_checkpoints_a_summary_and_a_deterministic_evaluation(sm
 def test_the_training_evaluation_is_what_a_new_env_measures(smoke_run, schema_path):
     """Scores in training (evaluation, fine-tuning checks) come from new envs, like `evaluate`'s: a reused env's
     reset() leaves state behind, and the same weights then score differently pass after pass."""
-    from maddpg_evaluation.citylearn_env import EnvSpec
-    from maddpg_evaluation.episode import run_episode
     from maddpg_evaluation.kpis import headline_score
-    from maddpg_training.torch_policy import TorchPolicy
 
     out, _ = smoke_run
     summary = json.loads((out / "summary.json").read_text())
@@ -75,6 +76,24 @@ def test_the_training_evaluation_is_what_a_new_env_measures(smoke_run, schema_pa
     # Where fine-tuning started (the clone on the training window), recorded for the ablation's clone arm.
     start = summary["fine_tuning_start"]
     assert start["score"] == pytest.approx(headline_score(start["kpis"]))
+
+
+@pytest.mark.citylearn
+def test_the_fine_tuning_check_scores_the_same_weights_the_same_every_time(smoke_run, schema_path):
+    """citylearn 3.0.2's reset() keeps EV state: on a reused env, Building_10's car arrives at step 360 with SOC 0.91
+    on the first pass and 0.44 on the next. The check would then compare noise; it builds a new env each time."""
+    from maddpg_training import trainer as T
+    from maddpg_training.bootstrap import warmup
+
+    out, _ = smoke_run
+    checkpoint = load_checkpoint(out / "final.pt")
+    config = TrainConfig.load(SMOKE)
+    spec = EnvSpec(schema=str(schema_path), start=0, end=400)
+    window = T._window(spec, warmup(spec), checkpoint.layout, config, teacher=False, safety=checkpoint.safety)
+    learner = T.MADDPG(checkpoint.build_policy().train(), config, window.reward.shares)
+    first, second = (T.gate_check([window], learner, progress=False)[0] for _ in range(2))
+    assert first["kpis"] == second["kpis"]
+    assert first["kpis"] == pytest.approx(run_episode(spec.build(), TorchPolicy(learner.policy)).kpis, abs=1e-9)
 
 
 def test_training_leaves_a_trace_of_every_update_pass_and_evaluation(smoke_run):
