@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from maddpg_core.errors import MaddpgCitylearnError
+from maddpg_core.files import sha256_file
 
 Say = Callable[[str], None]
 
@@ -220,14 +221,6 @@ def _apt_installer() -> list[str] | None:
 
 
 # --- sources ------------------------------------------------------------------------------------------------------
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch_sources(sources_dir: Path | None, download_dir: Path, say: Say) -> dict[str, Path]:
     """``{file: path}`` of every pinned source, each verified against its sha256."""
     found = {}
@@ -239,9 +232,9 @@ def fetch_sources(sources_dir: Path | None, download_dir: Path, say: Say) -> dic
                                         f"{', '.join(s.file for s in SOURCES)} (or leave out --sources to download them)")
         else:
             path = download_dir / source.file
-            if not path.is_file() or sha256_of(path) != source.sha256:
+            if not path.is_file() or sha256_file(path) != source.sha256:
                 _download(source, path, say)
-        actual = sha256_of(path)
+        actual = sha256_file(path)
         if actual != source.sha256:
             raise BackendBuildError(f"{path} has sha256 {actual[:16]}..., not the pinned {source.sha256[:16]}...: "
                                     f"it is not {source.url}; replace it with that file")

@@ -17,7 +17,6 @@ Writes are atomic (temp file + rename in the same directory): a crash never leav
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import pickle
@@ -29,7 +28,7 @@ from typing import Any, Mapping
 import torch
 
 from maddpg_core.errors import CheckpointError
-from maddpg_core.files import atomic_write
+from maddpg_core.files import atomic_write, sha256_file
 from maddpg_core.layout import PolicyLayout
 
 from .networks import ActorSpec, PolicyNetwork
@@ -98,7 +97,7 @@ def read_payload(path: str | os.PathLike, extra_globals: Mapping[str, Any] | Non
         raise CheckpointError(f"checkpoint {path} does not exist: pass the .pt file written by `maddpg-citylearn train`")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory: pass the checkpoint file itself (e.g. {path}/final.pt)")
-    digest = _sha256(path)
+    digest = sha256_file(path)
     allowed = (torch.serialization.safe_globals([(obj, name) for name, obj in extra_globals.items()])
                if extra_globals else contextlib.nullcontext())
     try:
@@ -175,14 +174,6 @@ def _unsafe_globals(path: Path) -> str:
     except Exception:  # noqa: BLE001 - the refusal stands; only the detail is missing
         return "objects outside the allowed set"
     return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "") if names else "objects outside the allowed set"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:
