@@ -554,3 +554,32 @@ def test_rendered_triton_args_serve_the_declared_probes_and_metrics(rendered, ex
         assert output["name"] == "actions" and output["shape"][:2] == shape[:2]
     finally:
         server.stop()
+
+
+# --- one Triton release: what the pods run is what was measured -----------------------------------------------------
+def triton_version_of_ngc_tag(tag: str) -> str:
+    """NGC names Triton images by year and month, one minor release a month: 24.10-py3 is Triton 2.51.0 and 25.06-py3
+    is 2.59.0 (NVIDIA's support matrix)."""
+    match = re.fullmatch(r"(\d\d)\.(\d\d)(-.+)?", tag)
+    assert match, f"{tag!r} is not an NGC release tag (YY.MM-py3)"
+    months = int(match.group(1)) * 12 + int(match.group(2)) - (24 * 12 + 10)
+    return f"2.{51 + months}.0"
+
+
+@pytest.mark.triton
+def test_manifests_run_the_triton_release_the_local_server_runs(rendered, triton_server):
+    from maddpg_serving.onnxruntime_backend import RELEASE
+
+    assert triton_version_of_ngc_tag("24.10-py3") == "2.51.0" and triton_version_of_ngc_tag("25.06-py3") == "2.59.0"
+    status, body = http("GET", f"http://{triton_server.http_url}/v2")
+    assert status == 200
+    served = json.loads(body)["version"]  # the tritonserver that `serve`, the tests and the benchmarks run
+    for target, objects in rendered.items():
+        image = triton(objects)["image"]
+        tag = image.rpartition(":")[2]
+        assert triton_version_of_ngc_tag(tag) == served, (
+            f"{target} runs {image} (Triton {triton_version_of_ngc_tag(tag)}), but everything here was measured on "
+            f"Triton {served}: pin the image to the measured release (k8s/base/kustomization.yaml) or move the local "
+            f"server and re-measure")
+        # Triton's onnxruntime backend that `make setup` builds comes from the same release branch.
+        assert RELEASE == f"r{tag.split('-')[0]}", f"the onnxruntime backend is built from {RELEASE}, the pods run {tag}"
