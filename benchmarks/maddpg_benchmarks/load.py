@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
@@ -31,8 +30,7 @@ import numpy as np
 from maddpg_core.layout import INPUT_NAME, OUTPUT_NAME
 
 HOST = "127.0.0.1"
-CLIENTS = ("asyncio-raw", "tritonclient-aio", "tritonclient-threads")
-DEFAULT_CLIENT = "asyncio-raw"
+DEFAULT_CLIENT = "asyncio-raw"  # benchmarks/tune.py compares it with tritonclient's own clients
 # A request with no answer after this long is counted as an error (and the level stops waiting for it).
 REQUEST_TIMEOUT_S = 10.0
 # An answer that took this much longer than its row's median is a stall, counted apart: Triton 2.51's dynamic
@@ -291,38 +289,6 @@ class GrpcCaller:
         check_actions(actions, self.payload)
 
 
-class TritonClientAioCaller:
-    """tritonclient's own asyncio HTTP client (aiohttp), inputs built once: the library a user would reach for."""
-
-    def __init__(self, url: str, model: str, payload: Payload):
-        self.url, self.model, self.payload = url, model, payload
-        self.client = None
-
-    async def open(self) -> None:
-        import tritonclient.http.aio as httpclient
-
-        self.client = httpclient.InferenceServerClient(self.url, conn_limit=1)
-        tensor = httpclient.InferInput(INPUT_NAME, list(self.payload.observations.shape), "FP32")
-        tensor.set_data_from_numpy(self.payload.observations, binary_data=True)
-        self.inputs = [tensor]
-        self.outputs = [httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)]
-
-    async def close(self) -> None:
-        if self.client is not None:
-            await self.client.close()
-            self.client = None
-
-    async def reset(self) -> None:
-        await self.close()
-        await self.open()
-
-    async def call(self):
-        return await self.client.infer(self.model, self.inputs, outputs=self.outputs)
-
-    async def call_checked(self) -> None:
-        check_actions((await self.call()).as_numpy(OUTPUT_NAME), self.payload)
-
-
 # --- targets: what a level is run against -----------------------------------------------------------------------------
 @dataclass
 class Target:
@@ -344,7 +310,7 @@ class Target:
     def is_triton(self) -> bool:
         return self.name.startswith("triton")
 
-    def callers(self, payload: Payload, count: int, client: str):
+    def callers(self, payload: Payload, count: int, client: str = DEFAULT_CLIENT):
         if self.host != HOST:
             raise ValueError("benchmarks only drive 127.0.0.1")
         if not self.is_triton:
@@ -359,8 +325,6 @@ class Target:
         if self.protocol == "grpc":
             request, answer = triton_grpc_request(self.model, payload)
             return [GrpcCaller(f"{self.host}:{self.port}", request, answer, payload) for _ in range(count)]
-        if client == "tritonclient-aio":
-            return [TritonClientAioCaller(f"{self.host}:{self.port}", self.model, payload) for _ in range(count)]
         request, answer = triton_http_request(self.model, payload, self.host, self.port)
 
         def check(headers, body):
@@ -396,13 +360,12 @@ class Measurement:
     triton: Any = None                  # ModelMetrics difference over the window
 
 
-def measure(target: Target, payload: Payload, level: Level, client: str = DEFAULT_CLIENT) -> Measurement:
-    """One window of ``target`` at ``level``; blocking (its own event loop, or threads for tritonclient-threads)."""
-    if client not in CLIENTS:
-        raise ValueError(f"client must be one of {CLIENTS}, not {client!r}")
-    if client == "tritonclient-threads":
-        return _measure_threaded(target, payload, level)
-    return asyncio.run(_measure_async(target, payload, level, client))
+def measure(target: Target, payload: Payload, level: Level, client: str = DEFAULT_CLIENT,
+            callers: Callable[[Payload, int], list] | None = None) -> Measurement:
+    """One window of ``target`` at ``level``, blocking (its own event loop). ``callers(payload, count)`` replaces
+    the driver's own connections (benchmarks/tune.py measures tritonclient's asyncio client that way)."""
+    make = callers or (lambda p, n: target.callers(p, n))
+    return asyncio.run(_measure_async(target, payload, level, make))
 
 
 def summarise(name: str, level: Level, payload: Payload, measurements: list[Measurement], *, client: str = "",
@@ -447,8 +410,8 @@ class Window:
             self.first_error = f"{kind}: {str(exc)[:300]}"
 
 
-async def _measure_async(target: Target, payload: Payload, level: Level, client: str) -> Measurement:
-    callers = target.callers(payload, level.concurrency, client)
+async def _measure_async(target: Target, payload: Payload, level: Level, make) -> Measurement:
+    callers = make(payload, level.concurrency)
     try:
         await asyncio.wait_for(asyncio.gather(*(c.open() for c in callers)), REQUEST_TIMEOUT_S)
         await asyncio.wait_for(callers[0].call_checked(), REQUEST_TIMEOUT_S)  # correctness before speed
@@ -503,78 +466,6 @@ async def _reset_quietly(caller) -> None:
         await asyncio.wait_for(caller.reset(), REQUEST_TIMEOUT_S)
     except Exception:  # noqa: BLE001 - the next call reports what is wrong
         pass
-
-
-def _measure_threaded(target: Target, payload: Payload, level: Level) -> Measurement:
-    """One thread per caller, each with its own ``tritonclient.http`` client (a client must stay in its thread)."""
-    if not (target.is_triton and target.protocol == "http"):
-        raise ValueError("the tritonclient-threads client drives Triton over HTTP only")
-    import tritonclient.http as httpclient
-
-    url = f"{target.host}:{target.port}"
-    outputs = [httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)]
-    check = httpclient.InferenceServerClient(url, network_timeout=REQUEST_TIMEOUT_S)
-    try:  # correctness before speed
-        check_actions(check.infer(target.model, _tritonclient_inputs(httpclient, payload), outputs=outputs)
-                      .as_numpy(OUTPUT_NAME), payload)
-    finally:
-        check.close()
-
-    lock = threading.Lock()
-    state = {"budget": level.max_requests, "deadline": 0.0, "window": Window()}
-    start_phase, end_phase = threading.Barrier(level.concurrency + 1), threading.Barrier(level.concurrency + 1)
-    wait_s = 60 + level.warmup_s + level.duration_s + REQUEST_TIMEOUT_S
-
-    def worker() -> None:
-        client = httpclient.InferenceServerClient(url, network_timeout=REQUEST_TIMEOUT_S)
-        inputs = _tritonclient_inputs(httpclient, payload)
-        try:
-            for _ in ("warmup", "window"):
-                start_phase.wait(timeout=wait_s)
-                window, latencies = state["window"], []
-                while time.perf_counter() < state["deadline"]:
-                    with lock:
-                        if state["budget"] <= 0:
-                            break
-                        state["budget"] -= 1
-                    start = time.perf_counter_ns()
-                    try:
-                        client.infer(target.model, inputs, outputs=outputs)
-                    except Exception as exc:  # noqa: BLE001 - counted and named in the report
-                        with lock:
-                            window.error(exc)
-                        continue
-                    latencies.append(time.perf_counter_ns() - start)
-                with lock:
-                    window.latencies.extend(latencies)
-                end_phase.wait(timeout=wait_s)
-        finally:
-            client.close()
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(level.concurrency)]
-    for thread in threads:
-        thread.start()
-    state["deadline"] = time.perf_counter() + level.warmup_s
-    start_phase.wait(timeout=wait_s)
-    end_phase.wait(timeout=wait_s)
-    warmup = state["window"]
-    before = _snapshot(target)
-    state.update(budget=level.max_requests, window=Window())
-    started = time.perf_counter()
-    state["deadline"] = started + level.duration_s
-    start_phase.wait(timeout=wait_s)
-    end_phase.wait(timeout=wait_s)
-    seconds = time.perf_counter() - started
-    after = _snapshot(target)
-    for thread in threads:
-        thread.join(timeout=REQUEST_TIMEOUT_S)
-    return _measurement(state["window"], warmup, seconds, before, after)
-
-
-def _tritonclient_inputs(module, payload: Payload):
-    tensor = module.InferInput(INPUT_NAME, list(payload.observations.shape), "FP32")
-    tensor.set_data_from_numpy(payload.observations, binary_data=True)
-    return [tensor]
 
 
 @dataclass(frozen=True)

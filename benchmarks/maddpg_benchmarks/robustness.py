@@ -3,8 +3,6 @@ with a small queue, and a server restarted under a stepping client.
 
 ``flood``             many requests at once (bounded in count, each bounded by the client timeout) on 127.0.0.1;
                       every outcome is recorded with how long it took to come back
-``small_queue_view``  a repository serving a model whose queue admits only a few requests (configs written by the
-                      export's own config writer)
 ``restart_recovery``  a client stepping through ``act`` calls while the server is stopped and started again: how long
                       the client went without an answer, and how much of that was the server starting
 
@@ -17,7 +15,6 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -54,18 +51,6 @@ class FloodResult:
             return {}
         return {"count": int(seconds.size), "p50": 1e3 * float(np.percentile(seconds, 50)),
                 "p95": 1e3 * float(np.percentile(seconds, 95)), "max": 1e3 * float(seconds[-1])}
-
-
-def small_queue_view(source_repository: Path, workdir: Path, *, max_queue_size: int = 2,
-                     queue_timeout_us: int = 1_000_000, instances: int = 1) -> Path:
-    """A repository under ``workdir`` serving ``source_repository``'s model with a queue this small."""
-    from maddpg_export.triton_config import ServingSettings
-
-    from .repositories import open_repository, settings_view
-
-    settings = ServingSettings(max_queue_size=max_queue_size, queue_timeout_us=queue_timeout_us,
-                               local_instances=instances)
-    return settings_view(open_repository(source_repository), settings, workdir)
 
 
 def flood(url: str, protocol: str, observations: np.ndarray, *, concurrency: int = 32,
