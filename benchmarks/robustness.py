@@ -14,13 +14,63 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from maddpg_benchmarks.robustness import restart_recovery
+from maddpg_client.triton_policy import RetryPolicy, TritonPolicy
+from maddpg_core.errors import PolicyError
 from maddpg_core.layout import PolicyLayout
 from maddpg_serving.local_triton import LocalTritonServer, free_ports
+
+
+@dataclass(frozen=True)
+class Recovery:
+    steps: int
+    failed_steps: int               # steps that raised after the retry budget (0 when the client rode it out)
+    longest_gap_s: float            # longest time between two answered steps: what the client went without
+    server_down_s: float            # from stop() called to the restarted server ready
+    first_answer_after_ready_s: float  # the client's backoff on top of the server's own restart
+
+
+def restart_recovery(server, observations: np.ndarray, *, steps: int = 300, restart_after: int = 100,
+                     retry_seconds: float = 30.0, protocol: str = "http", model: str = "maddpg_ctde") -> Recovery:
+    """Step ``steps`` ``act`` calls; after ``restart_after`` of them another thread stops ``server`` (a
+    LocalTritonServer) and starts it again on the same ports while the client keeps stepping."""
+    url = server.http_url if protocol == "http" else server.grpc_url
+    policy = TritonPolicy(url, protocol=protocol, model=model, retry=RetryPolicy.for_seconds(retry_seconds))
+    _ = policy.layout
+    marks: dict[str, float] = {}
+    reached = threading.Event()
+
+    def restart() -> None:
+        reached.wait()
+        marks["stopped"] = time.monotonic()
+        server.stop()
+        server.start(timeout=120)
+        marks["ready"] = time.monotonic()
+
+    restarter = threading.Thread(target=restart, daemon=True)
+    restarter.start()
+    answered, failed = [], 0
+    for step in range(steps):
+        if step == restart_after:
+            reached.set()
+        try:
+            policy.act(observations[step % len(observations)])
+            answered.append(time.monotonic())
+        except PolicyError:
+            failed += 1
+    restarter.join(180)
+    policy.close()
+    gaps = np.diff(answered) if len(answered) > 1 else np.zeros(1)
+    after_ready = [t for t in answered if t >= marks.get("ready", float("inf"))]
+    return Recovery(steps=steps, failed_steps=failed, longest_gap_s=float(gaps.max()),
+                    server_down_s=marks["ready"] - marks["stopped"],
+                    first_answer_after_ready_s=(after_ready[0] - marks["ready"]) if after_ready else float("nan"))
 
 
 def observations_for(repository: Path, model: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:

@@ -188,38 +188,37 @@ def test_stalls_are_answers_far_slower_than_their_rows_median(median_ms, stalled
 
 
 def tuning():
+    """benchmarks/tune.py, the opt-in tuning script (not part of the package)."""
     import importlib.util
-    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "tune.py"
     spec = importlib.util.spec_from_file_location("maddpg_tune", path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("maddpg_tune", module)
     spec.loader.exec_module(module)
     return module
 
 
 def test_a_variant_whose_requests_stalled_never_wins():
-    _group, decide = tuning()._group, tuning().decide
+    tune = tuning()
+
     def stalling(results, count):
         results[0].stalled = count
         return results
 
     fast_but_stalls = stalling(fake_results(0.5, 2000, 200_000), 3)
-    group = _group("queue_policy", "?", {"none": fake_results(1.0, 1000, 108_800), "policy": fast_but_stalls}, "none")
-    decide([group])
-    assert group.winner == "none"
+    group = tune.group("queue_policy", "?", {"none": fake_results(1.0, 1000, 108_800), "policy": fast_but_stalls},
+                       "none")
+    tune.settle([group])
+    assert group["kept"] == "none"
 
 
 @pytest.mark.parametrize(("rival_speedup", "kept"), [(1.05, "delay=0"), (2.0, "delay=100")])
 def test_tuning_replaces_the_default_only_beyond_the_runs_own_noise(rival_speedup, kept):
-    _group, decide = tuning()._group, tuning().decide
+    tune = tuning()
     # The served default ran in two groups and moved by 10% between them: that is this run's noise.
-    other = _group("instances", "?", {"instances=2": fake_results(1.0, 1100, 108_800)}, "instances=2")
-    delay = _group("delay", "?", {"delay=0": fake_results(1.0, 1000, 108_800),
-                                  "delay=100": fake_results(1.0, 1000 * rival_speedup, 108_800)}, "delay=0")
-    noise = decide([other, delay])
-    assert noise > 1.0
-    assert delay.winner == kept
-
+    other = tune.group("instances", "?", {"instances=2": fake_results(1.0, 1100, 108_800)}, "instances=2")
+    delay = tune.group("delay", "?", {"delay=0": fake_results(1.0, 1000, 108_800),
+                                      "delay=100": fake_results(1.0, 1000 * rival_speedup, 108_800)}, "delay=0")
+    assert tune.settle([other, delay]) > 1.0
+    assert delay["kept"] == kept

@@ -1,18 +1,13 @@
 """The load driver: closed-loop callers against one server on 127.0.0.1, latency percentiles, Triton's batching.
 
 ``concurrency`` callers each send their next request as soon as the previous answer arrived (a closed loop, like
-``perf_analyzer --concurrency-range``, which is not installable here). A level ends after ``duration_s`` seconds or
-``max_requests`` requests, whichever comes first, after a warm-up that is not counted; every wait is bounded.
-
-All callers share one asyncio event loop in this process, each with its own connection: HTTP/1.1 keep-alive over
-asyncio streams, or gRPC through ``grpc.aio`` with Triton's generated stub. Each level encodes its request once and
-sends the same bytes again: the client's share of the two cores goes into sockets, not into re-encoding identical
-tensors. That was the cheapest client measured here (``CLIENTS`` and ``docs/benchmarks.md``); the tritonclient
-variants stay available (``client="tritonclient-threads"`` / ``"tritonclient-aio"``) so the choice can be re-measured.
-
-Every window checks its first answer completely (decoded, shape, values against the expected actions when given) and
-fails loudly if it is wrong; every later answer is checked by status and size, and a bad one counts as an error: a
-server that answers quickly but wrongly is never reported as fast.
+``perf_analyzer --concurrency-range``, which ``bench`` runs beside it on Triton; this driver also drives the
+seed-style FastAPI server, which perf_analyzer cannot). A level ends after ``duration_s`` seconds or ``max_requests``
+requests, after a warm-up that is not counted; every wait is bounded. All callers share one asyncio event loop, each
+with its own connection (HTTP/1.1 keep-alive over asyncio streams, or ``grpc.aio`` with Triton's generated stub), and
+each level's request is encoded once: the client's share of the cores goes into sockets, not re-encoding. The first
+answer of every window is checked completely and a wrong one fails the level; later answers by status and size, a bad
+one counting as an error: a server that answers quickly but wrongly is never reported as fast.
 """
 
 from __future__ import annotations
@@ -30,7 +25,7 @@ import numpy as np
 from maddpg_core.layout import INPUT_NAME, OUTPUT_NAME
 
 HOST = "127.0.0.1"
-DEFAULT_CLIENT = "asyncio-raw"  # benchmarks/tune.py compares it with tritonclient's own clients
+DEFAULT_CLIENT = "asyncio-raw"
 # A request with no answer after this long is counted as an error (and the level stops waiting for it).
 REQUEST_TIMEOUT_S = 10.0
 # An answer that took this much longer than its row's median is a stall, counted apart: Triton 2.51's dynamic
@@ -310,7 +305,7 @@ class Target:
     def is_triton(self) -> bool:
         return self.name.startswith("triton")
 
-    def callers(self, payload: Payload, count: int, client: str = DEFAULT_CLIENT):
+    def callers(self, payload: Payload, count: int):
         if self.host != HOST:
             raise ValueError("benchmarks only drive 127.0.0.1")
         if not self.is_triton:
@@ -360,12 +355,9 @@ class Measurement:
     triton: Any = None                  # ModelMetrics difference over the window
 
 
-def measure(target: Target, payload: Payload, level: Level, client: str = DEFAULT_CLIENT,
-            callers: Callable[[Payload, int], list] | None = None) -> Measurement:
-    """One window of ``target`` at ``level``, blocking (its own event loop). ``callers(payload, count)`` replaces
-    the driver's own connections (benchmarks/tune.py measures tritonclient's asyncio client that way)."""
-    make = callers or (lambda p, n: target.callers(p, n))
-    return asyncio.run(_measure_async(target, payload, level, make))
+def measure(target: Target, payload: Payload, level: Level) -> Measurement:
+    """One window of ``target`` at ``level``, blocking (its own event loop)."""
+    return asyncio.run(_measure_async(target, payload, level))
 
 
 def summarise(name: str, level: Level, payload: Payload, measurements: list[Measurement], *, client: str = "",
@@ -410,8 +402,8 @@ class Window:
             self.first_error = f"{kind}: {str(exc)[:300]}"
 
 
-async def _measure_async(target: Target, payload: Payload, level: Level, make) -> Measurement:
-    callers = make(payload, level.concurrency)
+async def _measure_async(target: Target, payload: Payload, level: Level) -> Measurement:
+    callers = target.callers(payload, level.concurrency)
     try:
         await asyncio.wait_for(asyncio.gather(*(c.open() for c in callers)), REQUEST_TIMEOUT_S)
         await asyncio.wait_for(callers[0].call_checked(), REQUEST_TIMEOUT_S)  # correctness before speed
@@ -497,24 +489,23 @@ def _measurement(window: Window, warmup: Window, seconds: float, before: _Snapsh
     )
 
 
-# --- CPU time of a server ---------------------------------------------------------------------------------------------
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+# --- CPU time from /proc ---------------------------------------------------------------------------------------------
+def process_ticks():
+    """``(pid, process group, user + system ticks, name)`` of every process (the report's busy processes, too)."""
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as handle:
+                    raw = handle.read()
+            except OSError:
+                continue
+            fields = raw.rsplit(b")", 1)[1].split()  # after the name: state ppid pgrp ... utime(11) stime(12)
+            name = raw[raw.index(b"(") + 1 : raw.rindex(b")")].decode(errors="replace")
+            yield int(entry.name), int(fields[2]), int(fields[11]) + int(fields[12]), name
 
 
 def process_group_cpu_seconds(pgid: int | None) -> float | None:
     """User + system CPU seconds of every process in group ``pgid`` (a server and, for Triton, its python stubs)."""
     if pgid is None:
         return None
-    total = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        # After the command name: state(0) ppid(1) pgrp(2) ... utime(11) stime(12)
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / _TICKS
+    return sum(ticks for _, group, ticks, _ in process_ticks() if group == pgid) / os.sysconf("SC_CLK_TCK")

@@ -73,39 +73,22 @@ def _memory_gib() -> float | None:
 
 def busy_processes(interval_s: float = 0.5, threshold: float = 0.1) -> list[dict[str, Any]]:
     """Other processes using more than ``threshold`` of a core: what the benchmark shared the machine with."""
-    def sample() -> dict[int, tuple[str, int]]:
-        ticks = {}
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat", "rb") as handle:
-                    raw = handle.read()
-            except OSError:
-                continue
-            name = _command(entry.name) or raw[raw.index(b"(") + 1 : raw.rindex(b")")].decode(errors="replace")
-            fields = raw.rsplit(b")", 1)[1].split()
-            ticks[int(entry.name)] = (name, int(fields[11]) + int(fields[12]))
-        return ticks
+    from .load import process_ticks
 
-    first = sample()
+    first = {pid: ticks for pid, _, ticks, _ in process_ticks()}
     time.sleep(interval_s)
-    second = sample()
-    tick = os.sysconf("SC_CLK_TCK")
     busy = []
-    for pid, (name, after) in second.items():
-        if pid in first:
-            share = (after - first[pid][1]) / tick / interval_s
-            if share >= threshold:
-                busy.append({"pid": pid, "name": name, "cores": round(share, 2)})
+    for pid, _, ticks, name in process_ticks():
+        share = (ticks - first.get(pid, ticks)) / os.sysconf("SC_CLK_TCK") / interval_s
+        if share >= threshold and pid != os.getpid():
+            busy.append({"pid": pid, "name": _command(pid) or name, "cores": round(share, 2)})
     return sorted(busy, key=lambda p: -p["cores"])
 
 
-def _command(pid: str) -> str:
+def _command(pid: int) -> str:
     """``python3 maddpg-citylearn train``: the base names of a process's first three arguments."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            argv = [a.decode(errors="replace") for a in handle.read().split(b"\0") if a]
+        argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
     except OSError:
         return ""
     return " ".join(Path(a).name if "/" in a else a for a in argv[:3])[:60]
@@ -173,7 +156,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
 
 # --- markdown -----------------------------------------------------------------------------------------------------
 # --- markdown: tables only ------------------------------------------------------------------------------------------
-def _f(value, digits=2) -> str:
+def cell(value, digits=2) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "-"
     if isinstance(value, float) and abs(value) >= 1000:
@@ -196,11 +179,11 @@ def results_table(results: list[dict], stall_ms: float) -> list[str]:
         queue = triton.get("queue_us_per_request")
         lines.append(
             f"| {LABELS.get(r['target'], r['target'])} | {r['config']} | {r['districts']} | {r['concurrency']} | "
-            f"{_f(r['requests_per_s'], 0)} | {_f(r['decisions_per_s'], 0)} | {_f(r['p50_ms'], 3)} | "
-            f"{_f(r['p95_ms'], 3)} | {_f(r['p99_ms'], 3)} | {_f(r['max_ms'], 1)} | "
+            f"{cell(r['requests_per_s'], 0)} | {cell(r['decisions_per_s'], 0)} | {cell(r['p50_ms'], 3)} | "
+            f"{cell(r['p95_ms'], 3)} | {cell(r['p99_ms'], 3)} | {cell(r['max_ms'], 1)} | "
             f"{'-' if r.get('stalled') is None else r['stalled']} | {r['errors']} | "
-            f"{_f(triton.get('average_batch_size'), 1)} | {_f(None if queue is None else queue / 1000, 3)} | "
-            f"{_f(r['client_cpu_cores'])} | {_f(r.get('server_cpu_cores'))} |")
+            f"{cell(triton.get('average_batch_size'), 1)} | {cell(None if queue is None else queue / 1000, 3)} | "
+            f"{cell(r['client_cpu_cores'])} | {cell(r.get('server_cpu_cores'))} |")
     return lines
 
 
@@ -210,7 +193,7 @@ def goals_table(goals: list[dict]) -> list[str]:
         met = "n/a" if g["met"] is None else ("**yes**" if g["met"] else "**no**")
         target = g.get("target_text") or ("-" if g["target"] is None else f"{g['target']:g}x")
         measured = f"{g['measured']} ({g['detail']})" if g.get("detail") else g["measured"]
-        lines.append(f"| {g['goal']} | {measured} | {_f(g['ratio'], 2)}{'x' if g['ratio'] else ''} | {target} | {met} |")
+        lines.append(f"| {g['goal']} | {measured} | {cell(g['ratio'], 2)}{'x' if g['ratio'] else ''} | {target} | {met} |")
     return lines
 
 
@@ -232,9 +215,9 @@ def perf_analyzer_table(data: dict[str, Any]) -> list[str]:
                          f"{p.get('error', 'not measured by the driver')} | - | - | - |")
             continue
         lines.append(f"| {LABELS[p['target']]} | {p['districts']} | {p['concurrency']} | "
-                     f"{_f(ours['requests_per_s'], 0)} / {_f(p['requests_per_s'], 0)} | "
-                     f"{p['requests_per_s'] / ours['requests_per_s']:.2f} | {_f(ours['p50_ms'], 3)} / "
-                     f"{_f(p['p50_ms'], 3)} | {_f(ours['p99_ms'], 3)} / {_f(p['p99_ms'], 3)} |")
+                     f"{cell(ours['requests_per_s'], 0)} / {cell(p['requests_per_s'], 0)} | "
+                     f"{p['requests_per_s'] / ours['requests_per_s']:.2f} | {cell(ours['p50_ms'], 3)} / "
+                     f"{cell(p['p50_ms'], 3)} | {cell(ours['p99_ms'], 3)} / {cell(p['p99_ms'], 3)} |")
     return lines
 
 
@@ -254,8 +237,8 @@ def markdown(data: dict[str, Any], plot_name: str = "benchmarks.png") -> str:
         f"- Served: {settings['label']} (`{settings['variant']}`); model {model['layout']}, hidden "
         f"{'-'.join(map(str, model['hidden']))}, {model['graph_nodes']} ONNX nodes, "
         f"{model['flops_per_decision'] / 1e3:.0f} kFLOP per decision ({model['repository']}).",
-        f"- Paced floor: {_f(paced.get('pause_ms'), 3)} ms pause after each call (served mean "
-        f"{_f(paced.get('served_mean_ms'), 3)} ms minus Triton's compute {_f(paced.get('served_compute_ms'), 3)} ms).",
+        f"- Paced floor: {cell(paced.get('pause_ms'), 3)} ms pause after each call (served mean "
+        f"{cell(paced.get('served_mean_ms'), 3)} ms minus Triton's compute {cell(paced.get('served_compute_ms'), 3)} ms).",
         f"- Machine: {machine['cpu_model']}, {machine['cores']} cores, {machine['memory_gib']} GiB, {machine['gpu']}; "
         f"{machine['os']}; {machine['python']}; tritonserver {machine.get('tritonserver_version', '?')}; load "
         f"average {load} at the start, {load_end} at the end (1 / 5 / 15 min); busy at the start: {busy}.",

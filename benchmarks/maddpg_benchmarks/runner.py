@@ -91,7 +91,7 @@ class Contender:
 
 def served(target: Target, client: str = DEFAULT_CLIENT, districts: tuple[int, ...] = DISTRICTS,
            name: str | None = None) -> Contender:
-    return Contender(name or target.name, lambda level, payload: measure(target, payload, level, client),
+    return Contender(name or target.name, lambda level, payload: measure(target, payload, level),
                      config=target.config, client=client, districts=districts)
 
 
