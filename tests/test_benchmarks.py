@@ -91,7 +91,7 @@ def test_the_paced_floor_idles_as_long_as_a_served_request_spends_outside_the_mo
 
 
 def test_the_model_figures_come_from_the_served_graph(run, exported_repository):
-    from maddpg_benchmarks.graph_forms import flops_per_decision, layer_widths
+    from maddpg_benchmarks.repositories import flops_per_decision, layer_widths
     from maddpg_client.local_policy import resolve_model_file
 
     widths = layer_widths(resolve_model_file(exported_repository, "maddpg_ctde"))
