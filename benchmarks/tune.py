@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from maddpg_benchmarks.floors import onnxruntime_floor
-from maddpg_benchmarks.load import STALL_MS, LevelResult, find
+from maddpg_benchmarks.load import STALL_MS, find
 from maddpg_benchmarks.report import cell as _f
 from maddpg_benchmarks.repositories import INSTANCES_KNOB, node_count, settings_view
 from maddpg_benchmarks.runner import (
@@ -69,8 +69,8 @@ def geomean(values) -> float:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else 0.0
 
 
-def group(knob: str, question: str, results: dict[str, list[LevelResult]], default: str, **extra) -> dict:
-    variants = [{"label": label, "default": label == default, "results": [r.as_dict() for r in rs]}
+def group(knob: str, question: str, results: dict[str, list[dict]], default: str, **extra) -> dict:
+    variants = [{"label": label, "default": label == default, "results": rs}
                 for label, rs in results.items()]
     for v in variants:
         v["figures"] = figures(v["results"])
@@ -110,17 +110,24 @@ def settle(groups: list[dict]) -> float:
 class Tuner(Bench):
     """The tuning groups, on the comparison's own servers and load driver (:class:`~maddpg_benchmarks.runner.Bench`)."""
 
-    def measure(self, contenders, payloads, description: str, scale: float = 1.0) -> dict[str, list[LevelResult]]:
+    def measure(self, contenders, payloads, description: str, scale: float = 1.0) -> dict[str, list[dict]]:
         results = run_interleaved(contenders, LEVELS, payloads, self.options, description,
                                   scale * self.options.duration_s)
-        return {c.name: [r for r in results if r.target == c.name] for c in contenders}
+        return {c.name: [r for r in results if r["target"] == c.name] for c in contenders}
 
     def triton_variants(self, source, payloads, variants: dict, workdir: Path, description: str,
-                        onnx_files: dict | None = None, scale: float = 1.0) -> dict[str, list[LevelResult]]:
+                        onnx_files: dict | None = None, scale: float = 1.0) -> dict[str, list[dict]]:
         self.say(f"{description}: {', '.join(variants)}")
         # Triton starts its python stub through a shell: keep the paths plain.
-        views = [settings_view(source, settings, workdir / re.sub(r"[^A-Za-z0-9_.-]+", "-", label),
-                               onnx_file=(onnx_files or {}).get(label)) for label, settings in variants.items()]
+        views = [settings_view(source, settings, workdir / re.sub(r"[^A-Za-z0-9_.-]+", "-", label))
+                 for label, settings in variants.items()]
+        for label, view in zip(variants, views):
+            if label in (onnx_files or {}):  # the same interface, another graph: the version serves it instead
+                version = view / source.model / source.onnx_path.parent.name
+                version.unlink()
+                version.mkdir()
+                for entry in source.onnx_path.parent.iterdir():
+                    (version / entry.name).symlink_to((onnx_files[label] if entry.name == "model.onnx" else entry).resolve())
         with started(triton_servers(views, self.backend)) as servers:
             contenders = [served(triton_target(server, source.model, label, "triton-http"), name=label)
                           for label, server in zip(variants, servers)]
@@ -168,7 +175,7 @@ class Tuner(Bench):
                   for label, path in ((stacked, source.onnx_path), (per_agent, per_agent_file))]
         in_process = run_interleaved(floors, [(1, d) for d in self.options.districts], payloads, self.options,
                                      "graph forms in process")
-        return group("graph_form", question, results, stacked, floors=[r.as_dict() for r in in_process])
+        return group("graph_form", question, results, stacked, floors=in_process)
 
     def run(self) -> dict:
         from maddpg_export.triton_config import ServingSettings

@@ -1,8 +1,6 @@
-"""In-process floors: the same computation with no server, no socket and no serialisation, one caller, one thread.
-
-Each floor is a ``prepare(payload) -> call`` (the call built once per request size). One thread: torch's default of one
-per core made a batch-1 call ~35 ms instead of ~0.2 ms here when other processes held the cores (its workers
-spin-wait for each other).
+"""In-process floors: the same computation with no server, socket or serialisation; one caller, one thread (torch's
+default of one per core made a batch-1 call ~35 ms instead of ~0.2 ms here when other processes held the cores: its
+workers spin-wait for each other). A floor is ``prepare(payload) -> call``, the call built once per request size.
 """
 
 from __future__ import annotations
@@ -14,10 +12,8 @@ import numpy as np
 
 from .load import Level, Measurement, Payload
 
-Prepare = Callable[[Payload], Callable[[], object]]
 
-
-def onnxruntime_floor(onnx_path) -> Prepare:
+def onnxruntime_floor(onnx_path):
     """``InferenceSession.run`` on the exported graph, 1 intra-op thread as one Triton instance runs it."""
     import onnxruntime as ort
 
@@ -34,7 +30,7 @@ def onnxruntime_floor(onnx_path) -> Prepare:
     return prepare
 
 
-def torch_floor(module) -> Prepare:
+def torch_floor(module):
     """A torch module taking ``[batch, agents, obs_width]`` (the PolicyNetwork: stacked actors, eager mode)."""
     import torch
 
@@ -48,7 +44,7 @@ def torch_floor(module) -> Prepare:
     return prepare
 
 
-def seed_loop_floor(layout) -> Prepare:
+def seed_loop_floor(layout):
     """The comparison server's own model: one district, 17 seed-shaped actors called one by one."""
     import torch
 
@@ -84,13 +80,12 @@ def measure_inprocess(call: Callable[[], object], level: Level, pause_s: float =
                 window.error(exc)
                 continue
             latencies.append(time.perf_counter_ns() - start)
-            if pause_s > 0:
+            if pause_s:
                 time.sleep(pause_s)
         window.latencies_ns, window.client_cpu_s = np.asarray(latencies, np.int64), time.process_time() - cpu
         window.seconds = window.span_s = time.perf_counter() - started
         return window
 
-    warmup = phase(level.warmup_s)
-    window = phase(level.duration_s)
+    warmup, window = phase(level.warmup_s), phase(level.duration_s)
     window.warmup_errors, window.first_error = sum(warmup.errors.values()), window.first_error or warmup.first_error
     return window

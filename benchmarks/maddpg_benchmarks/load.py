@@ -15,7 +15,7 @@ import json
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import astuple, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -100,53 +100,10 @@ class Measurement:
         self.first_error = self.first_error or f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
-@dataclass
-class LevelResult:
-    target: str                  # e.g. "triton-http", "seed-fastapi", "onnxruntime-inprocess"
-    concurrency: int
-    districts: int               # districts (rows of all agents) per request
-    agents: int
-    requests: int                # answered correctly in the measured window
-    errors: int                  # failed in the measured window (status, size, timeout, connection)
-    seconds: float
-    p50_ms: float
-    p95_ms: float
-    p99_ms: float
-    mean_ms: float
-    max_ms: float
-    client_cpu_cores: float      # the load generator's CPU time / wall time
-    stalled: int | None = 0      # answers slower than the median by more than STALL_MS; None: not detectable
-    server_cpu_cores: float | None = None
-    warmup_errors: int = 0
-    error_kinds: dict[str, int] = field(default_factory=dict)
-    first_error: str | None = None
-    client: str = "asyncio-raw"
-    triton: dict[str, float] | None = None  # metrics-endpoint differences over the window (average_batch_size, ...)
-    config: str = ""             # which server configuration
-
-    @property
-    def requests_per_s(self) -> float:
-        return self.requests / self.seconds if self.seconds else 0.0
-
-    @property
-    def decisions_per_s(self) -> float:
-        return self.requests_per_s * self.districts * self.agents
-
-    @property
-    def average_batch_size(self) -> float | None:
-        return None if self.triton is None else self.triton.get("average_batch_size")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "requests_per_s": self.requests_per_s, "decisions_per_s": self.decisions_per_s}
-
-
-def find(results, target: str, concurrency: int, districts: int):
-    """The result (a LevelResult, or its dict in a report) of ``target`` at one level, or None."""
-    def key(r):
-        return (r["target"], r["concurrency"], r["districts"]) if isinstance(r, dict) else (
-            r.target, r.concurrency, r.districts)
-
-    return next((r for r in results if key(r) == (target, concurrency, districts)), None)
+def find(results: list[dict], target: str, concurrency: int, districts: int) -> dict | None:
+    """The result of ``target`` at one level, or None."""
+    return next((r for r in results if (r["target"], r["concurrency"], r["districts"]) ==
+                 (target, concurrency, districts)), None)
 
 
 def count_stalls(latencies_ns: np.ndarray) -> int | None:
@@ -157,29 +114,33 @@ def count_stalls(latencies_ns: np.ndarray) -> int | None:
     return None if median > STALL_DETECTABLE_MEDIAN_MS * 1e6 else int((latencies_ns > median + STALL_MS * 1e6).sum())
 
 
-def summarise(name: str, level: Level, payload: Payload, measurements: list[Measurement], *, client: str = "",
-              config: str = "") -> LevelResult:
-    """Pool windows: all latencies together, requests, seconds and Triton's counters summed."""
+def summarise(name: str, level: Level, payload: Payload, measurements: list[Measurement], *,
+              client: str = "asyncio-raw", config: str = "") -> dict[str, Any]:
+    """Pool windows into one result row of ``benchmarks.json``: all latencies together; requests, seconds, CPU time
+    and Triton's counters summed."""
     latencies = np.concatenate([np.zeros(0, np.int64), *(m.latencies_ns for m in measurements)])
-    ms = latencies / 1e6
-    p50, p95, p99 = np.percentile(ms, [50, 95, 99]) if ms.size else [float("nan")] * 3
+    ms = latencies / 1e6 if latencies.size else np.full(1, np.nan)
     errors = sum((m.errors for m in measurements), Counter())
-    span = sum(m.span_s for m in measurements) or 1e-9
-    server = [m.server_cpu_s for m in measurements]
-    triton = None
-    if measurements and all(m.triton is not None for m in measurements):
-        deltas = [m.triton for m in measurements]
-        triton = type(deltas[0])(*(sum(getattr(d, f.name) for d in deltas) for f in fields(deltas[0]))).as_dict()
-    return LevelResult(
-        target=name, concurrency=level.concurrency, districts=payload.districts, agents=payload.agents,
-        requests=int(ms.size), errors=sum(errors.values()), seconds=float(sum(m.seconds for m in measurements)),
-        p50_ms=float(p50), p95_ms=float(p95), p99_ms=float(p99), mean_ms=float(ms.mean()) if ms.size else float("nan"),
-        max_ms=float(ms.max()) if ms.size else float("nan"),
-        client_cpu_cores=sum(m.client_cpu_s for m in measurements) / span, stalled=count_stalls(latencies),
-        server_cpu_cores=None if None in server or not server else sum(server) / span,
-        warmup_errors=sum(m.warmup_errors for m in measurements), error_kinds=dict(errors),
-        first_error=next((m.first_error for m in measurements if m.first_error), None), client=client,
-        triton=triton, config=config)
+    seconds, span = float(sum(m.seconds for m in measurements)), sum(m.span_s for m in measurements) or 1e-9
+    server, deltas = [m.server_cpu_s for m in measurements], [m.triton for m in measurements]
+    requests_per_s = latencies.size / seconds if seconds else 0.0
+    return {
+        "target": name, "concurrency": level.concurrency,
+        "districts": payload.districts, "agents": payload.agents,  # a district: one row of all agents
+        "requests": int(latencies.size), "errors": sum(errors.values()), "seconds": seconds,  # the measured window
+        **dict(zip(("p50_ms", "p95_ms", "p99_ms"), map(float, np.percentile(ms, [50, 95, 99])))),
+        "mean_ms": float(ms.mean()), "max_ms": float(ms.max()),
+        "client_cpu_cores": sum(m.client_cpu_s for m in measurements) / span,  # the load generator's
+        "stalled": count_stalls(latencies),  # None: a stall would not stand out
+        "server_cpu_cores": None if None in server or not server else sum(server) / span,
+        "warmup_errors": sum(m.warmup_errors for m in measurements), "error_kinds": dict(errors),
+        "first_error": next((m.first_error for m in measurements if m.first_error), None), "client": client,
+        # Triton's metrics over the window: average_batch_size (rows per model execution), queue and compute time
+        "triton": None if None in deltas or not deltas else
+                  type(deltas[0])(*map(sum, zip(*map(astuple, deltas)))).as_dict(),
+        "config": config,  # which server configuration
+        "requests_per_s": requests_per_s, "decisions_per_s": requests_per_s * payload.districts * payload.agents,
+    }
 
 
 # --- requests and their checks ----------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """What the benchmarks serve: a freshly initialised policy on the real env layout (speed does not depend on the
 weights, so the committed model is never needed), or a user's repository; views of it that differ only in their
-serving settings or graph (configs written by :func:`maddpg_export.triton_config.render_configs`, the one writer of
-configs; the source is never modified); and the figures of the served graph.
+serving settings (configs written by :func:`maddpg_export.triton_config.render_configs`, the one writer of configs;
+the source is never modified); and the figures of the served graph.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ class BenchmarkRepository:
         return resolve_model_file(self.repository, self.model)
 
 
-def build_repository(workdir: Path, *, hidden: tuple[int, ...] = (256, 256), seed: int = 0,
-                     say: Callable[[str], None] = lambda _: None) -> BenchmarkRepository:
+def build_repository(workdir: Path, say: Callable[[str], None] = lambda _: None) -> BenchmarkRepository:
     """Export an untrained policy of the trained architecture (hidden 256-256) on the real env layout into
     ``workdir/model_repository`` (needs CityLearn data; a week is enough for the layout and observation statistics)."""
     from maddpg_evaluation.citylearn_env import DEFAULT_DATASET, EnvSpec
@@ -41,8 +40,8 @@ def build_repository(workdir: Path, *, hidden: tuple[int, ...] = (256, 256), see
     from maddpg_training.checkpoint import save_checkpoint
     from maddpg_training.networks import ActorSpec
 
-    say(f"building a fresh policy on the {DEFAULT_DATASET} layout (hidden {list(hidden)})")
-    checkpoint = initial_checkpoint(EnvSpec(DEFAULT_DATASET, 0, 167), ActorSpec(tuple(hidden)), seed=seed)
+    say(f"building a fresh policy on the {DEFAULT_DATASET} layout (hidden [256, 256])")
+    checkpoint = initial_checkpoint(EnvSpec(DEFAULT_DATASET, 0, 167), ActorSpec((256, 256)), seed=0)
     path = save_checkpoint(workdir / "policy.pt", checkpoint)
     say("exporting it (ONNX, validated) into a temporary model repository")
     result = export_checkpoint(path, workdir / "model_repository")
@@ -61,23 +60,13 @@ def open_repository(repository: Path, model: str = DEFAULT_MODEL_NAME) -> Benchm
     return BenchmarkRepository(Path(repository), layout, model)
 
 
-def settings_view(source: BenchmarkRepository, settings, workdir: Path, *, onnx_file: Path | None = None) -> Path:
-    """A repository under ``workdir`` serving ``source``'s newest version with ``settings`` (a ``ServingSettings``),
-    with ``onnx_file`` in place of its graph when given (the per-agent form, same interface)."""
+def settings_view(source: BenchmarkRepository, settings, workdir: Path) -> Path:
+    """A repository under ``workdir`` serving ``source``'s newest version with ``settings`` (a ``ServingSettings``)."""
     from maddpg_export.triton_config import render_configs
 
     model_dir = Path(workdir) / source.model
     model_dir.mkdir(parents=True)
-    newest = source.onnx_path.parent
-    target = model_dir / newest.name
-    if onnx_file is None:
-        target.symlink_to(newest.resolve())
-    else:
-        target.mkdir()
-        for entry in newest.iterdir():
-            if entry.name != "model.onnx":
-                (target / entry.name).symlink_to(entry.resolve())
-        (target / "model.onnx").symlink_to(Path(onnx_file).resolve())
+    (model_dir / source.onnx_path.parent.name).symlink_to(source.onnx_path.parent.resolve())
     for relative, text in render_configs(source.layout, source.model, settings).items():
         (model_dir / relative).parent.mkdir(parents=True, exist_ok=True)
         (model_dir / relative).write_text(text)

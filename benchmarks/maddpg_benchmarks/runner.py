@@ -1,10 +1,9 @@
 """``maddpg-citylearn bench``: Triton (HTTP and gRPC, its other backend over HTTP), the seed-style server and the
-in-process floors, measured side by side in interleaved rounds; then the paced floor, perf_analyzer on the Triton rows,
-and the goals. What each contender is and how to read the figures: docs/benchmarks.md.
+in-process floors side by side, then the paced floor, perf_analyzer on the Triton rows, and the goals.
 
-Interleaved rounds (round 1: A, B, C at every level; round 2: A, B, C again; ...), each a slice of a level's duration:
-on a shared machine the background load drifts, and interleaving spreads it over every contender. The windows of one
-(contender, level) are pooled.
+Contenders are measured in interleaved rounds (round 1: A, B, C at every level; round 2: A, B, C again; ...), each a
+slice of a level's duration: on a shared machine the background load drifts, and interleaving spreads it over every
+contender. The windows of one (contender, level) are pooled.
 """
 
 from __future__ import annotations
@@ -23,19 +22,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .load import (
-    HOST,
-    STALL_DETECTABLE_MEDIAN_MS,
-    STALL_MS,
-    Level,
-    LevelResult,
-    Measurement,
-    Payload,
-    Target,
-    find,
-    measure,
-    summarise,
-)
+from . import load
+from .load import Level, Measurement, Payload, Target, find
 from .repositories import INSTANCES_KNOB, BenchmarkRepository, describe_settings, settings_view
 
 # The comparison server's fastest setup here (benchmarks/tune.py measures it against a thread-pool endpoint).
@@ -76,7 +64,7 @@ class Contender:
 
 
 def served(target: Target, districts: tuple[int, ...] = DISTRICTS, name: str | None = None) -> Contender:
-    return Contender(name or target.name, lambda level, payload: measure(target, payload, level), target.config,
+    return Contender(name or target.name, lambda level, payload: load.measure(target, payload, level), target.config,
                      districts=districts)
 
 
@@ -96,24 +84,24 @@ def inprocess(name: str, prepare, districts: tuple[int, ...], pause_s: float = 0
 
 
 def run_interleaved(contenders: Sequence[Contender], levels: Sequence[tuple[int, int]], payloads: dict[int, Payload],
-                    options: BenchOptions, description: str, duration_s: float | None = None) -> list[LevelResult]:
+                    options: BenchOptions, description: str, duration_s: float | None = None) -> list[dict]:
     """Every contender at every (concurrency, districts) it takes, in ``options.rounds`` interleaved rounds."""
     from tqdm.auto import tqdm
 
     plan = [(c, d, contender) for c, d in levels for contender in contenders
             if d in contender.districts and (contender.levels is None or c in contender.levels)]
     rounds = options.rounds
-    level = {(c, d): Level(c, d, (duration_s or options.duration_s) / rounds, max(1, options.max_requests // rounds),
-                           options.warmup_s) for c, d, _ in plan}
-    windows: dict[int, list[Measurement]] = {i: [] for i in range(len(plan))}
+    windows: list[list[Measurement]] = [[] for _ in plan]
     with tqdm(total=len(plan) * rounds, desc=description, unit="window", disable=not options.progress,
               leave=False) as bar:
         for _ in range(rounds):
-            for i, (c, d, contender) in enumerate(plan):
-                windows[i].append(contender.run(level[c, d], payloads[d]))
+            for (c, d, contender), measured in zip(plan, windows):
+                measured.append(contender.run(Level(c, d, (duration_s or options.duration_s) / rounds,
+                                                    max(1, options.max_requests // rounds), options.warmup_s),
+                                              payloads[d]))
                 bar.update()
-    return [summarise(contender.name, Level(c, d), payloads[d], windows[i], client=contender.client,
-                      config=contender.config) for i, (c, d, contender) in enumerate(plan)]
+    return [load.summarise(contender.name, Level(c, d), payloads[d], measured, client=contender.client,
+                      config=contender.config) for (c, d, contender), measured in zip(plan, windows)]
 
 
 # --- servers: maddpg_serving's LocalTritonServer and the seed-style server, started side by side ----------------------
@@ -132,9 +120,9 @@ def started(servers: list):
 def triton_servers(repositories: Sequence[Path], backend: str) -> list:
     from maddpg_serving.local_triton import LocalTritonServer, TritonPorts, reserve_ports
 
-    ports = reserve_ports(3 * len(repositories), HOST)
+    ports = reserve_ports(3 * len(repositories), load.HOST)
     # A short exit timeout: nothing is in flight when benchmarks stop a server.
-    return [LocalTritonServer(repository, ports=TritonPorts(*ports[3 * i : 3 * i + 3]), host=HOST, backend=backend,
+    return [LocalTritonServer(repository, ports=TritonPorts(*ports[3 * i : 3 * i + 3]), host=load.HOST, backend=backend,
                               exit_timeout_s=1) for i, repository in enumerate(repositories)]
 
 
@@ -245,8 +233,8 @@ class Bench:
                                             "configs/local.pbtxt", **defaults.__dict__},
             "seed_server": SEED_SETUP,
             "paced_floor": paced,
-            "stall_ms": STALL_MS,
-            "results": [r.as_dict() for r in results],
+            "stall_ms": load.STALL_MS,
+            "results": results,
             "perf_analyzer": perf,
             "goals": goals(results),
         }
@@ -273,31 +261,28 @@ class Bench:
                                                              leave=False)]
         return {"version": found, "window_ms": window_ms, "rows": rows}
 
-    def paced_floor(self, source, payloads, results: list[LevelResult]) -> dict[str, Any] | None:
+    def paced_floor(self, source, payloads, results: list[dict]) -> dict[str, Any] | None:
         """In-process onnxruntime at the served pace: after each call, a pause as long as a served request at
         concurrency 1 spends outside the model (its mean latency minus Triton's compute time). Appended to results."""
         from .floors import onnxruntime_floor
 
         served_c1 = find(results, "triton-http", 1, 1)
-        if served_c1 is None or not served_c1.requests or not served_c1.triton:
+        if served_c1 is None or not served_c1["requests"] or not served_c1["triton"]:
             return None
-        compute_ms = served_c1.triton["compute_us_per_request"] / 1000
-        pause_ms = max(0.0, served_c1.mean_ms - compute_ms)
+        compute_ms = served_c1["triton"]["compute_us_per_request"] / 1000
+        pause_ms = max(0.0, served_c1["mean_ms"] - compute_ms)
         contender = inprocess("onnxruntime-inprocess-paced", onnxruntime_floor(source.onnx_path), (1,),
                               pause_s=pause_ms / 1000, config=f"1 thread, {pause_ms:.3f} ms pause after each call")
         results += run_interleaved([contender], [(1, 1)], payloads, self.options, "paced floor")
-        return {"pause_ms": pause_ms, "served_mean_ms": served_c1.mean_ms, "served_compute_ms": compute_ms}
+        return {"pause_ms": pause_ms, "served_mean_ms": served_c1["mean_ms"], "served_compute_ms": compute_ms}
 
 
 def torch_policy(source: BenchmarkRepository):
     """The torch model behind the served graph (a fresh one of the trained architecture for --repository)."""
-    if source.checkpoint is not None:
-        from maddpg_training.checkpoint import load_checkpoint
-
-        return load_checkpoint(source.checkpoint).build_policy()
+    from maddpg_training.checkpoint import load_checkpoint
     from maddpg_training.networks import PolicyNetwork
 
-    return PolicyNetwork(source.layout)
+    return load_checkpoint(source.checkpoint).build_policy() if source.checkpoint else PolicyNetwork(source.layout)
 
 
 def server_version(server) -> str:
@@ -312,7 +297,7 @@ def server_version(server) -> str:
 PROTOCOLS = {"triton-http": "HTTP", "triton-grpc": "gRPC"}
 
 
-def goals(results: Sequence[LevelResult]) -> list[dict[str, Any]]:
+def goals(results: list[dict]) -> list[dict[str, Any]]:
     """The goals, each in words with the figures behind it. Missing levels make a goal 'not measured', never 'met'."""
     out = []
 
@@ -322,69 +307,71 @@ def goals(results: Sequence[LevelResult]) -> list[dict[str, Any]]:
 
     def answered(target, concurrency, districts):
         found = find(results, target, concurrency, districts)
-        return found if found is not None and found.requests else None
+        return found if found is not None and found["requests"] else None
 
-    seed = [r for r in results if r.target == "seed-fastapi" and r.requests]
+    seed = [r for r in results if r["target"] == "seed-fastapi" and r["requests"]]
     ours, paced = answered("triton-http", 1, 1), answered("onnxruntime-inprocess-paced", 1, 1)
     goal = ("Latency: p50 at concurrency 1 (HTTP) within 4x of in-process onnxruntime called at the same pace (the "
             "model idling between calls as long as a served request spends outside it)")
     if paced and ours:
-        ratio = ours.p50_ms / paced.p50_ms
-        add("latency_c1", goal, f"{ours.p50_ms:.3f} vs {paced.p50_ms:.3f} ms", ratio, 4.0, ratio <= 4.0)
+        ratio = ours["p50_ms"] / paced["p50_ms"]
+        add("latency_c1", goal, f"{ours['p50_ms']:.3f} vs {paced['p50_ms']:.3f} ms", ratio, 4.0, ratio <= 4.0)
     else:
         add("latency_c1", goal, target=4.0)
     tight = answered("onnxruntime-inprocess", 1, 1)
     if tight and ours:
         add("latency_c1_back_to_back", "Latency, reported: p50 at concurrency 1 (HTTP) against in-process "
-            "onnxruntime called back to back (weights hot in the cache)", f"{ours.p50_ms:.3f} vs {tight.p50_ms:.3f} ms",
-            ours.p50_ms / tight.p50_ms, met=None)
+            "onnxruntime called back to back (weights hot in the cache)",
+            f"{ours['p50_ms']:.3f} vs {tight['p50_ms']:.3f} ms", ours["p50_ms"] / tight["p50_ms"], met=None)
 
     for served_name, protocol in PROTOCOLS.items():
         key = f"throughput_c16_{protocol.lower()}"
         goal = f"Throughput: requests/s at concurrency 16 ({protocol}) at least 20x the FastAPI + torch server's"
         mine, theirs = find(results, served_name, 16, 1), find(results, "seed-fastapi", 16, 1)
-        if mine and theirs and theirs.requests_per_s:
-            ratio = mine.requests_per_s / theirs.requests_per_s
-            add(key, goal, f"{mine.requests_per_s:,.0f} vs {theirs.requests_per_s:,.0f} requests/s", ratio, 20.0,
-                ratio >= 20.0)
+        if mine and theirs and theirs["requests_per_s"]:
+            ratio = mine["requests_per_s"] / theirs["requests_per_s"]
+            add(key, goal, f"{mine['requests_per_s']:,.0f} vs {theirs['requests_per_s']:,.0f} requests/s", ratio,
+                20.0, ratio >= 20.0)
         else:
             add(key, goal, target=20.0)
 
     for served_name, protocol in PROTOCOLS.items():
-        pairs = [(answered(served_name, r.concurrency, 1), r) for r in seed]
+        pairs = [(answered(served_name, r["concurrency"], 1), r) for r in seed]
         pairs = [(a, b) for a, b in pairs if a is not None]
         add(f"tail_{protocol.lower()}", f"Tail latency: p99 ({protocol}) below the FastAPI + torch server's at every "
-            "concurrency level", ", ".join(f"c{b.concurrency}: {a.p99_ms:.2f} vs {b.p99_ms:.2f} ms" for a, b in pairs)
-            or "not measured", max((a.p99_ms / b.p99_ms for a, b in pairs), default=None), 1.0,
-            bool(pairs) and all(a.p99_ms < b.p99_ms for a, b in pairs), "ratio: the highest p99 ratio over the levels")
+            "concurrency level", ", ".join(f"c{b['concurrency']}: {a['p99_ms']:.2f} vs {b['p99_ms']:.2f} ms"
+                                           for a, b in pairs) or "not measured",
+            max((a["p99_ms"] / b["p99_ms"] for a, b in pairs), default=None), 1.0,
+            bool(pairs) and all(a["p99_ms"] < b["p99_ms"] for a, b in pairs),
+            "ratio: the highest p99 ratio over the levels")
 
-    triton = [r for r in results if r.target in PROTOCOLS and r.requests]
-    counted = [r for r in triton if r.stalled is not None]
-    stalled, skipped = sum(r.stalled for r in counted), len(triton) - len(counted)
-    add("no_stalls", f"No 500 ms stalls: no request to Triton (HTTP or gRPC) answered more than {STALL_MS:g} ms later "
+    triton = [r for r in results if r["target"] in PROTOCOLS and r["requests"]]
+    counted = [r for r in triton if r["stalled"] is not None]
+    stalled, skipped = sum(r["stalled"] for r in counted), len(triton) - len(counted)
+    add("no_stalls", f"No 500 ms stalls: no request to Triton (HTTP or gRPC) answered more than {load.STALL_MS:g} ms later "
         f"than its level's median, at every level where a stall stands out (median under "
-        f"{STALL_DETECTABLE_MEDIAN_MS:g} ms)", f"{stalled} of {sum(r.requests for r in counted):,} requests" + (
+        f"{load.STALL_DETECTABLE_MEDIAN_MS:g} ms)", f"{stalled} of {sum(r['requests'] for r in counted):,} requests" + (
             f" ({skipped} overloaded level(s) not counted)" if skipped else ""),
         None, 0.0, bool(counted) and stalled == 0, target_text="0 stalls")
 
-    best_seed = max(seed, key=lambda r: r.decisions_per_s, default=None)
+    best_seed = max(seed, key=lambda r: r["decisions_per_s"], default=None)
     for served_name, protocol in PROTOCOLS.items():
         key = f"batched_{protocol.lower()}"
         goal = (f"Batched throughput: agent decisions/s with 64 districts per request ({protocol}) at least 200x the "
                 f"FastAPI + torch server's best (its API takes one district per request)")
-        best = max((r for r in results if r.target == served_name and r.districts == 64 and r.requests),
-                   key=lambda r: r.decisions_per_s, default=None)
+        best = max((r for r in results if r["target"] == served_name and r["districts"] == 64 and r["requests"]),
+                   key=lambda r: r["decisions_per_s"], default=None)
         if best and best_seed:
-            ratio = best.decisions_per_s / best_seed.decisions_per_s
-            add(key, goal, f"{best.decisions_per_s:,.0f} (c{best.concurrency}) vs {best_seed.decisions_per_s:,.0f} "
-                f"(c{best_seed.concurrency})", ratio, 200.0, ratio >= 200.0)
+            ratio = best["decisions_per_s"] / best_seed["decisions_per_s"]
+            add(key, goal, f"{best['decisions_per_s']:,.0f} (c{best['concurrency']}) vs "
+                f"{best_seed['decisions_per_s']:,.0f} (c{best_seed['concurrency']})", ratio, 200.0, ratio >= 200.0)
         else:
             add(key, goal, target=200.0)
 
     for concurrency in (16, 64):
-        loaded = find(results, "triton-http", concurrency, 1)
-        if loaded and loaded.average_batch_size:
+        batch = ((find(results, "triton-http", concurrency, 1) or {}).get("triton") or {}).get("average_batch_size")
+        if batch:
             add(f"batch_c{concurrency}", f"Batching, reported: rows per model execution at concurrency {concurrency} "
-                f"(HTTP, 1 district per request)", f"{loaded.average_batch_size:.2f}", met=None,
+                f"(HTTP, 1 district per request)", f"{batch:.2f}", met=None,
                 detail="Triton's nv_inference_count / nv_inference_exec_count over the window")
     return out
