@@ -29,7 +29,7 @@ from pathlib import Path
 from maddpg_benchmarks.floors import onnxruntime_floor
 from maddpg_benchmarks.load import STALL_MS, find
 from maddpg_benchmarks.report import cell as _f
-from maddpg_benchmarks.repositories import INSTANCES_KNOB, node_count, settings_view
+from maddpg_benchmarks.repositories import INSTANCES_KNOB, model_figures, settings_view
 from maddpg_benchmarks.runner import (
     Bench,
     BenchOptions,
@@ -168,7 +168,7 @@ class Tuner(Bench):
         per_agent_file = workdir / "per_agent.onnx"
         nodes = export_per_agent(load_checkpoint(source.checkpoint).build_policy(), source.layout, per_agent_file,
                                  source.onnx_path, payloads[max(payloads)].observations)
-        stacked, per_agent = f"stacked ({node_count(source.onnx_path)} nodes)", f"per-agent ({nodes} nodes)"
+        stacked, per_agent = f"stacked ({model_figures(source, '')['graph_nodes']} nodes)", f"per-agent ({nodes} nodes)"
         results = self.triton_variants(source, payloads, {stacked: defaults, per_agent: defaults}, workdir,
                                        "tuning graph form", onnx_files={per_agent: per_agent_file})
         floors = [inprocess(f"{label} in process", onnxruntime_floor(path), self.options.districts)

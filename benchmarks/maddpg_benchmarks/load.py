@@ -1,12 +1,6 @@
-"""The load driver: closed-loop callers against one server on 127.0.0.1, pooled into latency percentiles, stalls and
-Triton's batching figures.
-
-Each caller sends its next request as soon as its answer arrived. All callers share one asyncio loop, each with its
-own connection (HTTP/1.1 keep-alive over asyncio streams, or ``grpc.aio`` with Triton's stub), and a level's request
-is encoded once: the client's share of the cores goes into sockets. It drives Triton and the seed-style server, which
-perf_analyzer cannot. The first answer of every window is checked completely (a wrong one fails the level), later ones
-by status and size: a server that answers quickly but wrongly is never reported as fast.
-"""
+"""The load driver: closed-loop callers against one server on 127.0.0.1 (Triton over HTTP or gRPC, the seed-style
+server), pooled into latency percentiles, stalls and Triton's batching figures. How it loads and checks the servers,
+and why this way: docs/benchmarks.md, "How"."""
 
 from __future__ import annotations
 
@@ -83,7 +77,7 @@ class Target:
 
 @dataclass
 class Measurement:
-    """One measured window (several, from interleaved rounds, pool into one :class:`LevelResult`)."""
+    """One measured window (the windows of interleaved rounds pool into one result: :func:`summarise`)."""
 
     latencies_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     seconds: float = 0.0                # length of the measured window

@@ -1,11 +1,6 @@
-"""Triton's own load generator on the Triton rows of ``maddpg-citylearn bench``, beside the project's driver.
-
-The ``tritonclient==2.41.0`` manylinux wheel ships the binary (the PyPI package of that name is a placeholder); it
-needs Debian's ``libb64-0d`` and ``libcudart.so.12`` from ``nvidia-cuda-runtime-cu12`` (no GPU is used). ``make setup``
-installs both wheels into ``.venv/perf_analyzer`` (``pip install --target``), apart from the venv's tritonclient.
-Its stability check is effectively off (999 %): on a shared machine it would refuse most levels, and the driver does
-not gate on stability either.
-"""
+"""Triton's own load generator on the Triton rows, beside the driver (docs/benchmarks.md, "perf_analyzer and the
+driver"). The ``tritonclient==2.41.0`` manylinux wheel ships the binary; ``make setup`` installs it with the
+``libcudart.so.12`` it needs (no GPU is used) into ``.venv/perf_analyzer``, apart from the venv's tritonclient."""
 
 from __future__ import annotations
 

@@ -81,29 +81,20 @@ def describe_settings(settings, backend: str) -> str:
             f"{settings.max_queue_delay_us} us, ORT intra-op threads {settings.onnx_intra_op_threads}, {policy}")
 
 
-# --- the served graph's figures -------------------------------------------------------------------------------------
-def node_count(path: Path) -> int:
+def model_figures(source: BenchmarkRepository, repository: str) -> dict:
+    """The served graph's figures for the report: each layer's (inputs, outputs) read from the stacked graph's MatMul
+    weights (``[agents, in, out]``), hidden sizes, FLOPs per agent decision (two per multiply-add), node count."""
     import onnx
 
-    return len(onnx.load(str(path), load_external_data=False).graph.node)
-
-
-def layer_widths(path: Path) -> list[tuple[int, int]]:
-    """(inputs, outputs) of each layer of one agent's MLP, read from the stacked graph's MatMul weights
-    (``[agents, in, out]``): what the report derives hidden sizes and FLOPs from."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
+    graph = onnx.load(str(source.onnx_path), load_external_data=False).graph
     weights = {tensor.name: list(tensor.dims) for tensor in graph.initializer}
     widths = []
     for node in graph.node:
-        if node.op_type == "MatMul":
-            dims = next((weights[name] for name in node.input if name in weights and len(weights[name]) >= 2), None)
-            if dims is not None:
-                widths.append((dims[-2], dims[-1]))
-    return widths
-
-
-def flops_per_decision(widths: list[tuple[int, int]]) -> int:
-    """One agent's decision: two FLOPs per multiply-add of every layer."""
-    return sum(2 * inputs * outputs for inputs, outputs in widths)
+        dims = [weights[name] for name in node.input if len(weights.get(name, ())) >= 2]
+        if node.op_type == "MatMul" and dims:
+            widths.append((dims[0][-2], dims[0][-1]))
+    layout = source.layout
+    return {"layout": f"{layout.n_agents} x {layout.obs_width} -> {layout.n_agents} x {layout.action_width}",
+            "agents": layout.n_agents, "repository": repository, "graph_nodes": len(graph.node), "layer_widths": widths,
+            "hidden": [outputs for _, outputs in widths[:-1]],
+            "flops_per_decision": sum(2 * inputs * outputs for inputs, outputs in widths)}

@@ -1,10 +1,6 @@
 """``maddpg-citylearn bench``: Triton (HTTP and gRPC, its other backend over HTTP), the seed-style server and the
-in-process floors side by side, then the paced floor, perf_analyzer on the Triton rows, and the goals.
-
-Contenders are measured in interleaved rounds (round 1: A, B, C at every level; round 2: A, B, C again; ...), each a
-slice of a level's duration: on a shared machine the background load drifts, and interleaving spreads it over every
-contender. The windows of one (contender, level) are pooled.
-"""
+in-process floors measured side by side in interleaved rounds (docs/benchmarks.md, "How"); then the paced floor,
+perf_analyzer on the Triton rows, and the goals."""
 
 from __future__ import annotations
 
@@ -24,7 +20,7 @@ import numpy as np
 
 from . import load
 from .load import Level, Measurement, Payload, Target, find
-from .repositories import INSTANCES_KNOB, BenchmarkRepository, describe_settings, settings_view
+from .repositories import INSTANCES_KNOB, BenchmarkRepository, describe_settings, model_figures, settings_view
 
 # The comparison server's fastest setup here (benchmarks/tune.py measures it against a thread-pool endpoint).
 SEED_SETUP = {"label": "async endpoint, 1 torch thread", "endpoint": "async", "torch_threads": 1}
@@ -179,7 +175,6 @@ class Bench:
 
         from .floors import onnxruntime_floor, seed_loop_floor, torch_floor
         from .report import machine_info
-        from .repositories import flops_per_decision, layer_widths, node_count
 
         o, started_at, machine = self.options, time.time(), machine_info()
         other = "python" if self.backend == "onnxruntime" else "onnxruntime"
@@ -211,11 +206,10 @@ class Bench:
                 perf = (self.perf_analyzer(triton[0], source, workdir) if o.perf_analyzer else
                         {"skipped": "--no-perf-analyzer"})
             paced = self.paced_floor(source, payloads, results)
-            graph_nodes, widths = node_count(source.onnx_path), layer_widths(source.onnx_path)
+            model = model_figures(source, str(o.repository) if o.repository else "fresh policy")
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         machine.update(tritonserver_version=version, loadavg_end=list(os.getloadavg()))
-        layout = source.layout
         return {
             "command": o.command,
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started_at)),
@@ -224,10 +218,7 @@ class Bench:
             "machine": machine,
             "backend": self.backend,
             "other_backend": other,
-            "model": {"layout": f"{layout.n_agents} x {layout.obs_width} -> {layout.n_agents} x {layout.action_width}",
-                      "agents": layout.n_agents, "repository": str(o.repository) if o.repository else "fresh policy",
-                      "graph_nodes": graph_nodes, "layer_widths": widths,
-                      "hidden": [outputs for _, outputs in widths[:-1]], "flops_per_decision": flops_per_decision(widths)},
+            "model": model,
             "serving_settings": {"label": label, "instances": getattr(defaults, INSTANCES_KNOB[self.backend]),
                                  "variant": "configs/cpu.pbtxt" if self.backend == "onnxruntime" else
                                             "configs/local.pbtxt", **defaults.__dict__},

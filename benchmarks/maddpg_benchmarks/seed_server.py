@@ -1,20 +1,11 @@
-"""The comparison server: what the seed project served, rebuilt in its style so the two stacks meet on equal ground.
-
-FastAPI + PyTorch on uvicorn, ``GET /health``, ``GET /ready``, ``POST /predict`` with ``{"observations": [{"obs":
-[...]}, ...]}`` (one entry per building, one district per request) -> ``{"actions": [[...], ...]}`` (each building's
-own action count). Inference is the seed's: non-finite values replaced (NaN -> 0, +inf -> 1, -inf -> -1), one
-normalisation clipped to [-5, 5], then a Python loop over 17 actors of the seed's shape, one per building. Left out in
-its favour: the seed's coordinator (its 32 hints per building are zeros here) and uvicorn's access log. Weights are
-random: speed does not depend on them.
-
-Run: ``python -m maddpg_benchmarks.seed_server --layout layout.json --port 8000``; :class:`SeedServerProcess` starts
-it on 127.0.0.1 in a process group of its own (``maddpg_serving.processes``) and stops it by PID.
-"""
+"""The comparison server, in the seed project's style (docs/benchmarks.md, "What is measured"): FastAPI + PyTorch on
+uvicorn, ``GET /health``, ``GET /ready``, ``POST /predict`` with ``{"observations": [{"obs": [...]}, ...]}`` (one
+district) -> ``{"actions": [[...], ...]}`` (each building's own action count). Random weights: speed does not depend
+on them. Run: ``python -m maddpg_benchmarks.seed_server --layout layout.json --port 8000``."""
 
 # No `from __future__ import annotations`: FastAPI reads the request model from the real annotation of `predict`.
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -28,7 +19,7 @@ from maddpg_core.layout import PolicyLayout
 from maddpg_serving import processes
 
 SEED_HIDDEN = 256          # the seed's maddpg_config hidden_dim
-SEED_COORDINATION = 32     # the seed's coordination_dim: hints appended to each actor's input
+SEED_COORDINATION = 32     # the seed's hints per actor input, zeros: its coordinator is left out, in this server's favour
 ENDPOINTS = ("async", "sync")
 
 
@@ -51,7 +42,7 @@ class SeedStylePolicy:
         """``[agents, obs_width]`` raw observations -> each building's actions."""
         import torch
 
-        obs = np.nan_to_num(observations, nan=0.0, posinf=1.0, neginf=-1.0)
+        obs = np.nan_to_num(observations, nan=0.0, posinf=1.0, neginf=-1.0)  # the seed's sanitising, normalisation
         z = np.clip((obs - self.obs_mean) / self.obs_std, -5.0, 5.0)
         actions = []
         with torch.no_grad():
@@ -136,13 +127,10 @@ class SeedServerProcess:
     def start(self, timeout: float = 60.0) -> "SeedServerProcess":
         self.workdir = Path(tempfile.mkdtemp(prefix="maddpg-seed-server-"))
         (self.workdir / "layout.json").write_text(self.layout.to_json())
-        # This package may run from a source checkout: make it importable in the child whatever the install.
-        path = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]
         command = [sys.executable, "-m", "maddpg_benchmarks.seed_server", "--layout", str(self.workdir / "layout.json"),
                    "--port", str(self.port), "--endpoint", self.endpoint, "--torch-threads", str(self.torch_threads)]
         with open(self.workdir / "server.log", "wb") as log:
-            self.process = processes.start_group(command, output=log, env={
-                **os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)})
+            self.process = processes.start_group(command, output=log)
         try:
             processes.wait_ready(self.process, self.is_ready, timeout)
         except BaseException as exc:
