@@ -36,13 +36,12 @@ from maddpg_benchmarks.runner import (
     inprocess,
     make_payloads,
     run_interleaved,
-    seed_servers,
-    seed_target,
     served,
     started,
     triton_servers,
     triton_target,
 )
+from maddpg_benchmarks.seed_server import SeedServerProcess
 
 LEVELS = ((1, 1), (16, 1), (16, 64))
 # (concurrency, districts, figure, lower is better): what a variant is scored on.
@@ -150,8 +149,9 @@ class Tuner(Bench):
                             results, "no queue policy"))
         groups.append(self.graph_forms(source, payloads, defaults, workdir / "graph"))
         self.say("the comparison server's own setup: " + "; ".join(SEED_VARIANTS))
-        with started(seed_servers(source.layout, list(SEED_VARIANTS.values()))) as servers:
-            contenders = [served(seed_target(s, label), (1,), name=label) for label, s in zip(SEED_VARIANTS, servers)]
+        servers = {label: SeedServerProcess(source.layout, **options) for label, options in SEED_VARIANTS.items()}
+        with started(list(servers.values())):
+            contenders = [served(s.target(label), (1,), name=label) for label, s in servers.items()]
             results = self.measure(contenders, payloads, "tuning comparison server")
         groups.append(group("seed_server", "The comparison server's best setup (so the comparison is fair to it)",
                             results, next(iter(SEED_VARIANTS)), served_default=False))

@@ -217,7 +217,7 @@ class HttpCaller:
         if headers.get("connection", "").lower() == "close":
             await self.close()
             await self.open()
-        if not status_line.split(" ", 2)[1] == "200":
+        if status_line.split(" ", 2)[1] != "200":
             raise ResponseError(f"{status_line}: {body[:200].decode(errors='replace')}")
         if checked:
             self.check(headers, body)
@@ -278,21 +278,25 @@ def measure(target: Target, payload: Payload, level: Level) -> Measurement:
 
 
 async def _measure(target: Target, payload: Payload, level: Level) -> Measurement:
+    from maddpg_client.metrics import scrape_settled
+
+    def snapshot() -> tuple:  # wall clock, CPU time here and of the server, Triton's counters once answers are counted
+        metrics = scrape_settled(target.metrics_url, target.model) if target.metrics_url else None
+        return time.perf_counter(), time.process_time(), process_group_cpu_seconds(target.server_pid), metrics
+
     group = callers(target, payload, level.concurrency)
     try:
         await asyncio.wait_for(asyncio.gather(*(c.open() for c in group)), REQUEST_TIMEOUT_S)
         await asyncio.wait_for(group[0].call(checked=True), REQUEST_TIMEOUT_S)  # correctness before speed
         warmup = await _phase(group, level.warmup_s, level.max_requests)
-        before = _snapshot(target)
+        before = snapshot()
         window = await _phase(group, level.duration_s, level.max_requests)
-        after = _snapshot(target)
+        after = snapshot()
     finally:
         await asyncio.gather(*(c.close() for c in group), return_exceptions=True)
-    window.span_s, window.client_cpu_s = after[0] - before[0], after[1] - before[1]
-    window.server_cpu_s = None if before[2] is None or after[2] is None else after[2] - before[2]
-    window.triton = None if before[3] is None or after[3] is None else after[3] - before[3]
-    window.warmup_errors = sum(warmup.errors.values())
-    window.first_error = window.first_error or warmup.first_error
+    window.span_s, window.client_cpu_s, window.server_cpu_s, window.triton = (
+        None if a is None or b is None else a - b for a, b in zip(after, before))
+    window.warmup_errors, window.first_error = sum(warmup.errors.values()), window.first_error or warmup.first_error
     return window
 
 
@@ -333,14 +337,6 @@ async def _reconnect(caller) -> None:
         await asyncio.wait_for(caller.open(), REQUEST_TIMEOUT_S)
     except Exception:  # noqa: BLE001 - the next call reports what is wrong
         pass
-
-
-def _snapshot(target: Target) -> tuple:
-    """(wall clock, this process's CPU, the server's CPU, Triton's counters once the last answers are counted)."""
-    from maddpg_client.metrics import scrape_settled
-
-    metrics = scrape_settled(target.metrics_url, target.model) if target.metrics_url else None
-    return time.perf_counter(), time.process_time(), process_group_cpu_seconds(target.server_pid), metrics
 
 
 # --- CPU time from /proc ----------------------------------------------------------------------------------------------

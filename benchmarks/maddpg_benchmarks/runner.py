@@ -97,7 +97,7 @@ def run_interleaved(contenders: Sequence[Contender], levels: Sequence[tuple[int,
                                               payloads[d]))
                 bar.update()
     return [load.summarise(contender.name, Level(c, d), payloads[d], measured, client=contender.client,
-                      config=contender.config) for (c, d, contender), measured in zip(plan, windows)]
+                           config=contender.config) for (c, d, contender), measured in zip(plan, windows)]
 
 
 # --- servers: maddpg_serving's LocalTritonServer and the seed-style server, started side by side ----------------------
@@ -126,18 +126,6 @@ def triton_target(server, model: str, config: str, name: str) -> Target:
     """``name`` ending in ``grpc``: the server's gRPC port, else HTTP."""
     port = server.ports.grpc if name.endswith("grpc") else server.ports.http
     return Target(name, port, model, server.metrics_url, server.process.pid, config)
-
-
-def seed_servers(layout, variants: Sequence[dict[str, Any]]) -> list:
-    from maddpg_serving.local_triton import reserve_ports
-
-    from .seed_server import SeedServerProcess
-
-    return [SeedServerProcess(layout, port, **options) for port, options in zip(reserve_ports(len(variants)), variants)]
-
-
-def seed_target(server, config: str) -> Target:
-    return Target("seed-fastapi", server.port, server_pid=server.process.pid, config=config)
 
 
 def make_payloads(source: BenchmarkRepository, districts: Sequence[int], seed: int = 0) -> dict[int, Payload]:
@@ -175,6 +163,7 @@ class Bench:
 
         from .floors import onnxruntime_floor, seed_loop_floor, torch_floor
         from .report import machine_info
+        from .seed_server import SeedServerProcess
 
         o, started_at, machine = self.options, time.time(), machine_info()
         other = "python" if self.backend == "onnxruntime" else "onnxruntime"
@@ -190,13 +179,13 @@ class Bench:
             view = settings_view(source, defaults, workdir / "served")
             triton = triton_servers([view], self.backend)
             others = triton_servers([view], other) if other == "python" or default_backend() == other else []
-            seed = seed_servers(source.layout, [{k: SEED_SETUP[k] for k in ("endpoint", "torch_threads")}])
-            with started([*triton, *others, *seed]):
+            seed = SeedServerProcess(source.layout, SEED_SETUP["endpoint"], SEED_SETUP["torch_threads"])
+            with started([*triton, *others, seed]):
                 contenders = [served(triton_target(triton[0], source.model, label, f"triton-{p}"), o.districts)
                               for p in ("http", "grpc")]
                 contenders += [served(triton_target(s, source.model, describe_settings(defaults, other),
                                                     f"triton-{other}-http"), o.districts) for s in others]
-                contenders += [served(seed_target(seed[0], SEED_SETUP["label"]), (1,)),
+                contenders += [served(seed.target(SEED_SETUP["label"]), (1,)),
                                inprocess("onnxruntime-inprocess", onnxruntime_floor(source.onnx_path), o.districts),
                                inprocess("torch-stacked-inprocess", torch_floor(torch_policy(source)), o.districts),
                                inprocess("torch-seed-loop-inprocess", seed_loop_floor(source.layout), (1,))]

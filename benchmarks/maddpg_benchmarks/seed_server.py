@@ -10,13 +10,15 @@ import shutil
 import sys
 import tempfile
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from maddpg_core.layout import PolicyLayout
 from maddpg_serving import processes
+
+from .load import Target
 
 SEED_HIDDEN = 256          # the seed's maddpg_config hidden_dim
 SEED_COORDINATION = 32     # the seed's hints per actor input, zeros: its coordinator is left out, in this server's favour
@@ -118,11 +120,10 @@ class SeedServerProcess:
     """The comparison server as a subprocess on 127.0.0.1:``port``, started and stopped like the local Triton."""
 
     layout: PolicyLayout
-    port: int
     endpoint: str = "async"
     torch_threads: int = 1
-    process = None
-    workdir = None
+    port: int = field(default_factory=lambda: processes.reserve_ports(1)[0])
+    process = workdir = None  # while started
 
     def start(self, timeout: float = 60.0) -> "SeedServerProcess":
         self.workdir = Path(tempfile.mkdtemp(prefix="maddpg-seed-server-"))
@@ -140,6 +141,10 @@ class SeedServerProcess:
                 raise RuntimeError(f"the comparison server did not start ({exc}):\n{tail}") from None
             raise
         return self
+
+    def target(self, config: str) -> Target:
+        """What the load driver measures: this server, its process group's CPU time."""
+        return Target("seed-fastapi", self.port, server_pid=self.process.pid, config=config)
 
     def is_ready(self) -> bool:
         try:
