@@ -318,8 +318,10 @@ async def _phase(group: list, duration_s: float, max_requests: int) -> Measureme
             latencies.append(time.perf_counter_ns() - start)
 
     if duration_s > 0:
-        _, pending = await asyncio.wait([asyncio.ensure_future(loop(c)) for c in group],
-                                        timeout=duration_s + REQUEST_TIMEOUT_S)
+        done, pending = await asyncio.wait([asyncio.ensure_future(loop(c)) for c in group],
+                                           timeout=duration_s + REQUEST_TIMEOUT_S)
+        for task in done:
+            task.result()  # a failure outside a request (a bug here) is raised, not lost
         for task in pending:  # a caller still waiting for an answer long after the deadline
             task.cancel()
             window.error(TimeoutError(f"no answer within {REQUEST_TIMEOUT_S:.0f} s"))
