@@ -10,14 +10,14 @@ from typing import Callable
 
 import numpy as np
 
+from maddpg_core.layout import INPUT_NAME, OUTPUT_NAME
+
 from .load import Level, Measurement, Payload
 
 
 def onnxruntime_floor(onnx_path):
     """``InferenceSession.run`` on the exported graph, 1 intra-op thread as one Triton instance runs it."""
     import onnxruntime as ort
-
-    from maddpg_core.layout import INPUT_NAME, OUTPUT_NAME
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1

@@ -64,8 +64,7 @@ class Payload:
 
 @dataclass
 class Target:
-    """A server endpoint on 127.0.0.1: ``triton-*-grpc`` names speak gRPC, other ``triton-*`` HTTP, the rest the
-    seed-style API."""
+    """A server on 127.0.0.1: ``triton-*-grpc`` speaks gRPC, other ``triton-*`` HTTP, the rest the seed's API."""
 
     name: str
     port: int

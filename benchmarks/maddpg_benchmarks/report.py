@@ -82,10 +82,10 @@ def write_benchmark_report(data: dict[str, Any], out_dir: Path) -> dict[str, Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "benchmarks.json", "markdown": out_dir / "benchmark-results.md",
              "plot": out_dir / "benchmarks.png"}
-    paths["json"].write_text(json.dumps(data, indent=1, default=lambda v: v.item() if hasattr(v, "item") else str(v))
-                             + "\n")
+    text = json.dumps(data, indent=1, default=lambda value: value.item() if hasattr(value, "item") else str(value))
+    paths["json"].write_text(text + "\n")
     plot(data, paths["plot"])
-    paths["markdown"].write_text(markdown(data, plot_name=paths["plot"].name))
+    paths["markdown"].write_text(markdown(data))
     return paths
 
 
@@ -190,7 +190,7 @@ def perf_analyzer_table(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-def markdown(data: dict[str, Any], plot_name: str = "benchmarks.png") -> str:
+def markdown(data: dict[str, Any]) -> str:
     machine, settings, paced = data["machine"], data["serving_settings"], data.get("paced_floor") or {}
     model = data["model"]
     load = " / ".join(f"{v:.2f}" for v in machine["loadavg_start"])
@@ -221,7 +221,7 @@ def markdown(data: dict[str, Any], plot_name: str = "benchmarks.png") -> str:
         "",
         *results_table(data["results"], data["stall_ms"]),
         "",
-        f"![Decisions per second against p99 latency]({plot_name})",
+        "![Decisions per second against p99 latency](benchmarks.png)",
         "",
         "## perf_analyzer beside the driver (Triton rows)",
         "",

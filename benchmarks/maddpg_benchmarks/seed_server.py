@@ -61,8 +61,6 @@ def create_app(layout: PolicyLayout, endpoint: str = "async", torch_threads: int
     from fastapi import FastAPI, HTTPException
     from pydantic import BaseModel
 
-    if endpoint not in ENDPOINTS:
-        raise ValueError(f"endpoint must be one of {ENDPOINTS}")
     if torch_threads > 0:
         torch.set_num_threads(torch_threads)
 
