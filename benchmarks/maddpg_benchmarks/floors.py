@@ -30,12 +30,17 @@ def onnxruntime_floor(onnx_path):
     return prepare
 
 
-def torch_floor(module):
-    """A torch module taking ``[batch, agents, obs_width]`` (the PolicyNetwork: stacked actors, eager mode)."""
+def torch_floor(source):
+    """The torch PolicyNetwork behind the served graph (stacked actors, eager mode; for ``--repository``, a fresh one of
+    the trained architecture)."""
     import torch
 
+    from maddpg_training.checkpoint import load_checkpoint
+    from maddpg_training.networks import PolicyNetwork
+
     torch.set_num_threads(1)
-    module = module.eval()
+    module = load_checkpoint(source.checkpoint).build_policy() if source.checkpoint else PolicyNetwork(source.layout)
+    module.eval()
 
     def prepare(payload: Payload):
         observations = torch.from_numpy(np.ascontiguousarray(payload.observations, dtype=np.float32))

@@ -123,7 +123,6 @@ def triton_servers(repositories: Sequence[Path], backend: str) -> list:
 
 
 def triton_target(server, model: str, config: str, name: str) -> Target:
-    """``name`` ending in ``grpc``: the server's gRPC port, else HTTP."""
     port = server.ports.grpc if name.endswith("grpc") else server.ports.http
     return Target(name, port, model, server.metrics_url, server.process.pid, config)
 
@@ -187,7 +186,7 @@ class Bench:
                                                     f"triton-{other}-http"), o.districts) for s in others]
                 contenders += [served(seed.target(SEED_SETUP["label"]), (1,)),
                                inprocess("onnxruntime-inprocess", onnxruntime_floor(source.onnx_path), o.districts),
-                               inprocess("torch-stacked-inprocess", torch_floor(torch_policy(source)), o.districts),
+                               inprocess("torch-stacked-inprocess", torch_floor(source), o.districts),
                                inprocess("torch-seed-loop-inprocess", seed_loop_floor(source.layout), (1,))]
                 results = run_interleaved(contenders, [(c, d) for c in o.levels for d in o.districts], payloads, o,
                                           "comparison")
@@ -255,14 +254,6 @@ class Bench:
                               pause_s=pause_ms / 1000, config=f"1 thread, {pause_ms:.3f} ms pause after each call")
         results += run_interleaved([contender], [(1, 1)], payloads, self.options, "paced floor")
         return {"pause_ms": pause_ms, "served_mean_ms": served_c1["mean_ms"], "served_compute_ms": compute_ms}
-
-
-def torch_policy(source: BenchmarkRepository):
-    """The torch model behind the served graph (a fresh one of the trained architecture for --repository)."""
-    from maddpg_training.checkpoint import load_checkpoint
-    from maddpg_training.networks import PolicyNetwork
-
-    return load_checkpoint(source.checkpoint).build_policy() if source.checkpoint else PolicyNetwork(source.layout)
 
 
 def server_version(server) -> str:
