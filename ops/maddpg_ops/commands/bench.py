@@ -41,8 +41,9 @@ def _levels(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "python"]), default="auto", show_default=True,
               help="Triton's backend for the Triton rows (the other one runs as a contender over HTTP). auto: "
                    "onnxruntime when `make setup` has built it, as `serve` does.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="docs", show_default=True,
-              help="Where benchmarks.md, benchmarks.json and benchmarks.png go.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/bench", show_default=True,
+              help="Where benchmarks.md, benchmarks.json and benchmarks.png go (docs/ holds the committed run: pass "
+                   "--out docs to replace it).")
 @click.option("--quick", is_flag=True, help="A smoke run of about a minute: two levels, short windows, no tuning.")
 @click.option("--progress/--no-progress", default=True)
 def bench(duration, levels, districts, rounds, max_requests, tune, tuning_duration, repository, backend, out_dir,
@@ -61,7 +62,7 @@ def bench(duration, levels, districts, rounds, max_requests, tune, tuning_durati
 
     \b
     Examples:
-      maddpg-citylearn bench                      # the full run behind docs/benchmarks.md (~8 minutes)
+      maddpg-citylearn bench --out docs           # the full run behind docs/benchmarks.md (~8 minutes)
       maddpg-citylearn bench --quick --out /tmp/bench
       maddpg-citylearn bench --no-tune --levels 1,16 --duration 2
     """
