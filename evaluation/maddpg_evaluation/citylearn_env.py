@@ -149,6 +149,8 @@ class EnvSpec:
         hint = _did_you_mean(self.schema, local_dataset_names(roots))
         if configured:
             where = f"not in {LOCAL_DATASETS_VARIABLE}={os.environ[LOCAL_DATASETS_VARIABLE]}"
+        elif roots:
+            where = f"not in {', '.join(map(str, roots))}, found beside the checkout; {LOCAL_DATASETS_VARIABLE} is not set"
         else:
             where = f"{LOCAL_DATASETS_VARIABLE} is not set and no ../{SHARED_DATASETS} was found"
         fix = (f"point {LOCAL_DATASETS_VARIABLE} at a folder holding {self.schema}/schema.json (a copy of the "
