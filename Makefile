@@ -2,7 +2,8 @@
 #   make demo   install what the demo needs (no torch, no test tools), then run the main job on the embedded
 #               default: serve model_repository/ with the local tritonserver and validate the served policy in
 #               CityLearn (KPIs, parity, plot) -> reports/demo/
-#   make test   install everything (training, export, the test tools, promtool), then run the whole test suite
+#   make test   install everything (training, export, the test tools, their Debian packages, perf_analyzer), then
+#               run the whole test suite
 # Everything lands in .venv (override with VENV=...); the onnxruntime backend build in ~/.cache/maddpg-citylearn
 # ($MADDPG_CITYLEARN_CACHE moves it). `make demo` then `make test` adds what the tests need to the same .venv.
 # Offline machines: CITYLEARN_LOCAL_DATASETS_PATH is pointed at ../shared/citylearn/datasets and
@@ -26,10 +27,11 @@ ifneq ($(wildcard $(SHARED_TRITON_SOURCES)),)
 export MADDPG_TRITON_SOURCES ?= $(SHARED_TRITON_SOURCES)
 endif
 
-.PHONY: setup demo-setup demo test lint clean promtool backend
+.PHONY: setup demo-setup demo test lint clean promtool perf-analyzer backend
+PERF_ANALYZER := $(VENV)/perf_analyzer
 
 # Everything: what `make test` and `make lint` need.
-setup: $(FULL_STAMP) promtool backend
+setup: $(FULL_STAMP) promtool perf-analyzer backend
 
 # What the demo needs: the client, the env, the local tritonserver, onnxruntime.
 demo-setup: $(DEMO_STAMP)
@@ -59,21 +61,33 @@ $(FULL_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --no-deps "citylearn==3.0.2"
 	touch $@ $(DEMO_STAMP)
 
-# promtool checks and unit-tests the alerting rules (tests/test_k8s_monitoring.py). It is not on PyPI: Debian's
-# `prometheus` package ships it. Installed with apt-get as root or through sudo; elsewhere setup stops and says so.
+# Debian packages the tests and benchmarks run: `prometheus` (promtool and the live Prometheus of
+# tests/test_prometheus_live.py), `nginx-light` (the production pods' admission proxy, tests/test_overload.py) and
+# `libb64-0d` (perf_analyzer). None is on PyPI. Installed with apt-get as root or through sudo; elsewhere setup stops
+# and says so.
 promtool:
-	@command -v promtool >/dev/null 2>&1 || { \
+	@{ command -v promtool >/dev/null 2>&1 && { command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; }; } \
+	  && test -e /usr/lib/x86_64-linux-gnu/libb64.so.0d -o -n "$$(ldconfig -p 2>/dev/null | grep libb64.so.0d)" || { \
 	  if command -v apt-get >/dev/null 2>&1; then \
 	    if [ "$$(id -u)" -eq 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else SUDO="none"; fi; \
 	    if [ "$$SUDO" != "none" ]; then \
-	      echo "installing promtool (Debian package prometheus) ..."; \
+	      echo "installing Debian packages prometheus, nginx-light, libb64-0d ..."; \
 	      $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-	        --no-install-recommends prometheus >/dev/null || true; \
+	        --no-install-recommends prometheus nginx-light libb64-0d >/dev/null || true; \
 	    fi; \
 	  fi; \
 	  command -v promtool >/dev/null 2>&1 || { \
 	    echo "make setup: promtool is missing and could not be installed: install Debian's prometheus package (apt-get install prometheus) or put a promtool binary on PATH, then run make again" >&2; \
+	    exit 1; }; \
+	  { command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; } || { \
+	    echo "make setup: nginx is missing and could not be installed: apt-get install nginx-light, then run make again" >&2; \
 	    exit 1; }; }
+
+# Triton's own load generator for `maddpg-citylearn bench`: the tritonclient 2.41.0 wheel ships the binary, with the
+# CUDA runtime library it links from PyPI (no GPU needed). Its own directory, not the venv's tritonclient.
+perf-analyzer: $(PERF_ANALYZER)/bin/perf_analyzer
+$(PERF_ANALYZER)/bin/perf_analyzer: $(FULL_STAMP)
+	$(BIN)/python -m pip install -q --no-deps --target $(PERF_ANALYZER) "tritonclient==2.41.0" "nvidia-cuda-runtime-cu12==12.9.79"
 
 demo: demo-setup
 	$(BIN)/maddpg-citylearn evaluate --serve model_repository --start 0 --end 719 --out reports/demo

@@ -18,19 +18,8 @@ as in ``maddpg-citylearn bench``): the model runs in about a millisecond, and th
     python benchmarks/dynamic_batching_stall.py --model shipped --out docs   # -> docs/dynamic-batching-stall.{md,json}
     python benchmarks/dynamic_batching_stall.py --backend onnxruntime --requests 2000
 
-Why (read in core r24.10, ``src/dynamic_batch_scheduler.cc`` and ``src/rate_limiter.cc``): a queue policy with a
-timeout, a timeout override or a queue bound turns off payload prefetching (``PriorityQueue``: prefetching only when all
-three are at their defaults). Without prefetching the batcher thread may only hand a batch over when a model instance is
-already waiting for work (``RateLimiter::PayloadSlotAvailable`` with ``force_non_blocking``: the waiting-consumer count),
-and it waits for that on its condition variable with a 500 ms timeout (``WaitForPayloadSlotAvailable``, and the
-empty-queue wait in ``BatcherThread``). Nothing notifies that condition variable when an instance starts waiting
-(``DequeuePayload`` increments the consumer count and notifies only the rate limiter's own condition variable); the
-notifications the batcher does get come before it: when a payload finishes executing (``Payload::Execute`` calls its
-callback before the instance thread returns to ``DequeuePayload``) and on a new request only if a consumer is waiting
-already. A caller that sends its next request as soon as the answer arrives lands exactly in that window, and the batcher
-sleeps out the 500 ms. Preferred batch sizes make the batcher wait for this more often; a queue delay does not change the
-slot wait. With the default queue policy (``dynamic_batching { }``) the batcher checks only the payload queue's length,
-never waits for a consumer, and no request stalls; batches still form under load.
+Why it happens (a lost wake-up in the batcher) and what the configs do about it: docs/benchmarks.md, "The 500 ms
+stall".
 
 Numbers come from a shared machine: the stall counts are the finding, not the latencies.
 """

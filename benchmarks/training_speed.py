@@ -28,10 +28,11 @@ from torch import nn
 from maddpg_evaluation.citylearn_env import CityLearnAdapter, EnvSpec, layout_from_env
 from maddpg_training.bootstrap import no_storage_controller, rollout_observations
 from maddpg_training.config import TrainConfig
+from maddpg_training.learner import MADDPG
 from maddpg_training.networks import ActorSpec, PolicyNetwork
 from maddpg_training.replay import ReplayBuffer
 from maddpg_training.team_reward import STATE_WIDTH
-from maddpg_training.trainer import MADDPG, train
+from maddpg_training.trainer import train
 
 
 def env_only(spec: EnvSpec) -> float:
@@ -97,7 +98,7 @@ def update_cost(layout, batch_size: int, repeats: int) -> dict[str, float]:
     for t in range(batch_size * 4):
         buffer.add(torch.randn(layout.observation_shape), torch.rand(layout.action_shape) * 2 - 1,
                    torch.randn(shares) * 0.1, torch.randn(layout.observation_shape), torch.rand(STATE_WIDTH),
-                   torch.rand(STATE_WIDTH), episode=t // 200)
+                   torch.rand(STATE_WIDTH), episode=t // 200, time_step=t)
     # policy_delay=1: every update also updates the actors, like the seed's loop (an upper bound for ours).
     stacked = MADDPG(PolicyNetwork(layout, ActorSpec(features=("hour_cycle",))), TrainConfig(policy_delay=1), shares)
     seed_style = SeedStyleLearner(layout.n_agents, layout.obs_width, layout.action_width)

@@ -18,7 +18,7 @@ import pytest
 from maddpg_benchmarks.load import Level, LevelResult, Payload, ResponseError, Target, measure
 from maddpg_benchmarks.report import write_benchmark_report
 from maddpg_benchmarks.repositories import open_repository
-from maddpg_benchmarks.runner import Bench, BenchOptions, _group, decide, make_payloads
+from maddpg_benchmarks.runner import Bench, BenchOptions, make_payloads
 
 pytestmark = [pytest.mark.triton, pytest.mark.citylearn]
 LEVELS = (1, 4)
@@ -124,12 +124,24 @@ def test_report_files(run, tmp_path):
     assert data["machine"]["cores"] >= 1 and data["machine"]["cpu_model"]
     assert data["command"] == "pytest tests/test_benchmarks.py"
     text = paths["markdown"].read_text()
-    for needed in ("## Goals\n", "## Results", "## The 500 ms stall", "## Machine", "pytest tests/test_benchmarks.py",
+    for needed in ("## Goals\n", "## Results", "## perf_analyzer beside the driver", "pytest tests/test_benchmarks.py",
                    "| Triton, HTTP |", "| Triton (python backend), HTTP |", "| seed-style FastAPI + torch |",
-                   "| in-process onnxruntime |", "| in-process onnxruntime, paced |", "hidden layers 64-64"):
+                   "| in-process onnxruntime |", "| in-process onnxruntime, paced |", "hidden 64-64",
+                   "[benchmarks.md](benchmarks.md)"):
         assert needed in text
-    assert "issue 7" not in text and "hidden 256" not in text
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_perf_analyzer_measures_every_triton_row_beside_the_driver(run):
+    perf = run["perf_analyzer"]
+    assert perf["version"] == "2.41.0", perf  # installed by `make setup` into .venv/perf_analyzer
+    measured = {(r["target"], r["concurrency"], r["districts"]) for r in run["results"]}
+    rows = {(p["target"], p["concurrency"], p["districts"]): p for p in perf["rows"]}
+    assert set(rows) == {(t, c, d) for t in ("triton-http", "triton-grpc") for c in LEVELS for d in (1, 64)}
+    assert set(rows) <= measured
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["requests_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
 
 
 def test_a_wrong_answer_fails_the_level_instead_of_being_timed(triton_server, exported_repository):
@@ -175,24 +187,38 @@ def test_stalls_are_answers_far_slower_than_their_rows_median(median_ms, stalled
     assert result.max_ms == pytest.approx(max(latencies_ms))
 
 
+def tuning():
+    """benchmarks/tune.py, the opt-in tuning script (not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tune.py"
+    spec = importlib.util.spec_from_file_location("maddpg_tune", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_a_variant_whose_requests_stalled_never_wins():
+    tune = tuning()
+
     def stalling(results, count):
         results[0].stalled = count
         return results
 
     fast_but_stalls = stalling(fake_results(0.5, 2000, 200_000), 3)
-    group = _group("queue_policy", "?", {"none": fake_results(1.0, 1000, 108_800), "policy": fast_but_stalls}, "none")
-    decide([group])
-    assert group.winner == "none"
+    group = tune.group("queue_policy", "?", {"none": fake_results(1.0, 1000, 108_800), "policy": fast_but_stalls},
+                       "none")
+    tune.settle([group])
+    assert group["kept"] == "none"
 
 
 @pytest.mark.parametrize(("rival_speedup", "kept"), [(1.05, "delay=0"), (2.0, "delay=100")])
 def test_tuning_replaces_the_default_only_beyond_the_runs_own_noise(rival_speedup, kept):
+    tune = tuning()
     # The served default ran in two groups and moved by 10% between them: that is this run's noise.
-    other = _group("instances", "?", {"instances=2": fake_results(1.0, 1100, 108_800)}, "instances=2")
-    delay = _group("delay", "?", {"delay=0": fake_results(1.0, 1000, 108_800),
-                                  "delay=100": fake_results(1.0, 1000 * rival_speedup, 108_800)}, "delay=0")
-    noise = decide([other, delay])
-    assert noise > 1.0
-    assert delay.winner == kept
-
+    other = tune.group("instances", "?", {"instances=2": fake_results(1.0, 1100, 108_800)}, "instances=2")
+    delay = tune.group("delay", "?", {"delay=0": fake_results(1.0, 1000, 108_800),
+                                      "delay=100": fake_results(1.0, 1000 * rival_speedup, 108_800)}, "delay=0")
+    assert tune.settle([other, delay]) > 1.0
+    assert delay["kept"] == kept

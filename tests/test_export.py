@@ -292,3 +292,49 @@ def test_an_export_killed_inside_the_commit_leaves_no_visible_version(tmp_path, 
     assert {f.name for f in (model_dir / "1").iterdir()} == complete
     onnx.checker.check_model(onnx.load(model_dir / "1" / "model.onnx"))
     shutil.rmtree(repository)
+
+
+@pytest.fixture(scope="module")
+def district_checkpoint_path(tmp_path_factory, week_spec) -> Path:
+    """A policy whose actors also read the district signal, with the safety layer, on the real env layout."""
+    from maddpg_training.bootstrap import fresh_policy, reference_sample, warmup, without_ev_discharge
+    from maddpg_training.checkpoint import Checkpoint, save_checkpoint
+    from maddpg_training.networks import ActorSpec
+    from maddpg_training.safety import safety_spec_from_env
+
+    warm = warmup(week_spec)
+    layout = without_ev_discharge(warm.layout)
+    safety = safety_spec_from_env(week_spec.build(), layout)
+    spec = ActorSpec(hidden_sizes=(32, 32), features=("hour_cycle", "ev_slack", "district"))
+    policy = fresh_policy(layout, warm.observations, spec, seed=3, safety=safety)
+    path = tmp_path_factory.mktemp("district") / "district.pt"
+    save_checkpoint(path, Checkpoint(layout=layout, actor_spec=spec, policy=policy.state_dict(), safety=safety,
+                                     reference_observations=reference_sample(warm.observations,
+                                                                             np.random.default_rng(0))))
+    return path
+
+
+def test_the_district_signal_is_inside_the_exported_graph(district_checkpoint_path, repository):
+    """The district aggregates are computed in the graph from all 17 rows: any client gets them, and ONNX Runtime
+    agrees with torch on real observations and stays finite and in bounds on hostile ones."""
+    assert run_export(district_checkpoint_path, "-r", repository).exit_code == 0
+    checkpoint = load_checkpoint(district_checkpoint_path)
+    assert checkpoint.policy["features.district_std"].min() > 0   # fitted on the warm-up pass, stored with weights
+    policy = checkpoint.build_policy()
+    session = ort.InferenceSession(str(repository / MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    real = checkpoint.reference_observations.numpy()
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: real})[0]
+    with torch.no_grad():
+        assert np.abs(got - policy(torch.from_numpy(real)).numpy()).max() <= 1e-5
+    low, high = checkpoint.layout.action_bounds()
+    for value in (np.nan, np.inf, -1e30, 3.4e38):
+        actions = session.run([OUTPUT_NAME], {INPUT_NAME: np.full((2, 17, 52), value, dtype=np.float32)})[0]
+        assert np.isfinite(actions).all() and (actions >= low).all() and (actions <= high).all()
+    # One building's load moves every actor's district input: the actors are not decentralised any more.
+    x = torch.from_numpy(real[:4].copy())
+    before = policy.actor_inputs(x)
+    x[:, 3, :] *= 2.0
+    after = policy.actor_inputs(x)
+    district = slice(-6, None)
+    assert not torch.allclose(before[:, 0, district], after[:, 0, district])
+    assert torch.equal(after[:, 0, district], after[:, 16, district])

@@ -79,7 +79,13 @@ def triton(objects: list[dict]) -> dict:
 
 
 def container_ports(objects: list[dict]) -> dict[str, int]:
-    return {p["name"]: p["containerPort"] for p in triton(objects)["ports"]}
+    """Named ports of the pod (Triton's, and the admission proxy's in production)."""
+    return {p["name"]: p["containerPort"] for c in pod_spec(objects)["containers"] for p in c.get("ports", [])}
+
+
+def client_ports(target: str) -> tuple[str, str]:
+    """The pod ports clients reach (Service targets, NetworkPolicy): the admission proxy's in production."""
+    return ("admission-grpc", "admission-http") if target == "production" else ("grpc", "http")
 
 
 def selects(selector: dict, labels: dict) -> bool:
@@ -129,8 +135,9 @@ def test_every_target_renders_the_expected_objects(rendered, target):
     expected = ["Deployment", "HorizontalPodAutoscaler", "Ingress", "Ingress", "NetworkPolicy",
                 "PodDisruptionBudget", "Service", "ServiceAccount"]
     if target == "production":
-        # Its own namespace, monitoring included, no Docker Desktop LoadBalancer.
-        expected += ["ConfigMap", "Namespace", "PrometheusRule", "ServiceMonitor"]
+        # Its own namespace, monitoring (the dashboard's ConfigMap) and the admission proxy's config included, no
+        # Docker Desktop LoadBalancer.
+        expected += ["ConfigMap", "ConfigMap", "Namespace", "PrometheusRule", "ServiceMonitor"]
     else:
         expected += ["Service"]
     assert kinds == sorted(expected)
@@ -167,7 +174,8 @@ def test_seed_guide_names_carry_over(rendered, target):
     assert labels["app"] == "maddpg-citylearn"  # kubectl logs/get -l app=maddpg-citylearn
     service = only(objects, "Service", "maddpg-citylearn-service")
     http = [p for p in service["spec"]["ports"] if p["port"] == 80]
-    assert http and http[0]["targetPort"] == "http"  # kubectl port-forward svc/maddpg-citylearn-service 8000:80
+    # kubectl port-forward svc/maddpg-citylearn-service 8000:80 (in production through the admission proxy)
+    assert http and http[0]["targetPort"] == client_ports(target)[1]
     hpa = only(objects, "HorizontalPodAutoscaler", "maddpg-citylearn-hpa")
     assert hpa["spec"]["maxReplicas"] == 10
     assert {(m["resource"]["name"], m["resource"]["target"]["averageUtilization"])
@@ -222,11 +230,12 @@ def test_network_policy_admits_only_what_it_should(rendered, target):
     policy = only(rendered[target], "NetworkPolicy")["spec"]
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
     rules = {tuple(sorted(p["port"] for p in rule["ports"])): rule["from"] for rule in policy["ingress"]}
-    assert set(rules) == {("grpc", "http"), ("metrics",)}
+    clients = client_ports(target)
+    assert set(rules) == {clients, ("metrics",)}
     namespaces = {peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
-                  for peer in rules[("grpc", "http")] if "namespaceSelector" in peer}
+                  for peer in rules[clients] if "namespaceSelector" in peer}
     assert namespaces == {"ingress-nginx"}
-    assert {"podSelector": {}} in rules[("grpc", "http")]  # clients in the same namespace
+    assert {"podSelector": {}} in rules[clients]  # clients in the same namespace
     monitoring_only = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
     assert rules[("metrics",)] == [monitoring_only]
     assert {p["port"] for rule in policy["egress"] for p in rule["ports"]} == {53}  # DNS only
@@ -415,6 +424,7 @@ def test_triton_arguments(rendered, target):
     ports = container_ports(rendered[target])
     for name in ("http", "grpc", "metrics"):
         assert flag(args, f"--{name}-port") == [str(ports[name])]
+        assert any(p["name"] == name for p in container["ports"])
     for option in ("--http-restricted-api", "--grpc-restricted-protocol"):
         (value,) = flag(args, option)
         apis, _, key = value.partition(":")
@@ -554,3 +564,62 @@ def test_rendered_triton_args_serve_the_declared_probes_and_metrics(rendered, ex
         assert output["name"] == "actions" and output["shape"][:2] == shape[:2]
     finally:
         server.stop()
+
+
+# --- one Triton release: what the pods run is what was measured -----------------------------------------------------
+def triton_version_of_ngc_tag(tag: str) -> str:
+    """NGC names Triton images by year and month, one minor release a month: 24.10-py3 is Triton 2.51.0 and 25.06-py3
+    is 2.59.0 (NVIDIA's support matrix)."""
+    match = re.fullmatch(r"(\d\d)\.(\d\d)(-.+)?", tag)
+    assert match, f"{tag!r} is not an NGC release tag (YY.MM-py3)"
+    months = int(match.group(1)) * 12 + int(match.group(2)) - (24 * 12 + 10)
+    return f"2.{51 + months}.0"
+
+
+@pytest.mark.triton
+def test_manifests_run_the_triton_release_the_local_server_runs(rendered, triton_server):
+    from maddpg_serving.onnxruntime_backend import RELEASE
+
+    assert triton_version_of_ngc_tag("24.10-py3") == "2.51.0" and triton_version_of_ngc_tag("25.06-py3") == "2.59.0"
+    status, body = http("GET", f"http://{triton_server.http_url}/v2")
+    assert status == 200
+    served = json.loads(body)["version"]  # the tritonserver that `serve`, the tests and the benchmarks run
+    for target, objects in rendered.items():
+        image = triton(objects)["image"]
+        tag = image.rpartition(":")[2]
+        assert triton_version_of_ngc_tag(tag) == served, (
+            f"{target} runs {image} (Triton {triton_version_of_ngc_tag(tag)}), but everything here was measured on "
+            f"Triton {served}: pin the image to the measured release (k8s/base/kustomization.yaml) or move the local "
+            f"server and re-measure")
+        # Triton's onnxruntime backend that `make setup` builds comes from the same release branch.
+        assert RELEASE == f"r{tag.split('-')[0]}", f"the onnxruntime backend is built from {RELEASE}, the pods run {tag}"
+
+
+# --- production: the admission proxy bounds the load in front of Triton ---------------------------------------------
+def test_production_clients_reach_triton_only_through_the_admission_proxy(rendered):
+    from maddpg_serving.admission import POD_PORTS, PRODUCTION_CONFIG, TRITON_POD_PORTS, in_flight_limit
+
+    objects = rendered["production"]
+    containers = {c["name"]: c for c in pod_spec(objects)["containers"]}
+    admission = containers["admission"]
+    ports = {p["name"]: p["containerPort"] for p in admission["ports"]}
+    assert ports == {"admission-http": POD_PORTS["http"], "admission-grpc": POD_PORTS["grpc"]}
+    # The proxy forwards to the ports Triton listens on in the pod.
+    args = triton(objects)["args"]
+    assert flag(args, "--http-port") == [str(TRITON_POD_PORTS["http"])]
+    assert flag(args, "--grpc-port") == [str(TRITON_POD_PORTS["grpc"])]
+    # Every client path (Service -> Ingress, in-cluster callers, port-forward to the Service) lands on the proxy.
+    service = only(objects, "Service", "maddpg-citylearn-service")
+    targets = {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}
+    assert targets == {"http": "admission-http", "grpc": "admission-grpc", "metrics": "metrics"}
+    # The pod runs exactly the file the overload test and benchmark measure.
+    (volume,) = [v for v in pod_spec(objects)["volumes"] if v["name"] == "admission-config"]
+    config_map = only(objects, "ConfigMap", volume["configMap"]["name"])
+    assert config_map["data"]["nginx.conf"] == PRODUCTION_CONFIG.read_text()
+    mounts = {m["mountPath"]: m for m in admission["volumeMounts"]}
+    assert mounts["/etc/admission"]["readOnly"] is True and "/tmp" in mounts
+    assert admission["command"][-4:] == ["-c", "/etc/admission/nginx.conf", "-g", "daemon off;"]
+    assert in_flight_limit(PRODUCTION_CONFIG.read_text()) > 0
+    # Guaranteed QoS stays: requests equal limits in every container.
+    for container in containers.values():
+        assert container["resources"]["requests"] == container["resources"]["limits"], container["name"]

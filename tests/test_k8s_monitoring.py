@@ -155,7 +155,11 @@ def monitoring() -> list[dict]:
 
 
 def only(objects: list[dict], kind: str) -> dict:
-    (match,) = [o for o in objects if o["kind"] == kind]
+    # Production also carries the admission proxy's ConfigMap: the dashboard's is the one Grafana's sidecar loads.
+    matches = [o for o in objects if o["kind"] == kind]
+    if kind == "ConfigMap":
+        matches = [o for o in matches if "grafana_dashboard" in o["metadata"].get("labels", {})]
+    (match,) = matches
     return match
 
 

@@ -15,7 +15,8 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-TEST_TOOLS = (".[test]", "torch==", "promtool", "prometheus", "-m pytest", "ruff", "checkov", "lint-imports")
+TEST_TOOLS = (".[test]", "torch==", "promtool", "prometheus", "nginx", "perf_analyzer", "-m pytest", "ruff", "checkov",
+              "lint-imports")
 
 
 def would_run(target: str, venv: Path) -> str:

@@ -14,6 +14,7 @@ from maddpg_evaluation.episode import run_episode
 from maddpg_ops.cli import cli
 from maddpg_training.checkpoint import load_checkpoint
 from maddpg_training.config import TrainConfig
+from maddpg_training.learner import MADDPG
 from maddpg_training.torch_policy import TorchPolicy
 
 pytestmark = pytest.mark.citylearn
@@ -89,9 +90,9 @@ def test_the_fine_tuning_check_scores_the_same_weights_the_same_every_time(smoke
     checkpoint = load_checkpoint(out / "final.pt")
     config = TrainConfig.load(SMOKE)
     spec = EnvSpec(schema=str(schema_path), start=0, end=400)
-    window = T._window(spec, warmup(spec), checkpoint.layout, config, teacher=False, safety=checkpoint.safety)
-    learner = T.MADDPG(checkpoint.build_policy().train(), config, window.reward.shares)
-    first, second = (T.gate_check([window], learner, progress=False)[0] for _ in range(2))
+    window = T.make_window(spec, warmup(spec), checkpoint.layout, config, teacher=False, safety=checkpoint.safety)
+    learner = MADDPG(checkpoint.build_policy().train(), config, window.reward.shares)
+    first, second = (T.gate_check([window], learner)[0] for _ in range(2))
     assert first["kpis"] == second["kpis"]
     assert first["kpis"] == pytest.approx(run_episode(spec.build(), TorchPolicy(learner.policy)).kpis, abs=1e-9)
 
@@ -149,12 +150,13 @@ def test_fine_tuning_moved_the_actors_away_from_the_clone(smoke_run, tmp_path, s
     assert changed, "two episodes of MADDPG updates must move the actor weights away from the clone"
 
 
-def test_resume_continues_from_the_last_checkpoint(smoke_run, tmp_path, schema_path):
+def test_resume_continues_from_the_last_checkpoint(smoke_run, tmp_path, schema_path, caplog):
     out, _ = smoke_run
     resumed = tmp_path / "resumed"
-    result = train("--dataset", schema_path, "--episodes", "3", "--resume", out / "last.pt", "--out", resumed)
+    with caplog.at_level("INFO", logger="maddpg_training"):
+        result = train("--dataset", schema_path, "--episodes", "3", "--resume", out / "last.pt", "--out", resumed)
     assert result.exit_code == 0, result.output
-    assert "resuming after episode 2" in result.output
+    assert "resuming after episode 2" in caplog.text
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["episodes"] == 3 and summary["env_steps"] == 5 * 199  # teacher + DAgger passes + 3 episodes
     assert [h["episode"] for h in summary["history"]] == [1, 2, 3]
@@ -168,7 +170,7 @@ def test_resume_continues_from_the_last_checkpoint(smoke_run, tmp_path, schema_p
     assert after > before
 
 
-def test_planner_taught_training_clones_fine_tunes_resumes_and_exports(tmp_path, schema_path, monkeypatch):
+def test_planner_taught_training_clones_fine_tunes_resumes_and_exports(tmp_path, schema_path, monkeypatch, caplog):
     """The shipped recipe (teacher = the perfect-foresight planner, cars charged) end to end on 72 steps."""
     monkeypatch.setenv("MADDPG_CITYLEARN_CACHE", str(tmp_path / "cache"))
     run, resumed = tmp_path / "planner", tmp_path / "planner-resumed"
@@ -181,9 +183,12 @@ def test_planner_taught_training_clones_fine_tunes_resumes_and_exports(tmp_path,
     teacher_pass = summary["teaching"]["passes"][0]
     assert teacher_pass["service"]["ev_departures_acceptable"] == 1.0
     assert len(list((tmp_path / "cache" / "teacher-passes").glob("*.pt"))) == 1  # the LP pass is cached for reruns
-    result = train(*args, "--episodes", "2", "--resume", run / "last.pt", "--out", resumed)
+    with caplog.at_level("INFO", logger="maddpg_training"):
+        result = train(*args, "--episodes", "2", "--resume", run / "last.pt", "--out", resumed)
     assert result.exit_code == 0, result.output
-    assert "resuming after episode 1" in result.output
+    assert "resuming after episode 1" in caplog.text
+    # Whether or not the resumed episode passed the gate, the new run directory holds a best.pt to export.
+    assert (resumed / "best.pt").is_file()
     assert [h["episode"] for h in json.loads((resumed / "summary.json").read_text())["history"]] == [1, 2]
     exported = CliRunner().invoke(cli, ["export", str(resumed / "best.pt"), "--repository", str(tmp_path / "repo")])
     assert exported.exit_code == 0, exported.output
@@ -202,6 +207,18 @@ def test_resuming_from_an_exported_or_foreign_file_is_refused(tmp_path, schema_p
     torch.save({"weights": torch.zeros(2)}, bogus)
     result = train("--dataset", schema_path, "--resume", bogus, "--out", tmp_path / "x")
     assert result.exit_code == 1 and "not a maddpg-citylearn checkpoint" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_truncated_checkpoint_is_refused_before_any_env_work(smoke_run, tmp_path, schema_path, caplog):
+    """Checked first: a broken --resume fails in a second, not after the warm-up, and leaves no empty --out."""
+    out, _ = smoke_run
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes((out / "last.pt").read_bytes()[:5000])
+    with caplog.at_level("INFO", logger="maddpg_training"):
+        result = train("--dataset", schema_path, "--resume", broken, "--out", tmp_path / "x")
+    assert result.exit_code == 1 and "broken.pt" in result.output
+    assert "warm-up" not in caplog.text and not (tmp_path / "x").exists()
 
 
 def test_a_bad_config_file_is_reported(tmp_path):

@@ -1,18 +1,13 @@
 """The load driver: closed-loop callers against one server on 127.0.0.1, latency percentiles, Triton's batching.
 
 ``concurrency`` callers each send their next request as soon as the previous answer arrived (a closed loop, like
-``perf_analyzer --concurrency-range``, which is not installable here). A level ends after ``duration_s`` seconds or
-``max_requests`` requests, whichever comes first, after a warm-up that is not counted; every wait is bounded.
-
-All callers share one asyncio event loop in this process, each with its own connection: HTTP/1.1 keep-alive over
-asyncio streams, or gRPC through ``grpc.aio`` with Triton's generated stub. Each level encodes its request once and
-sends the same bytes again: the client's share of the two cores goes into sockets, not into re-encoding identical
-tensors. That was the cheapest client measured here (``CLIENTS`` and ``docs/benchmarks.md``); the tritonclient
-variants stay available (``client="tritonclient-threads"`` / ``"tritonclient-aio"``) so the choice can be re-measured.
-
-Every window checks its first answer completely (decoded, shape, values against the expected actions when given) and
-fails loudly if it is wrong; every later answer is checked by status and size, and a bad one counts as an error: a
-server that answers quickly but wrongly is never reported as fast.
+``perf_analyzer --concurrency-range``, which ``bench`` runs beside it on Triton; this driver also drives the
+seed-style FastAPI server, which perf_analyzer cannot). A level ends after ``duration_s`` seconds or ``max_requests``
+requests, after a warm-up that is not counted; every wait is bounded. All callers share one asyncio event loop, each
+with its own connection (HTTP/1.1 keep-alive over asyncio streams, or ``grpc.aio`` with Triton's generated stub), and
+each level's request is encoded once: the client's share of the cores goes into sockets, not re-encoding. The first
+answer of every window is checked completely and a wrong one fails the level; later answers by status and size, a bad
+one counting as an error: a server that answers quickly but wrongly is never reported as fast.
 """
 
 from __future__ import annotations
@@ -20,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
@@ -31,7 +25,6 @@ import numpy as np
 from maddpg_core.layout import INPUT_NAME, OUTPUT_NAME
 
 HOST = "127.0.0.1"
-CLIENTS = ("asyncio-raw", "tritonclient-aio", "tritonclient-threads")
 DEFAULT_CLIENT = "asyncio-raw"
 # A request with no answer after this long is counted as an error (and the level stops waiting for it).
 REQUEST_TIMEOUT_S = 10.0
@@ -291,38 +284,6 @@ class GrpcCaller:
         check_actions(actions, self.payload)
 
 
-class TritonClientAioCaller:
-    """tritonclient's own asyncio HTTP client (aiohttp), inputs built once: the library a user would reach for."""
-
-    def __init__(self, url: str, model: str, payload: Payload):
-        self.url, self.model, self.payload = url, model, payload
-        self.client = None
-
-    async def open(self) -> None:
-        import tritonclient.http.aio as httpclient
-
-        self.client = httpclient.InferenceServerClient(self.url, conn_limit=1)
-        tensor = httpclient.InferInput(INPUT_NAME, list(self.payload.observations.shape), "FP32")
-        tensor.set_data_from_numpy(self.payload.observations, binary_data=True)
-        self.inputs = [tensor]
-        self.outputs = [httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)]
-
-    async def close(self) -> None:
-        if self.client is not None:
-            await self.client.close()
-            self.client = None
-
-    async def reset(self) -> None:
-        await self.close()
-        await self.open()
-
-    async def call(self):
-        return await self.client.infer(self.model, self.inputs, outputs=self.outputs)
-
-    async def call_checked(self) -> None:
-        check_actions((await self.call()).as_numpy(OUTPUT_NAME), self.payload)
-
-
 # --- targets: what a level is run against -----------------------------------------------------------------------------
 @dataclass
 class Target:
@@ -344,7 +305,7 @@ class Target:
     def is_triton(self) -> bool:
         return self.name.startswith("triton")
 
-    def callers(self, payload: Payload, count: int, client: str):
+    def callers(self, payload: Payload, count: int):
         if self.host != HOST:
             raise ValueError("benchmarks only drive 127.0.0.1")
         if not self.is_triton:
@@ -359,8 +320,6 @@ class Target:
         if self.protocol == "grpc":
             request, answer = triton_grpc_request(self.model, payload)
             return [GrpcCaller(f"{self.host}:{self.port}", request, answer, payload) for _ in range(count)]
-        if client == "tritonclient-aio":
-            return [TritonClientAioCaller(f"{self.host}:{self.port}", self.model, payload) for _ in range(count)]
         request, answer = triton_http_request(self.model, payload, self.host, self.port)
 
         def check(headers, body):
@@ -396,13 +355,9 @@ class Measurement:
     triton: Any = None                  # ModelMetrics difference over the window
 
 
-def measure(target: Target, payload: Payload, level: Level, client: str = DEFAULT_CLIENT) -> Measurement:
-    """One window of ``target`` at ``level``; blocking (its own event loop, or threads for tritonclient-threads)."""
-    if client not in CLIENTS:
-        raise ValueError(f"client must be one of {CLIENTS}, not {client!r}")
-    if client == "tritonclient-threads":
-        return _measure_threaded(target, payload, level)
-    return asyncio.run(_measure_async(target, payload, level, client))
+def measure(target: Target, payload: Payload, level: Level) -> Measurement:
+    """One window of ``target`` at ``level``, blocking (its own event loop)."""
+    return asyncio.run(_measure_async(target, payload, level))
 
 
 def summarise(name: str, level: Level, payload: Payload, measurements: list[Measurement], *, client: str = "",
@@ -447,8 +402,8 @@ class Window:
             self.first_error = f"{kind}: {str(exc)[:300]}"
 
 
-async def _measure_async(target: Target, payload: Payload, level: Level, client: str) -> Measurement:
-    callers = target.callers(payload, level.concurrency, client)
+async def _measure_async(target: Target, payload: Payload, level: Level) -> Measurement:
+    callers = target.callers(payload, level.concurrency)
     try:
         await asyncio.wait_for(asyncio.gather(*(c.open() for c in callers)), REQUEST_TIMEOUT_S)
         await asyncio.wait_for(callers[0].call_checked(), REQUEST_TIMEOUT_S)  # correctness before speed
@@ -505,78 +460,6 @@ async def _reset_quietly(caller) -> None:
         pass
 
 
-def _measure_threaded(target: Target, payload: Payload, level: Level) -> Measurement:
-    """One thread per caller, each with its own ``tritonclient.http`` client (a client must stay in its thread)."""
-    if not (target.is_triton and target.protocol == "http"):
-        raise ValueError("the tritonclient-threads client drives Triton over HTTP only")
-    import tritonclient.http as httpclient
-
-    url = f"{target.host}:{target.port}"
-    outputs = [httpclient.InferRequestedOutput(OUTPUT_NAME, binary_data=True)]
-    check = httpclient.InferenceServerClient(url, network_timeout=REQUEST_TIMEOUT_S)
-    try:  # correctness before speed
-        check_actions(check.infer(target.model, _tritonclient_inputs(httpclient, payload), outputs=outputs)
-                      .as_numpy(OUTPUT_NAME), payload)
-    finally:
-        check.close()
-
-    lock = threading.Lock()
-    state = {"budget": level.max_requests, "deadline": 0.0, "window": Window()}
-    start_phase, end_phase = threading.Barrier(level.concurrency + 1), threading.Barrier(level.concurrency + 1)
-    wait_s = 60 + level.warmup_s + level.duration_s + REQUEST_TIMEOUT_S
-
-    def worker() -> None:
-        client = httpclient.InferenceServerClient(url, network_timeout=REQUEST_TIMEOUT_S)
-        inputs = _tritonclient_inputs(httpclient, payload)
-        try:
-            for _ in ("warmup", "window"):
-                start_phase.wait(timeout=wait_s)
-                window, latencies = state["window"], []
-                while time.perf_counter() < state["deadline"]:
-                    with lock:
-                        if state["budget"] <= 0:
-                            break
-                        state["budget"] -= 1
-                    start = time.perf_counter_ns()
-                    try:
-                        client.infer(target.model, inputs, outputs=outputs)
-                    except Exception as exc:  # noqa: BLE001 - counted and named in the report
-                        with lock:
-                            window.error(exc)
-                        continue
-                    latencies.append(time.perf_counter_ns() - start)
-                with lock:
-                    window.latencies.extend(latencies)
-                end_phase.wait(timeout=wait_s)
-        finally:
-            client.close()
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(level.concurrency)]
-    for thread in threads:
-        thread.start()
-    state["deadline"] = time.perf_counter() + level.warmup_s
-    start_phase.wait(timeout=wait_s)
-    end_phase.wait(timeout=wait_s)
-    warmup = state["window"]
-    before = _snapshot(target)
-    state.update(budget=level.max_requests, window=Window())
-    started = time.perf_counter()
-    state["deadline"] = started + level.duration_s
-    start_phase.wait(timeout=wait_s)
-    end_phase.wait(timeout=wait_s)
-    seconds = time.perf_counter() - started
-    after = _snapshot(target)
-    for thread in threads:
-        thread.join(timeout=REQUEST_TIMEOUT_S)
-    return _measurement(state["window"], warmup, seconds, before, after)
-
-
-def _tritonclient_inputs(module, payload: Payload):
-    tensor = module.InferInput(INPUT_NAME, list(payload.observations.shape), "FP32")
-    tensor.set_data_from_numpy(payload.observations, binary_data=True)
-    return [tensor]
-
-
 @dataclass(frozen=True)
 class _Snapshot:
     at: float
@@ -606,24 +489,23 @@ def _measurement(window: Window, warmup: Window, seconds: float, before: _Snapsh
     )
 
 
-# --- CPU time of a server ---------------------------------------------------------------------------------------------
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+# --- CPU time from /proc ---------------------------------------------------------------------------------------------
+def process_ticks():
+    """``(pid, process group, user + system ticks, name)`` of every process (the report's busy processes, too)."""
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as handle:
+                    raw = handle.read()
+            except OSError:
+                continue
+            fields = raw.rsplit(b")", 1)[1].split()  # after the name: state ppid pgrp ... utime(11) stime(12)
+            name = raw[raw.index(b"(") + 1 : raw.rindex(b")")].decode(errors="replace")
+            yield int(entry.name), int(fields[2]), int(fields[11]) + int(fields[12]), name
 
 
 def process_group_cpu_seconds(pgid: int | None) -> float | None:
     """User + system CPU seconds of every process in group ``pgid`` (a server and, for Triton, its python stubs)."""
     if pgid is None:
         return None
-    total = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        # After the command name: state(0) ppid(1) pgrp(2) ... utime(11) stime(12)
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / _TICKS
+    return sum(ticks for _, group, ticks, _ in process_ticks() if group == pgid) / os.sysconf("SC_CLK_TCK")

@@ -3,12 +3,7 @@ with a small queue, and a server restarted under a stepping client.
 
 ``flood``             many requests at once (bounded in count, each bounded by the client timeout) on 127.0.0.1;
                       every outcome is recorded with how long it took to come back
-``small_queue_view``  a repository serving a model whose queue admits only a few requests (configs written by the
-                      export's own config writer)
-``restart_recovery``  a client stepping through ``act`` calls while the server is stopped and started again: how long
-                      the client went without an answer, and how much of that was the server starting
-
-``benchmarks/robustness.py`` runs both and prints the figures; tests/test_overload.py asserts on the outcomes.
+``benchmarks/overload.py`` measures it against what production runs; tests/test_overload.py asserts on the outcomes.
 """
 
 from __future__ import annotations
@@ -17,7 +12,6 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -54,18 +48,6 @@ class FloodResult:
             return {}
         return {"count": int(seconds.size), "p50": 1e3 * float(np.percentile(seconds, 50)),
                 "p95": 1e3 * float(np.percentile(seconds, 95)), "max": 1e3 * float(seconds[-1])}
-
-
-def small_queue_view(source_repository: Path, workdir: Path, *, max_queue_size: int = 2,
-                     queue_timeout_us: int = 1_000_000, instances: int = 1) -> Path:
-    """A repository under ``workdir`` serving ``source_repository``'s model with a queue this small."""
-    from maddpg_export.triton_config import ServingSettings
-
-    from .repositories import open_repository, settings_view
-
-    settings = ServingSettings(max_queue_size=max_queue_size, queue_timeout_us=queue_timeout_us,
-                               local_instances=instances)
-    return settings_view(open_repository(source_repository), settings, workdir)
 
 
 def flood(url: str, protocol: str, observations: np.ndarray, *, concurrency: int = 32,
@@ -107,49 +89,3 @@ def flood(url: str, protocol: str, observations: np.ndarray, *, concurrency: int
         raise TimeoutError("the flood did not finish within its bound")
     result.outcomes.sort(key=lambda o: o.index)
     return result
-
-
-@dataclass(frozen=True)
-class Recovery:
-    steps: int
-    failed_steps: int               # steps that raised after the retry budget (0 when the client rode it out)
-    longest_gap_s: float            # longest time between two answered steps: what the client went without
-    server_down_s: float            # from stop() called to the restarted server ready
-    first_answer_after_ready_s: float  # the client's backoff on top of the server's own restart
-
-
-def restart_recovery(server, observations: np.ndarray, *, steps: int = 300, restart_after: int = 100,
-                     retry_seconds: float = 30.0, protocol: str = "http", model: str = "maddpg_ctde") -> Recovery:
-    """Step ``steps`` ``act`` calls; after ``restart_after`` of them another thread stops ``server`` (a
-    LocalTritonServer) and starts it again on the same ports while the client keeps stepping."""
-    url = server.http_url if protocol == "http" else server.grpc_url
-    policy = TritonPolicy(url, protocol=protocol, model=model, retry=RetryPolicy.for_seconds(retry_seconds))
-    _ = policy.layout
-    marks: dict[str, float] = {}
-    reached = threading.Event()
-
-    def restart() -> None:
-        reached.wait()
-        marks["stopped"] = time.monotonic()
-        server.stop()
-        server.start(timeout=120)
-        marks["ready"] = time.monotonic()
-
-    restarter = threading.Thread(target=restart, daemon=True)
-    restarter.start()
-    answered, failed = [], 0
-    for step in range(steps):
-        if step == restart_after:
-            reached.set()
-        try:
-            policy.act(observations[step % len(observations)])
-            answered.append(time.monotonic())
-        except PolicyError:
-            failed += 1
-    restarter.join(180)
-    policy.close()
-    gaps = np.diff(answered) if len(answered) > 1 else np.zeros(1)
-    after_ready = [t for t in answered if t >= marks.get("ready", float("inf"))]
-    return Recovery(steps=steps, failed_steps=failed, longest_gap_s=float(gaps.max()),
-                    server_down_s=marks["ready"] - marks["stopped"],
-                    first_answer_after_ready_s=(after_ready[0] - marks["ready"]) if after_ready else float("nan"))

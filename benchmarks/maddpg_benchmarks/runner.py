@@ -1,35 +1,22 @@
-"""Everything in one go: tuning, then the served policy against the seed-style server and the in-process floors.
+"""The served policy against the seed-style server and the in-process floors, and perf_analyzer beside the driver.
 
 Servers that are compared with each other run side by side and are measured in interleaved rounds (round 1: A, B,
-C at every level; round 2: A, B, C again; ...), each round a slice of the level's duration. On a shared 2-core machine
-the background load drifts; interleaving spreads the drift over every contender instead of handing it to whichever
-ran last. Windows of one (contender, level) are pooled into one result.
-
-Triton runs on ``backend`` (``auto``: Triton's onnxruntime backend with ``configs/cpu.pbtxt`` when it is built, as
-Kubernetes serves it; the python backend with ``configs/local.pbtxt`` otherwise).
-
-1. Tuning (``tune=True``), one knob at a time around the served defaults (``ServingSettings()``): instance count,
-   dynamic-batching delay, onnxruntime intra-op threads, the queue policy, graph form (stacked vs per-agent), the load
-   generator's client, and the comparison server's own best setup. Each group scores its variants on the three
-   figures the goals are about (p50 at concurrency 1, requests/s at concurrency 16, decisions/s with 64 districts per
-   request); a variant whose requests stalled (``load.count_stalls``) never wins over one whose requests did not.
-2. The comparison: local Triton with the served defaults over HTTP and gRPC (1 and 64 districts per request), the
-   other backend over HTTP, the seed-style FastAPI + torch server (1 district: its API takes one), and the in-process
-   floors, at every level; then the paced floor: in-process onnxruntime with the model idling between calls as long
-   as a served request at concurrency 1 spends outside it (the latency goal compares like with like).
-3. The goals, computed from (2).
+C at every level; round 2: A, B, C again; ...), each round a slice of the level's duration: on a shared machine the
+background load drifts, and interleaving spreads it over every contender. Windows of one (contender, level) are pooled.
+Triton runs on ``backend`` (``auto``: its onnxruntime backend with ``configs/cpu.pbtxt`` when built, as Kubernetes'
+CPU nodes serve it; the python backend with ``configs/local.pbtxt`` otherwise), the other backend over HTTP beside it.
+Then the paced floor (in-process onnxruntime idling between calls as long as a served request spends outside the
+model), perf_analyzer on the Triton rows, and the goals. Tuning the served settings is ``benchmarks/tune.py``.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -58,10 +45,11 @@ from .repositories import (
 )
 
 Say = Callable[[str], None]
+# The comparison server's fastest setup here (benchmarks/tune.py measures it against a thread-pool endpoint).
+SEED_SETUP = {"label": "async endpoint, 1 torch thread", "endpoint": "async", "torch_threads": 1}
 LEVELS = (1, 4, 16, 64)
 DISTRICTS = (1, 64)
 # Figures each tuning variant is measured on: (concurrency, districts per request).
-TUNING_LEVELS = ((1, 1), (16, 1), (16, 64))
 
 
 @dataclass(frozen=True)
@@ -72,8 +60,8 @@ class BenchOptions:
     max_requests: int = 200_000      # per (contender, level): the other bound of a level
     levels: tuple[int, ...] = LEVELS
     districts: tuple[int, ...] = DISTRICTS
-    tune: bool = True
-    tuning_duration_s: float = 3.0   # per (variant, tuning level), split over the rounds
+    perf_analyzer: bool = True       # Triton rows again with Triton's perf_analyzer
+    tuning_duration_s: float = 3.0   # benchmarks/tune.py: per (variant, tuning level)
     repository: Path | None = None   # default: a fresh policy on the real env layout, exported to a temp dir
     backend: str = "auto"            # Triton's backend for the served rows: auto, onnxruntime or python
     command: str = ""                # how this run was started, for the report
@@ -81,9 +69,8 @@ class BenchOptions:
 
     @classmethod
     def quick(cls, **overrides) -> "BenchOptions":
-        """A smoke run: two levels, sub-second windows, no tuning (under a minute)."""
-        base = dict(duration_s=0.6, rounds=1, warmup_s=0.2, max_requests=20_000, levels=(1, 16), tune=False,
-                    tuning_duration_s=0.5)
+        """A smoke run: two levels, sub-second windows (about a minute)."""
+        base = dict(duration_s=0.6, rounds=1, warmup_s=0.2, max_requests=20_000, levels=(1, 16))
         return cls(**{**base, **overrides})
 
 
@@ -104,7 +91,7 @@ class Contender:
 
 def served(target: Target, client: str = DEFAULT_CLIENT, districts: tuple[int, ...] = DISTRICTS,
            name: str | None = None) -> Contender:
-    return Contender(name or target.name, lambda level, payload: measure(target, payload, level, client),
+    return Contender(name or target.name, lambda level, payload: measure(target, payload, level),
                      config=target.config, client=client, districts=districts)
 
 
@@ -235,115 +222,6 @@ def make_payloads(source: BenchmarkRepository, districts: Sequence[int], seed: i
     return payloads
 
 
-# --- tuning -------------------------------------------------------------------------------------------------------
-@dataclass
-class TuningGroup:
-    knob: str                        # what varies
-    question: str                    # what the group answers, for the report
-    variants: list[dict[str, Any]]   # label, score, is_default, figures (scored), results (LevelResult dicts)
-    default: str = ""
-    note: str = ""
-    same_default: bool = True        # its default variant is the served configuration (counts for the noise)
-    winner: str = ""                 # set by decide(): what to keep
-    decision: str = ""
-    noise: float = 1.0
-    options: dict[str, Any] = field(default_factory=dict)  # label -> how to set that variant up, where needed
-    floors: list[dict[str, Any]] = field(default_factory=list)  # in-process figures measured alongside, if any
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"knob": self.knob, "question": self.question, "variants": self.variants, "default": self.default,
-                "winner": self.winner, "decision": self.decision, "noise": self.noise, "note": self.note,
-                "same_default": self.same_default, "options": self.options, "floors": self.floors}
-
-
-# What the tuning score weighs: the figures the goals are about. (concurrency, districts, attribute, lower is better)
-CRITERIA = ((1, 1, "p50_ms", True), (16, 1, "requests_per_s", False), (16, 64, "decisions_per_s", False))
-
-
-def criteria_figures(results: Sequence[LevelResult]) -> dict[str, float]:
-    """``{attribute: value}`` of the scored figures a variant was measured at."""
-    found = {}
-    for concurrency, districts, attribute, _ in CRITERIA:
-        for r in results:
-            if (r.concurrency, r.districts) == (concurrency, districts) and r.requests:
-                found[attribute] = getattr(r, attribute)
-    return found
-
-
-def _geomean(values: Sequence[float]) -> float:
-    return math.exp(sum(map(math.log, values)) / len(values)) if values else 0.0
-
-
-def score_variants(results_by_label: dict[str, list[LevelResult]]) -> dict[str, float]:
-    """Geometric mean of the scored figures as ratios to the group's best (p50 at concurrency 1, requests/s at 16,
-    decisions/s at 16 with 64 districts per request): 1.0 is best on all three. Figures not measured are left out."""
-    figures = {label: criteria_figures(results) for label, results in results_by_label.items()}
-    ratios: dict[str, list[float]] = {label: [] for label in results_by_label}
-    for _, _, attribute, lower_is_better in CRITERIA:
-        values = {label: f[attribute] for label, f in figures.items() if f.get(attribute, 0) > 0}
-        if not values:
-            continue
-        best = (min if lower_is_better else max)(values.values())
-        for label, value in values.items():
-            ratios[label].append(best / value if lower_is_better else value / best)
-    return {label: _geomean(r) for label, r in ratios.items()}
-
-
-def served_default_noise(groups: Sequence["TuningGroup"]) -> float:
-    """The run's own noise, as a ratio >= 1: the served default configuration runs in every group about the served
-    stack, so the spread (max / min) of its scored figures between groups is what chance alone does here. Geometric
-    mean over the figures; 1.0 when it ran in fewer than two groups."""
-    seen: dict[str, list[float]] = {}
-    for group in groups:
-        if not group.same_default:
-            continue
-        default = next((v for v in group.variants if v["is_default"]), None)
-        if default is not None:
-            for attribute, value in default["figures"].items():
-                seen.setdefault(attribute, []).append(value)
-    spreads = [max(v) / min(v) for v in seen.values() if len(v) > 1 and min(v) > 0]
-    return _geomean(spreads) if spreads else 1.0
-
-
-def stalls(variant: dict[str, Any]) -> int:
-    """Requests of a tuning variant answered after more than ``STALL_MS``, over every level it ran."""
-    return sum(r.get("stalled") or 0 for r in variant["results"])
-
-
-def decide(groups: Sequence["TuningGroup"]) -> float:
-    """Settle every group: the winner is kept only if it beats the default by more than the run's noise; a variant
-    whose requests stalled never wins over one whose requests did not."""
-    noise = served_default_noise(groups)
-    for group in groups:
-        fewest = min((stalls(v) for v in group.variants), default=0)
-        scores = {v["label"]: v["score"] for v in group.variants if stalls(v) == fewest}
-        if not scores:
-            group.decision = "not measured"
-            continue
-        best = max(scores, key=scores.get)
-        default_score = scores.get(group.default, 0.0)
-        if not group.same_default:  # the comparison server: always its fastest, to be fair to it
-            group.winner, group.decision = best, "fastest, used for the comparison"
-        elif group.default not in scores:
-            group.winner, group.decision = best, "the default stalled"
-        elif best == group.default:
-            group.winner, group.decision = best, "default is best"
-        elif default_score and scores[best] / default_score <= noise:
-            group.winner, group.decision = group.default, f"within noise ({best} scored higher)"
-        else:
-            group.winner, group.decision = best, "beats the default"
-        group.noise = noise
-    return noise
-
-
-def _group(knob: str, question: str, results: dict[str, list[LevelResult]], default: str, note: str = "",
-           same_default: bool = True) -> "TuningGroup":
-    scores = score_variants(results)
-    variants = [{"label": label, "score": scores[label], "is_default": label == default,
-                 "figures": criteria_figures(rs), "results": [r.as_dict() for r in rs]} for label, rs in results.items()]
-    return TuningGroup(knob, question, variants, default=default, note=note, same_default=same_default)
-
-
 class Bench:
     """One benchmark run; :meth:`run` returns the report data (``report.write_benchmark_report`` turns it into files)."""
 
@@ -369,12 +247,7 @@ class Bench:
             graph_nodes = _node_count(source.onnx_path)
             widths = layer_widths(source.onnx_path)
             defaults = ServingSettings()
-            tuning = self.tune(source, payloads, defaults, workdir) if options.tune else []
-            seed_options = self.seed_choice(tuning)
-            comparison, server_version, paced = self.compare(source, payloads, defaults, seed_options, workdir)
-            if options.tune:
-                tuning.append(protocol_group(comparison))
-                decide(tuning)
+            comparison, server_version, paced, perf = self.compare(source, payloads, defaults, SEED_SETUP, workdir)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         machine["tritonserver_version"] = server_version
@@ -398,140 +271,17 @@ class Bench:
                                  "instances": getattr(defaults, INSTANCES_KNOB[self.backend]),
                                  "variant": "configs/cpu.pbtxt" if self.backend == "onnxruntime" else
                                             "configs/local.pbtxt", **defaults.__dict__},
-            "seed_server": seed_options,
+            "seed_server": SEED_SETUP,
             "paced_floor": paced,
             "stall_ms": STALL_MS,
             "results": [r.as_dict() for r in comparison],
-            "tuning": [g.as_dict() for g in tuning],
+            "perf_analyzer": perf,
             "goals": goals(comparison),
         }
 
     # --- (1) tuning ---------------------------------------------------------------------------------------------------
-    def tune(self, source: BenchmarkRepository, payloads, defaults, workdir: Path) -> list[TuningGroup]:
-        groups = []
-        instances = INSTANCES_KNOB[self.backend]
-        process = "in the server process" if self.backend == "onnxruntime" else "python-backend processes"
-        knobs = [
-            (instances, f"Model instances ({self.backend} backend, {process})", [1, 2, 4]),
-            ("max_queue_delay_us", "Dynamic batching: how long a request may wait for company (us)", [0, 100, 200, 500]),
-            ("onnx_intra_op_threads", "onnxruntime intra-op threads per instance", [1, 2]),
-        ]
-        for knob, question, values in knobs:
-            variants = {f"{knob}={value}": replace(defaults, **{knob: value}) for value in values}
-            default = f"{knob}={getattr(defaults, knob)}"
-            results = self._triton_variants(source, payloads, variants, workdir / knob, f"tuning {knob}")
-            groups.append(_group(knob, question, results, default))
-        groups.append(self._queue_policy(source, payloads, defaults, workdir / "queue_policy"))
-        groups.append(self._graph_forms(source, payloads, defaults, workdir / "graph"))
-        groups.append(self._clients(source, payloads, defaults, workdir / "clients"))
-        groups.append(self._seed_variants(source, payloads))
-        return groups
-
-    def _tuning_run(self, contenders, payloads, description: str, duration_s: float | None = None) -> list[LevelResult]:
-        o = self.options
-        return run_interleaved(contenders, TUNING_LEVELS, payloads, duration_s=duration_s or o.tuning_duration_s,
-                               rounds=o.rounds, warmup_s=o.warmup_s, max_requests=o.max_requests,
-                               progress=o.progress, description=description)
-
-    def _triton_variants(self, source, payloads, variants: dict[str, Any], workdir: Path, description: str,
-                         onnx_files: dict[str, Path] | None = None,
-                         duration_s: float | None = None) -> dict[str, list[LevelResult]]:
-        self.say(f"{description}: {', '.join(variants)}")
-        with Servers() as servers:
-            # Triton starts its python stub through a shell: keep the paths plain.
-            views = [settings_view(source, settings, workdir / re.sub(r"[^A-Za-z0-9_.-]+", "-", label),
-                                   onnx_file=(onnx_files or {}).get(label)) for label, settings in variants.items()]
-            started = dict(zip(variants, triton_servers(views, self.backend)))
-            servers.start(list(started.values()))
-            contenders = [served(triton_targets(server, source.model, label)["http"], name=label)
-                          for label, server in started.items()]
-            results = self._tuning_run(contenders, payloads, description, duration_s)
-        return {c.name: [r for r in results if r.target == c.name] for c in contenders}
-
-    def _queue_policy(self, source, payloads, defaults, workdir: Path) -> TuningGroup:
-        """The served default (no queue policy) against the bounded queue the configs had before: the one group whose
-        answer is counted in stalls, so it runs three times as long as the others."""
-        bounded = replace(defaults, queue_timeout_us=1_000_000, max_queue_size=4096)
-        labels = {"no queue policy": defaults, "queue policy: 1 s timeout, at most 4096 queued": bounded}
-        default = next(label for label, settings in labels.items() if settings == defaults)
-        results = self._triton_variants(source, payloads, labels, workdir, "tuning queue policy",
-                                        duration_s=3 * self.options.tuning_duration_s)
-        return _group("queue_policy", "Queue policy: reject after a timeout and bound the queue, or not", results,
-                      default, note=f"a stall is an answer more than {STALL_MS:g} ms slower than its level's median")
-
-    def _graph_forms(self, source, payloads, defaults, workdir: Path) -> TuningGroup:
-        from .floors import onnxruntime_floor
-        from .graph_forms import export_per_agent
-
-        question = "Graph form: stacked actors (one batched MatMul per layer) or one branch per agent"
-        stacked_nodes = _node_count(source.onnx_path)
-        if source.checkpoint is None:
-            return TuningGroup("graph_form", question, [], note="skipped: needs the torch policy behind the "
-                               "repository (run without --repository)")
-        from maddpg_training.checkpoint import load_checkpoint
-
-        workdir.mkdir(parents=True)
-        checkpoint = load_checkpoint(source.checkpoint)
-        per_agent_file = workdir / "per_agent.onnx"
-        self.say(f"building the per-agent graph ({source.layout.n_agents} branches) for comparison")
-        per_agent_nodes = export_per_agent(checkpoint.build_policy(), source.layout, per_agent_file, source.onnx_path,
-                                           payloads[max(payloads)].observations)
-        stacked, per_agent = f"stacked ({stacked_nodes} nodes)", f"per-agent ({per_agent_nodes} nodes)"
-        results = self._triton_variants(source, payloads, {stacked: defaults, per_agent: defaults}, workdir,
-                                        "tuning graph form", onnx_files={per_agent: per_agent_file})
-        group = _group("graph_form", question, results, stacked,
-                       note="the served form is decided by the export, training/maddpg_training/networks.py")
-        # The graphs alone, in process: what onnxruntime makes of each form without a server around it.
-        floors = [inprocess(f"{label} in process", onnxruntime_floor(path), self.options.districts)
-                  for label, path in ((stacked, source.onnx_path), (per_agent, per_agent_file))]
-        o = self.options
-        group.floors = [r.as_dict() for r in run_interleaved(
-            floors, [(1, d) for d in o.districts], payloads, duration_s=o.tuning_duration_s, rounds=o.rounds,
-            warmup_s=o.warmup_s, max_requests=o.max_requests, progress=o.progress, description="graph forms in process")]
-        return group
-
-    def _clients(self, source, payloads, defaults, workdir: Path) -> TuningGroup:
-        from .load import CLIENTS
-
-        self.say(f"tuning the load generator's client: {', '.join(CLIENTS)}")
-        with Servers() as servers:
-            [server] = triton_servers([settings_view(source, defaults, workdir)], self.backend)
-            servers.start([server])
-            target = triton_targets(server, source.model, describe_settings(defaults, self.backend))["http"]
-            contenders = [served(target, client, name=client) for client in CLIENTS]
-            results = self._tuning_run(contenders, payloads, "tuning client")
-        by_client = {c.name: [r for r in results if r.target == c.name] for c in contenders}
-        return _group("client", "The load generator (same server, HTTP): which client costs the shared cores least",
-                      by_client, DEFAULT_CLIENT)
-
-    def _seed_variants(self, source, payloads) -> TuningGroup:
-        variants = {"async endpoint, 1 torch thread": dict(endpoint="async", torch_threads=1),
-                    "sync endpoint, torch default threads": dict(endpoint="sync", torch_threads=0)}
-        self.say("the comparison server's own best setup: " + "; ".join(variants))
-        with Servers() as servers:
-            started = dict(zip(variants, seed_servers(source.layout, list(variants.values()))))
-            servers.start(list(started.values()))
-            contenders = [served(Target("seed-fastapi", s.port, server_pid=s.pid, config=label), name=label,
-                                 districts=(1,)) for label, s in started.items()]
-            results = self._tuning_run(contenders, payloads, "tuning comparison server")
-        by_label = {c.name: [r for r in results if r.target == c.name] for c in contenders}
-        group = _group("seed_server", "The comparison server's best setup (so the comparison is fair to it)",
-                       by_label, next(iter(variants)), same_default=False)
-        group.options = variants
-        return group
-
-    @staticmethod
-    def seed_choice(tuning: list[TuningGroup]) -> dict[str, Any]:
-        """The comparison server runs in the setup that won its own tuning (the fastest, to be fair to it)."""
-        for group in tuning:
-            if group.knob == "seed_server" and group.variants:
-                best = max(group.variants, key=lambda v: v["score"])["label"]
-                return {"label": best, **group.options[best]}
-        return {"label": "async endpoint, 1 torch thread", "endpoint": "async", "torch_threads": 1}
-
-    # --- (2) the comparison -----------------------------------------------------------------------------------------
     def compare(self, source, payloads, defaults, seed_options: dict[str, Any],
-                workdir: Path) -> tuple[list[LevelResult], str, dict[str, Any] | None]:
+                workdir: Path) -> tuple[list[LevelResult], str, dict[str, Any] | None, dict[str, Any]]:
         from .floors import onnxruntime_floor, seed_loop_floor, torch_floor
 
         o = self.options
@@ -569,10 +319,33 @@ class Bench:
                                       warmup_s=o.warmup_s, max_requests=o.max_requests, progress=o.progress,
                                       description="comparison")
             version = _server_version(triton)
+            perf = self._perf_analyzer(triton, source, workdir) if o.perf_analyzer else {"skipped": "--no-perf-analyzer"}
         paced = self._paced_floor(source, payloads, results)
         if paced is not None:
             results.append(paced.pop("result"))
-        return results, version, paced
+        return results, version, paced, perf
+
+    def _perf_analyzer(self, server, source, workdir: Path) -> dict[str, Any]:
+        """The Triton rows (HTTP and gRPC, every level and request size) measured again by perf_analyzer."""
+        from tqdm.auto import tqdm
+
+        from . import perf_analyzer
+
+        found = perf_analyzer.version()
+        if found is None:
+            self.say(f"skipping perf_analyzer: {perf_analyzer.INSTALL_HINT}")
+            return {"skipped": perf_analyzer.INSTALL_HINT}
+        o = self.options
+        plan = [(p, c, d) for p in ("http", "grpc") for d in o.districts for c in o.levels]
+        window_ms = max(500, int(1000 * o.duration_s / 2))
+        self.say(f"perf_analyzer {found}: {len(plan)} levels, {window_ms} ms windows")
+        rows = []
+        for protocol, concurrency, districts in tqdm(plan, desc="perf_analyzer", disable=not o.progress, leave=False):
+            url = server.http_url if protocol == "http" else server.grpc_url
+            figures = perf_analyzer.measure(url, protocol, source.model, source.layout.observation_shape, districts,
+                                            concurrency, window_ms, workdir)
+            rows.append({"target": f"triton-{protocol}", "concurrency": concurrency, "districts": districts, **figures})
+        return {"version": found, "window_ms": window_ms, "rows": rows}
 
     def _paced_floor(self, source, payloads, results: list[LevelResult]) -> dict[str, Any] | None:
         """In-process onnxruntime at the pace the served model sees at concurrency 1: after each call, a pause as long
@@ -622,18 +395,14 @@ def _server_version(server) -> str:
         return "?"
 
 
-def protocol_group(results: Sequence[LevelResult]) -> TuningGroup:
-    """HTTP vs gRPC, scored on the comparison's own results (same server, same rounds)."""
-    by_protocol = {"HTTP": [r for r in results if r.target == "triton-http"],
-                   "gRPC": [r for r in results if r.target == "triton-grpc"]}
-    return _group("protocol", "HTTP (binary tensors) or gRPC, same server (from the comparison below)", by_protocol,
-                  "HTTP", note="both stay served; the winner is what simulators should prefer")
-
-
 # --- (3) goals ----------------------------------------------------------------------------------------------------
-def find(results: Sequence[LevelResult], target: str, concurrency: int, districts: int) -> LevelResult | None:
-    return next((r for r in results if (r.target, r.concurrency, r.districts) == (target, concurrency, districts)),
-                None)
+def find(results: Sequence, target: str, concurrency: int, districts: int):
+    """The result (a LevelResult, or its dict in a report) of ``target`` at one level, or None."""
+    def key(r):
+        return (r["target"], r["concurrency"], r["districts"]) if isinstance(r, dict) else (
+            r.target, r.concurrency, r.districts)
+
+    return next((r for r in results if key(r) == (target, concurrency, districts)), None)
 
 
 PROTOCOLS = {"triton-http": "HTTP", "triton-grpc": "gRPC"}

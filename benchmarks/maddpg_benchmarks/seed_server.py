@@ -212,11 +212,6 @@ class SeedServerProcess:
             return "(no log)"
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    @property
-    def label(self) -> str:
-        threads = "torch default threads" if self.torch_threads <= 0 else f"{self.torch_threads} torch thread(s)"
-        return f"{self.endpoint} endpoint, {threads}"
-
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is not None:
             processes.stop_group(self.process, timeout, name="comparison server")
@@ -226,12 +221,6 @@ class SeedServerProcess:
 
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
-
-    def __enter__(self) -> "SeedServerProcess":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 if __name__ == "__main__":

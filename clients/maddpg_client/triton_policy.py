@@ -87,6 +87,9 @@ class RetryPolicy:
 # away; only the message tells them apart (measured on 2.51: "Exceeds maximum queue size" when max_queue_size is
 # reached, "Request timeout expired" when a request waited past the queue policy's timeout).
 OVERLOAD_MESSAGES = ("Exceeds maximum queue size", "Request timeout expired")
+# The production pods' admission proxy (k8s/overlays/production/admission/nginx.conf) turns requests beyond its
+# in-flight bound away before they reach Triton: HTTP 429, gRPC RESOURCE_EXHAUSTED.
+OVERLOAD_STATUSES = ("429", "StatusCode.RESOURCE_EXHAUSTED")
 # While a model unloads (a server stopping, a version being replaced) Triton answers NOT_FOUND with this message:
 # the model exists but has no version loaded right now, which is worth waiting for, unlike an unknown model.
 NOT_LOADED_MESSAGE = "has no available versions"
@@ -106,10 +109,10 @@ def classify_error(exc: BaseException, protocol: str, url: str, model: str) -> P
         message = exc.message() or str(exc)
         if "DEADLINE_EXCEEDED" in status:
             return PolicyTimeoutError(f"{where} did not answer in time ({message}); raise the client timeout")
-        if any(text in message for text in OVERLOAD_MESSAGES):
+        if status in OVERLOAD_STATUSES or any(text in message for text in OVERLOAD_MESSAGES):
             return PolicyOverloadedError(
                 f"{where} is overloaded and turned the request away ({message.strip()}); send fewer requests at once, "
-                f"or give the server more instances or a longer queue (max_queue_size, queue timeout)")
+                f"or scale the server out (more replicas or instances)")
         if NOT_LOADED_MESSAGE in message:
             return PolicyUnavailableError(f"{where} has no version of {model!r} loaded right now ({message}); is the "
                                           f"server starting, stopping or reloading the model?")

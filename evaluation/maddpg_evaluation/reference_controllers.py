@@ -21,9 +21,10 @@ import numpy as np
 from maddpg_core.layout import PolicyLayout
 
 from .citylearn_env import layout_from_env
-from .planner.district import BATTERY_ACTION, charging_gain, read_chargers
+from .citylearn_names import APPLIANCE_ACTION_PREFIX as APPLIANCE_PREFIX
+from .citylearn_names import BATTERY_ACTION, NON_SHIFTABLE_LOAD, SOLAR_GENERATION, car_observation, charger_connected
+from .planner.district import charging_gain, read_chargers
 
-APPLIANCE_PREFIX = "deferrable_appliance"
 SOC_TOLERANCE = 1e-3      # observations are float32: a car at its target may read a hair below it
 DEADBAND_MARGIN = 1.001   # a request exactly at min_charging_power can round below it in float32 and give nothing
 
@@ -97,12 +98,12 @@ class SelfConsumptionPolicy:
             for charger in read_chargers(building, action_names):
                 # kWh into a car per kWh drawn: the least of this district's cars, so a car never stops short.
                 gain = min((charging_gain(charger, ev.battery) for ev in env.electric_vehicles), default=1.0)
-                prefix = f"connected_electric_vehicle_at_charger_{charger.charger_id}_"
-                chargers.append((charger, gain, obs[f"electric_vehicle_charger_{charger.charger_id}_connected_state"],
-                                 obs[prefix + "soc"], obs[prefix + "required_soc_departure"],
-                                 obs[prefix + "battery_capacity"]))
+                car = {field: obs[car_observation(charger.charger_id, field)]
+                       for field in ("soc", "required_soc_departure", "battery_capacity")}
+                chargers.append((charger, gain, obs[charger_connected(charger.charger_id)], car["soc"],
+                                 car["required_soc_departure"], car["battery_capacity"]))
             self._buildings.append({
-                "load": obs["non_shiftable_load"], "solar": obs["solar_generation"],
+                "load": obs[NON_SHIFTABLE_LOAD], "solar": obs[SOLAR_GENERATION],
                 "appliance_now": [k for name, k in obs.items()
                                   if name.startswith(APPLIANCE_PREFIX) and name.endswith("_current_step_energy_kwh")],
                 "battery": action_names.index(BATTERY_ACTION),

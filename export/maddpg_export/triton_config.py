@@ -40,7 +40,8 @@ class ServingSettings:
     # non-default queue policy turns off the batcher's payload prefetching, and then a request now and then waits
     # ~500 ms for a wake-up that never comes (measured with both backends, at concurrency 1 to 64, 1 or 2 instances;
     # none without the policy: docs/benchmarks.md, "The 500 ms stall", and benchmarks/dynamic_batching_stall.py).
-    # Waiting stays bounded by the clients' own timeouts, and Kubernetes scales out on queue time before it grows.
+    # Production bounds the load in front of Triton instead (the pods' admission proxy, docs/kubernetes.md,
+    # "Overload"; measured in docs/overload.md), and Kubernetes scales out on queue time.
     queue_timeout_us: int = 0               # > 0: a request waiting longer than this is rejected, not served late
     max_queue_size: int = 0                 # > 0: beyond this the server answers UNAVAILABLE at once
     gpu_instances: int = 1

@@ -17,6 +17,7 @@ from maddpg_core.errors import MaddpgCitylearnError
 # name -> (module in maddpg_ops.commands, attribute, one-line help shown by `maddpg-citylearn --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("train", "train", "Train the cooperative MADDPG (CTDE, team reward) on CityLearn."),
+    "protocol": ("protocol", "protocol", "Held-out months, several seeds, the noise floor: does a recipe beat another?"),
     "plot-training": ("plot_training", "plot_training", "Draw what a training run wrote to its metrics.jsonl."),
     "export": ("export", "export", "Export a checkpoint to a validated ONNX model version in a Triton repository."),
     "serve": ("serve", "serve", "Serve a model repository with the local tritonserver (no cluster needed)."),

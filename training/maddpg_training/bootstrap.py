@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from maddpg_core.layout import PolicyLayout
+from maddpg_evaluation import citylearn_names as names
 from maddpg_evaluation.citylearn_env import CityLearnAdapter, EnvSpec, layout_from_env
 
 from .checkpoint import Checkpoint
@@ -42,9 +43,6 @@ def rollout_observations(env, adapter: CityLearnAdapter, act: Controller, *, pro
     return np.stack(seen)
 
 
-APPLIANCE_ACTION_PREFIX = "deferrable_appliance"
-
-
 def no_storage_controller(layout: PolicyLayout) -> Controller:
     """What every KPI is a ratio to: batteries and chargers idle, appliances started as soon as they may (1.0).
 
@@ -55,7 +53,7 @@ def no_storage_controller(layout: PolicyLayout) -> Controller:
     actions = np.zeros(layout.action_shape, dtype=np.float32)
     for i, agent in enumerate(layout.agents):
         for j, name in enumerate(agent.action_names or ()):
-            if name.startswith(APPLIANCE_ACTION_PREFIX):
+            if name.startswith(names.APPLIANCE_ACTION_PREFIX):
                 actions[i, j] = 1.0
     return lambda _: actions
 
@@ -93,14 +91,11 @@ def warmup(spec: EnvSpec, *, progress: bool = False) -> Warmup:
     return Warmup(layout=layout, observations=observations, baseline=BaselineSeries.from_env(env))
 
 
-EV_CHARGER_ACTION_PREFIX = "electric_vehicle_storage_"
-
-
 def without_ev_discharge(layout: PolicyLayout) -> PolicyLayout:
     """The same layout with every EV charger action bounded below by 0 (charge only, never vehicle-to-grid)."""
     agents = []
     for agent in layout.agents:
-        low = tuple(max(lo, 0.0) if name.startswith(EV_CHARGER_ACTION_PREFIX) else lo
+        low = tuple(max(lo, 0.0) if name.startswith(names.CHARGER_ACTION_PREFIX) else lo
                     for name, lo in zip(agent.action_names or (), agent.action_low))
         agents.append(replace(agent, action_low=low or agent.action_low))
     return replace(layout, agents=tuple(agents))
@@ -112,6 +107,7 @@ def fresh_policy(layout: PolicyLayout, observations: np.ndarray, actor_spec: Act
     torch.manual_seed(seed)
     policy = PolicyNetwork(layout, actor_spec, safety)
     policy.normaliser.set_statistics(*observation_statistics(observations))
+    policy.features.set_district_statistics(observations)
     return policy
 
 

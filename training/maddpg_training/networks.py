@@ -18,6 +18,13 @@ import torch
 from torch import nn
 
 from maddpg_core.layout import PolicyLayout
+from maddpg_evaluation.citylearn_names import (
+    BATTERY_SOC,
+    HOUR,
+    NET_ELECTRICITY_CONSUMPTION,
+    NON_SHIFTABLE_LOAD,
+    SOLAR_GENERATION,
+)
 from maddpg_evaluation.ev_service import EvServiceRule
 
 from .safety import SafetyLayer, SafetySpec
@@ -29,19 +36,29 @@ OBSERVATION_CLIP = 5.0
 MIN_STD = 1e-3
 
 
-FEATURES = ("hour_cycle", "ev_slack")
+FEATURES = ("hour_cycle", "ev_slack", "district")
+# The district signal (feature ``district``): what the planner knows about the rest of the district now and a
+# building does not. Computed in the graph from all rows, the same numbers broadcast to every actor.
+DISTRICT_SIGNALS = ("base_load_kw", "net_load_kw", "ev_need_kwh", "cars_connected", "least_ev_slack_days",
+                    "battery_soc")
 
 
 @dataclass(frozen=True)
 class ActorSpec:
     """Architecture of the stacked actors (stored in checkpoints so export can rebuild them).
 
-    ``features`` are computed inside the graph from each building's own raw observations and appended to its
+    ``features`` are computed inside the graph from the raw observations and appended to each building's
     normalised row (see :class:`ObservationFeatures`); () is the plain architecture of format-1 checkpoints.
+    ``hour_cycle`` and ``ev_slack`` read the building's own row only; ``district`` reads every row.
     """
 
     hidden_sizes: tuple[int, ...] = (256, 256)
     features: tuple[str, ...] = ()
+
+    @property
+    def decentralised(self) -> bool:
+        """Whether actor ``i`` reads building ``i``'s row only."""
+        return "district" not in self.features
 
     def to_dict(self) -> dict:
         return {"hidden_sizes": list(self.hidden_sizes), "features": list(self.features)}
@@ -114,14 +131,27 @@ class ObservationNormaliser(nn.Module):
         return torch.clamp(z, -OBSERVATION_CLIP, OBSERVATION_CLIP) * self.mask
 
 
-class ObservationFeatures(nn.Module):
-    """What an actor reads besides its normalised observations, computed from its own building's raw row.
+def _slots(layout: PolicyLayout, name: str) -> tuple[list[int], list[float]]:
+    """Per agent, the observation slot called ``name`` (0 when absent) and whether it is there."""
+    found = [agent.observation_names.index(name) if agent.observation_names and name in agent.observation_names
+             else -1 for agent in layout.agents]
+    return [max(i, 0) for i in found], [float(i >= 0) for i in found]
 
-    * ``hour_cycle``: sin and cos of the hour of day (23:00 and 00:00 are neighbours, which a normalised hour hides);
-    * ``ev_slack``: per charger of the building, the hours a connected car can still wait before the safety layer's
-      floor must charge it (``d + 1 - needed / energy per step``), in days, clipped to [-1, 2]; 0 without a car, 1
-      for a stay without a departure time.
-      The actor cannot see the future, but it can see how urgent each car is.
+
+class ObservationFeatures(nn.Module):
+    """What an actor reads besides its normalised observations, computed inside the graph from raw observations.
+
+    * ``hour_cycle`` (own row): sin and cos of the hour of day (23:00 and 00:00 are neighbours, which a normalised
+      hour hides);
+    * ``ev_slack`` (own row): per charger of the building, the hours a connected car can still wait before the
+      safety layer's floor must charge it (``d + 1 - needed / energy per step``), in days, clipped to [-1, 2]; 0
+      without a car, 1 for a stay without a departure time. The actor cannot see the future, but it can see how
+      urgent each car is;
+    * ``district`` (every row, the same values for every actor): the district's base load (non-shiftable load minus
+      solar) and net load, the energy the connected cars still need, how many are connected, the least EV slack in
+      the district, the batteries' mean state of charge (``DISTRICT_SIGNALS``), standardised with statistics of the
+      warm-up pass (stored with the weights). A building cannot see that every other car is charging too; with this
+      it can.
 
     Agent-major widths: every agent gets the same number of columns (chargers padded with zeros).
     """
@@ -129,18 +159,18 @@ class ObservationFeatures(nn.Module):
     def __init__(self, layout: PolicyLayout, names: tuple[str, ...], safety: SafetySpec | None):
         super().__init__()
         self.names = names
-        hour = [agent.observation_names.index("hour") if agent.observation_names and "hour" in agent.observation_names
-                else -1 for agent in layout.agents]
-        self.register_buffer("hour_slot", torch.tensor([max(h, 0) for h in hour]), persistent=False)
-        self.register_buffer("has_hour", torch.tensor([float(h >= 0) for h in hour]), persistent=False)
+        hour, has_hour = _slots(layout, HOUR)
+        self.register_buffer("hour_slot", torch.tensor(hour), persistent=False)
+        self.register_buffer("has_hour", torch.tensor(has_hour), persistent=False)
         chargers = list(safety.chargers) if safety is not None else []
         per_agent = max([sum(1 for c in chargers if c.agent == i) for i in range(layout.n_agents)], default=0)
+        self.charger_columns = per_agent if {"ev_slack", "district"} & set(names) else 0
         self.ev_columns = per_agent if "ev_slack" in names else 0
-        # [agents, ev_columns, 5] observation slots (-1: no charger in that column) and energy per step.
-        slots = torch.full((layout.n_agents, max(self.ev_columns, 1), 5), -1, dtype=torch.long)
-        energy = torch.ones(layout.n_agents, max(self.ev_columns, 1))
+        # [agents, charger_columns, 5] observation slots (-1: no charger in that column) and energy per step.
+        slots = torch.full((layout.n_agents, max(self.charger_columns, 1), 5), -1, dtype=torch.long)
+        energy = torch.ones(layout.n_agents, max(self.charger_columns, 1))
         filled = [0] * layout.n_agents
-        for c in chargers if self.ev_columns else []:
+        for c in chargers if self.charger_columns else []:
             k = filled[c.agent]
             slots[c.agent, k] = torch.tensor([c.connected, c.departure_time, c.required_soc, c.soc, c.battery_capacity])
             energy[c.agent, k] = float(safety.ev_rule.step_kwh(c.max_power_kw))
@@ -149,7 +179,62 @@ class ObservationFeatures(nn.Module):
         self.register_buffer("ev_present", (slots[..., 0] >= 0).float(), persistent=False)
         self.register_buffer("ev_step_kwh", energy, persistent=False)
         self.target_offset = (safety.ev_rule if safety is not None else EvServiceRule()).target_offset
-        self.width = (2 if "hour_cycle" in names else 0) + self.ev_columns
+        self.district = "district" in names
+        if self.district:
+            for name, observation in (("load", NON_SHIFTABLE_LOAD), ("solar", SOLAR_GENERATION),
+                                      ("net", NET_ELECTRICITY_CONSUMPTION), ("soc", BATTERY_SOC)):
+                slot, present = _slots(layout, observation)
+                self.register_buffer(f"{name}_slot", torch.tensor(slot), persistent=False)
+                self.register_buffer(f"has_{name}", torch.tensor(present), persistent=False)
+            # Standardisation of the district signals, fitted on the warm-up pass (set_district_statistics).
+            self.register_buffer("district_mean", torch.zeros(len(DISTRICT_SIGNALS)))
+            self.register_buffer("district_std", torch.ones(len(DISTRICT_SIGNALS)))
+        self.width = (2 if "hour_cycle" in names else 0) + self.ev_columns + (len(DISTRICT_SIGNALS) if self.district else 0)
+
+    def _column(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``[batch, agents]``: each agent's observation ``name`` (0 where it has none), bounded."""
+        index = getattr(self, f"{name}_slot").view(1, -1, 1).expand(x.shape[0], -1, 1)
+        return torch.clamp(torch.gather(x, 2, index)[..., 0], -1e4, 1e4) * getattr(self, f"has_{name}")
+
+    def _chargers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per charger column ``[batch, agents, columns]``: a car connected, the kWh it still needs, its slack."""
+        batch, agents = x.shape[0], x.shape[1]
+        index = self.ev_slots.reshape(1, agents, -1).expand(batch, -1, -1)
+        picked = torch.gather(x, 2, index).reshape(batch, agents, self.charger_columns, 5)
+        connected = (picked[..., 0] >= 0.5) & (self.ev_present > 0)
+        known = picked[..., 1] >= 0.0
+        steps_left = torch.clamp(picked[..., 1], 0.0, 1e4) + 1.0
+        target = torch.clamp(picked[..., 2], 0.0, 1.0) + self.target_offset
+        needed = torch.clamp(target - torch.clamp(picked[..., 3], 0.0, 1.0), min=0.0) * torch.clamp(picked[..., 4], 0.0, 1e3)
+        slack = torch.clamp((steps_left - needed / self.ev_step_kwh) / 24.0, -1.0, 2.0)
+        slack = torch.where(known, slack, torch.ones_like(slack))  # no departure time: these stays are long
+        return connected, torch.where(connected, needed, torch.zeros_like(needed)), slack
+
+    def district_signals(self, observations: torch.Tensor) -> torch.Tensor:
+        """``[batch, len(DISTRICT_SIGNALS)]`` in physical units, before standardisation."""
+        x = torch.where(torch.isnan(observations), torch.zeros_like(observations), observations)
+        base = (self._column(x, "load") - self._column(x, "solar")).sum(dim=1)
+        net = self._column(x, "net").sum(dim=1)
+        soc = self._column(x, "soc").sum(dim=1) / self.has_soc.sum().clamp_min(1.0)
+        if self.charger_columns:
+            connected, needed, slack = self._chargers(x)
+            need = needed.sum(dim=(1, 2))
+            cars = connected.float().sum(dim=(1, 2))
+            least = torch.where(connected, slack, torch.full_like(slack, 2.0)).flatten(1).min(dim=1).values
+        else:
+            need = cars = torch.zeros_like(base)
+            least = torch.full_like(base, 2.0)
+        return torch.stack([base, net, need, cars, least, soc], dim=-1)
+
+    @torch.no_grad()
+    def set_district_statistics(self, observations: np.ndarray) -> None:
+        """Standardise the district signals with their mean and std over ``[steps, agents, width]`` observations."""
+        if not self.district:
+            return
+        signals = self.district_signals(torch.as_tensor(observations, dtype=torch.float32)).double()
+        self.district_mean.copy_(signals.mean(dim=0).float())
+        std = signals.std(dim=0).float()
+        self.district_std.copy_(torch.where(std >= MIN_STD, std, torch.ones_like(std)))
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         """``[batch, agents, obs_width]`` raw -> ``[batch, agents, width]``."""
@@ -160,17 +245,12 @@ class ObservationFeatures(nn.Module):
             angle = torch.clamp(torch.gather(x, 2, index), -1e3, 1e3) * (2 * math.pi / 24.0)
             parts += [torch.sin(angle) * self.has_hour.view(1, -1, 1), torch.cos(angle) * self.has_hour.view(1, -1, 1)]
         if self.ev_columns:
-            batch, agents = x.shape[0], x.shape[1]
-            index = self.ev_slots.reshape(1, agents, -1).expand(batch, -1, -1)
-            picked = torch.gather(x, 2, index).reshape(batch, agents, self.ev_columns, 5)
-            connected = picked[..., 0] >= 0.5
-            known = picked[..., 1] >= 0.0
-            steps_left = torch.clamp(picked[..., 1], 0.0, 1e4) + 1.0
-            target = torch.clamp(picked[..., 2], 0.0, 1.0) + self.target_offset
-            needed = torch.clamp(target - torch.clamp(picked[..., 3], 0.0, 1.0), min=0.0) * torch.clamp(picked[..., 4], 0.0, 1e3)
-            slack = torch.clamp((steps_left - needed / self.ev_step_kwh) / 24.0, -1.0, 2.0)
-            slack = torch.where(known, slack, torch.ones_like(slack))  # no departure time: these stays are long
+            connected, _, slack = self._chargers(x)
             parts.append(torch.where(connected, slack, torch.zeros_like(slack)) * self.ev_present)
+        if self.district:
+            z = torch.clamp((self.district_signals(x) - self.district_mean) / self.district_std,
+                            -OBSERVATION_CLIP, OBSERVATION_CLIP)
+            parts.append(z.unsqueeze(1).expand(-1, x.shape[1], -1))
         return torch.cat(parts, dim=-1) if parts else x[..., :0]
 
 
@@ -218,8 +298,9 @@ class PolicyNetwork(nn.Module):
     """What gets exported: raw ``observations [batch, agents, obs_width]`` -> ``actions [batch, agents, action_width]``.
 
     normalise (+ features) -> 17 stacked actors -> clip to each slot's bounds -> safety layer (every car leaves
-    charged, every appliance cycle runs; see ``safety.py``). Decentralised execution: agent ``i``'s action depends
-    only on agent ``i``'s observation row, safety layer included.
+    charged, every appliance cycle runs; see ``safety.py``). Without the ``district`` feature, execution is
+    decentralised: agent ``i``'s action depends only on agent ``i``'s observation row, safety layer included. With it,
+    every actor also reads the same few district aggregates, computed in the graph from all rows.
     """
 
     def __init__(self, layout: PolicyLayout, spec: ActorSpec = ActorSpec(), safety: SafetySpec | None = None):

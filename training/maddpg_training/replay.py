@@ -2,8 +2,9 @@
 
 A transition is what every agent saw and did at one step: raw observations (the policy normalises them itself, so the
 safety layer and the in-graph features can be recomputed on a sample), the applied actions (after the safety layer:
-what the env really did), the team reward's shares, the district state the critic reads, and the episode it belongs
-to, so that n-step returns never cross from one episode into the next.
+what the env really did), the team reward's shares, the district state the critic reads, the episode it belongs to
+and its time step, so that n-step returns never cross from one episode into the next, nor over steps that are not in
+the buffer (days held out of a pass, a window's end).
 """
 
 from __future__ import annotations
@@ -37,13 +38,15 @@ class ReplayBuffer:
         self.state = torch.zeros((capacity, state_width))
         self.next_state = torch.zeros((capacity, state_width))
         self.episode = torch.full((capacity,), -1, dtype=torch.long)
+        self.time_step = torch.full((capacity,), -1, dtype=torch.long)
         self.size = 0
         self._next = 0
 
     def __len__(self) -> int:
         return self.size
 
-    def add(self, observation, action, reward, next_observation, state, next_state, episode: int) -> None:
+    def add(self, observation, action, reward, next_observation, state, next_state, episode: int, time_step: int
+            ) -> None:
         i = self._next
         self.observations[i] = torch.as_tensor(observation)
         self.actions[i] = torch.as_tensor(action)
@@ -52,13 +55,14 @@ class ReplayBuffer:
         self.state[i] = torch.as_tensor(state)
         self.next_state[i] = torch.as_tensor(next_state)
         self.episode[i] = episode
+        self.time_step[i] = time_step
         self._next = (i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
     def sample(self, batch_size: int, generator: torch.Generator, *, n_step: int = 1, gamma: float = 0.99,
                index: torch.Tensor | None = None, recent: int | None = None) -> Batch:
         """Uniform samples (of the ``recent`` newest steps only, or those at ``index``) with up to ``n_step``-step
-        returns inside their own episode."""
+        returns over consecutive time steps of their own episode."""
         if index is None and recent is not None:
             back = torch.randint(0, max(1, min(recent, self.size)), (batch_size,), generator=generator)
             index = (self._next - 1 - back) % self.capacity
@@ -66,10 +70,13 @@ class ReplayBuffer:
             index = torch.randint(0, self.size, (batch_size,), generator=generator)
         offsets = torch.arange(n_step)
         steps = (index[:, None] + offsets[None, :]) % self.capacity               # [batch, n]
-        # A step counts while it is written, in the same episode, and not past the write head (the newest step).
+        # A step counts while it is written, in the same episode, the next time step (not over a gap), and not past
+        # the write head (the newest step).
         newest = (self._next - 1) % self.capacity
         distance_to_head = (newest - index) % self.capacity
-        same = (self.episode[steps] == self.episode[index][:, None]) & (offsets[None, :] <= distance_to_head[:, None])
+        same = ((self.episode[steps] == self.episode[index][:, None])
+                & (self.time_step[steps] == self.time_step[index][:, None] + offsets[None, :])
+                & (offsets[None, :] <= distance_to_head[:, None]))
         valid = torch.cumprod(same.long(), dim=1).bool()                          # contiguous from the first step
         length = valid.sum(dim=1)                                                  # m >= 1
         weights = (gamma ** offsets.float())[None, :] * valid.float()              # [batch, n]

@@ -15,21 +15,19 @@ sanitised observations, so NaN or 1e30 from a broken sensor cannot make them emi
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from maddpg_core.layout import PolicyLayout
+from maddpg_evaluation import citylearn_names as names
 from maddpg_evaluation.ev_service import EvServiceRule
 
 APPLIANCE_TRIGGER = 1.0  # the appliance starts on any action above 0.5 (DeferrableAppliance.trigger_threshold)
 # Bumped whenever the rules change what they do: cached teacher passes (trainer.py) were guarded by them.
 RULES_VERSION = 4
 
-_CHARGER_STATE = re.compile(r"^electric_vehicle_charger_(?P<id>.+)_connected_state$")
-_APPLIANCE_CAN_START = re.compile(r"^deferrable_appliance_(?P<id>.+)_can_start$")
 
 
 @dataclass(frozen=True)
@@ -83,20 +81,21 @@ def safety_spec_from_env(env, layout: PolicyLayout, *, ev_margin: float = 0.02) 
     for i, agent in enumerate(layout.agents):
         obs, act = list(agent.observation_names or ()), list(agent.action_names or ())
         for name in obs:
-            match = _CHARGER_STATE.match(name)
-            if match and f"electric_vehicle_storage_{match['id']}" in act and match["id"] in powers:
-                car = f"connected_electric_vehicle_at_charger_{match['id']}_"
+            match = names.CHARGER_CONNECTED.match(name)
+            if match and names.charger_action(match["id"]) in act and match["id"] in powers:
+                car = {field: obs.index(names.car_observation(match["id"], field)) for field in names.CAR_FIELDS}
                 chargers.append(ChargerSlot(
-                    agent=i, action=act.index(f"electric_vehicle_storage_{match['id']}"), connected=obs.index(name),
-                    departure_time=obs.index(car + "departure_time"), required_soc=obs.index(car + "required_soc_departure"),
-                    soc=obs.index(car + "soc"), battery_capacity=obs.index(car + "battery_capacity"),
+                    agent=i, action=act.index(names.charger_action(match["id"])), connected=obs.index(name),
+                    departure_time=car["departure_time"], required_soc=car["required_soc_departure"],
+                    soc=car["soc"], battery_capacity=car["battery_capacity"],
                     max_power_kw=powers[match["id"]][0], min_power_kw=powers[match["id"]][1]))
-            match = _APPLIANCE_CAN_START.match(name)
-            if match and f"deferrable_appliance_{match['id']}" in act:
-                prefix = f"deferrable_appliance_{match['id']}_"
+            match = names.APPLIANCE_CAN_START.match(name)
+            if match and names.appliance_action(match["id"]) in act:
                 appliances.append(ApplianceSlot(
-                    agent=i, action=act.index(f"deferrable_appliance_{match['id']}"), pending=obs.index(prefix + "pending"),
-                    can_start=obs.index(name), hours_until_latest_start=obs.index(prefix + "hours_until_latest_start")))
+                    agent=i, action=act.index(names.appliance_action(match["id"])),
+                    pending=obs.index(names.appliance_observation(match["id"], "pending")), can_start=obs.index(name),
+                    hours_until_latest_start=obs.index(names.appliance_observation(match["id"],
+                                                                                   "hours_until_latest_start"))))
     rule = EvServiceRule(margin=ev_margin, hours_per_step=float(env.seconds_per_time_step) / 3600.0)
     return SafetySpec(chargers=tuple(chargers), appliances=tuple(appliances), ev_rule=rule)
 

@@ -20,10 +20,9 @@ from typing import Protocol
 import numpy as np
 
 from maddpg_core.layout import PolicyLayout
+from maddpg_evaluation import citylearn_names as names
 from maddpg_evaluation.ev_service import EvServiceRule
 
-BATTERY_ACTION = "electrical_storage"
-APPLIANCE_PREFIX = "deferrable_appliance"
 TEACHERS = ("planner", "rule")
 
 
@@ -52,14 +51,15 @@ class SelfConsumptionRule:
         self.power = np.maximum(np.asarray(battery_power_kw, dtype=np.float64), 1e-6)
         self.slots = []
         for agent in layout.agents:
-            names, actions = list(agent.observation_names or ()), list(agent.action_names or ())
-            needed = ("non_shiftable_load", "solar_generation")
-            if any(name not in names for name in needed):
+            observed, actions = list(agent.observation_names or ()), list(agent.action_names or ())
+            needed = (names.NON_SHIFTABLE_LOAD, names.SOLAR_GENERATION)
+            if any(name not in observed for name in needed):
                 raise ValueError(f"{agent.building}: the self-consumption rule needs the observations {needed}")
             self.slots.append(_RuleSlots(
-                load=names.index("non_shiftable_load"), solar=names.index("solar_generation"),
-                battery_action=actions.index(BATTERY_ACTION) if BATTERY_ACTION in actions else None,
-                appliance_actions=tuple(j for j, n in enumerate(actions) if n.startswith(APPLIANCE_PREFIX))))
+                load=observed.index(names.NON_SHIFTABLE_LOAD), solar=observed.index(names.SOLAR_GENERATION),
+                battery_action=actions.index(names.BATTERY_ACTION) if names.BATTERY_ACTION in actions else None,
+                appliance_actions=tuple(j for j, n in enumerate(actions)
+                                        if n.startswith(names.APPLIANCE_ACTION_PREFIX))))
         self.low, self.high = layout.action_bounds()
 
     def act(self, observations: np.ndarray) -> np.ndarray:

@@ -29,9 +29,8 @@ import numpy as np
 
 from maddpg_core.errors import PlannerError
 
-BATTERY_ACTION = "electrical_storage"
-CHARGER_ACTION_PREFIX = "electric_vehicle_storage_"
-APPLIANCE_ACTION_PREFIX = "deferrable_appliance_"
+from ..citylearn_names import APPLIANCE_ACTION_PREFIX, BATTERY_ACTION, CHARGER_ACTION_PREFIX
+
 CONNECTED = 1
 INCOMING = 2
 HOURS_PER_DAY = 24
@@ -194,7 +193,7 @@ def read_district(env) -> District:
 
         load = np.zeros(steps)
         for device in building.deferrable_appliances or []:
-            appliance_actions.append((i, names.index(APPLIANCE_ACTION_PREFIX + device.name)))
+            appliance_actions.append((i, names.index(f"{APPLIANCE_ACTION_PREFIX}_{device.name}")))
             load += earliest_start_load(device, int(env.episode_tracker.episode_start_time_step), steps, from_step=0)
         appliance.append(load)
 

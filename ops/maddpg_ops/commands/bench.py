@@ -31,23 +31,19 @@ def _levels(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
               help="Interleaved rounds per level. [default: 4; --quick 1]")
 @click.option("--max-requests", type=click.IntRange(1), default=None,
               help="At most this many requests per contender and level. [default: 200000]")
-@click.option("--tune/--no-tune", default=None,
-              help="Measure the tuning knobs first (instances, batching delay, ORT threads, queue policy, graph form, "
-                   "client, comparison-server setup; adds ~6 minutes). [default: on; --quick off]")
-@click.option("--tuning-duration", type=click.FloatRange(0.05, 600), default=None, metavar="SECONDS",
-              help="Measured seconds per tuning variant and level (split over --rounds). [default: 3]")
+@click.option("--perf-analyzer/--no-perf-analyzer", "perf", default=True, show_default=True,
+              help="Also measure the Triton rows with Triton's perf_analyzer (installed by `make setup`).")
 @click.option("--repository", "-r", type=click.Path(exists=True, file_okay=False), default=None, metavar="DIR",
               help="Benchmark this model repository instead of a fresh policy exported to a temp dir.")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "python"]), default="auto", show_default=True,
               help="Triton's backend for the Triton rows (the other one runs as a contender over HTTP). auto: "
                    "onnxruntime when `make setup` has built it, as `serve` does.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/bench", show_default=True,
-              help="Where benchmarks.md, benchmarks.json and benchmarks.png go (docs/ holds the committed run: pass "
-                   "--out docs to replace it).")
-@click.option("--quick", is_flag=True, help="A smoke run of about a minute: two levels, short windows, no tuning.")
+              help="Where benchmark-results.md, benchmarks.json and benchmarks.png go (docs/ holds the committed run: "
+                   "--out docs replaces it).")
+@click.option("--quick", is_flag=True, help="A smoke run of about a minute: two levels, short windows.")
 @click.option("--progress/--no-progress", default=True)
-def bench(duration, levels, districts, rounds, max_requests, tune, tuning_duration, repository, backend, out_dir,
-          quick, progress):
+def bench(duration, levels, districts, rounds, max_requests, perf, repository, backend, out_dir, quick, progress):
     """Benchmark the served policy against what users would otherwise run, and write the report.
 
     \b
@@ -57,14 +53,16 @@ def bench(duration, levels, districts, rounds, max_requests, tune, tuning_durati
       - a FastAPI + PyTorch server in the seed project's style (POST /predict, one actor call per building);
       - in-process onnxruntime and torch: the floor no network server can beat (back to back, and paced like
         the served requests);
-    then writes OUT/benchmarks.md (tables, goals, tuning decisions, machine, command), OUT/benchmarks.json and
-    OUT/benchmarks.png (decisions/s against p99 latency). Everything runs on 127.0.0.1.
+      - Triton's rows again with perf_analyzer, Triton's own load generator;
+    then writes OUT/benchmark-results.md (goals, tables, perf_analyzer beside the driver, machine, command),
+    OUT/benchmarks.json and OUT/benchmarks.png (decisions/s against p99 latency); docs/benchmarks.md explains them.
+    Tuning the served settings is `python benchmarks/tune.py`. Everything runs on 127.0.0.1.
 
     \b
     Examples:
-      maddpg-citylearn bench --out docs           # the full run behind docs/benchmarks.md (~8 minutes)
+      maddpg-citylearn bench --out docs           # the run behind docs/benchmark-results.md (~5 minutes)
       maddpg-citylearn bench --quick --out /tmp/bench
-      maddpg-citylearn bench --no-tune --levels 1,16 --duration 2
+      maddpg-citylearn bench --levels 1,16 --duration 2 --no-perf-analyzer
     """
     from pathlib import Path
 
@@ -72,8 +70,8 @@ def bench(duration, levels, districts, rounds, max_requests, tune, tuning_durati
     from maddpg_benchmarks.runner import Bench, BenchOptions
 
     given = {key: value for key, value in dict(
-        duration_s=duration, levels=levels, districts=districts, rounds=rounds, max_requests=max_requests, tune=tune,
-        tuning_duration_s=tuning_duration).items() if value is not None}
+        duration_s=duration, levels=levels, districts=districts, rounds=rounds, max_requests=max_requests,
+        perf_analyzer=perf).items() if value is not None}
     command = shlex.join(["maddpg-citylearn", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else ""
     common = dict(repository=Path(repository) if repository else None, backend=backend, command=command,
                   progress=progress)

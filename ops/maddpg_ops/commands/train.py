@@ -6,8 +6,6 @@ import json
 
 import click
 
-from maddpg_evaluation.citylearn_env import EnvSpec
-
 
 @click.command("train")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
@@ -31,7 +29,9 @@ from maddpg_evaluation.citylearn_env import EnvSpec
 @click.option("--resume", type=click.Path(dir_okay=False), default=None,
               help="Continue from a checkpoint written by train (last.pt): networks, optimisers, counters.")
 @click.option("--eval-start", type=click.IntRange(min=0), default=None,
-              help="Window of the final deterministic evaluation (default: the whole dataset).")
+              help="Window of the deterministic evaluations that pick best.pt (default: the config's eval_start/"
+                   "eval_end, else the training window when there is one, else the whole dataset: a full year is "
+                   "~3 minutes a pass here).")
 @click.option("--eval-end", type=click.IntRange(min=0), default=None)
 @click.option("--evaluate-every", type=click.IntRange(min=0), default=1, show_default=True,
               help="Evaluate deterministically every N fine-tuning episodes (0: only at the end); the teacher-taught "
@@ -63,10 +63,8 @@ def train(config_file, episodes, start, end, dataset, seed, teacher, bc_alpha, d
 
     config = TrainConfig.load(config_file) if config_file else TrainConfig()
     config = config.override(episodes=episodes, start=start, end=end, dataset=dataset, seed=seed, teacher=teacher,
-                             bc_alpha=bc_alpha, device=device)
-    evaluation = EnvSpec(schema=config.dataset, start=eval_start, end=eval_end)
-    result = run_training(config, out_dir, resume=resume, progress=progress, evaluation=evaluation,
-                          evaluate_every=evaluate_every, say=lambda m: click.echo(m, err=True))
+                             bc_alpha=bc_alpha, device=device, eval_start=eval_start, eval_end=eval_end)
+    result = run_training(config, out_dir, resume=resume, progress=progress, evaluate_every=evaluate_every)
     (result.out_dir / "summary.json").write_text(json.dumps(result.summary, indent=2))
     kpis, service = result.summary["evaluation"], result.summary["evaluation_service"]
     click.echo(f"final policy: {result.final_checkpoint}" + (f"  (best: {result.best_checkpoint})" if result.best_checkpoint else ""))

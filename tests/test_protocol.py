@@ -1,0 +1,93 @@
+"""`maddpg-citylearn protocol`: held-out months, seeds, the noise floor, paired verdicts; resumable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from maddpg_core.errors import MaddpgCitylearnError
+from maddpg_ops.cli import cli
+from maddpg_training.protocol import Fold, _paired
+
+TINY = """
+seeds = [0, 1]
+env_seeds = [1]
+env_seed_runs = [0]
+comparisons = [["district", "local"]]
+
+[folds.tiny]
+test = [200, 247]
+train = [[0, 23]]
+
+[common]
+dataset = "{schema}"
+teacher = "rule"
+actor_hidden = [16]
+critic_hidden = [16]
+batch_size = 8
+clone_steps = 20
+dagger_rounds = 1
+label_every = 4
+buffer_size = 500
+
+[arms.local]
+features = ["hour_cycle", "ev_slack"]
+
+[arms.district]
+features = ["hour_cycle", "ev_slack", "district"]
+"""
+
+
+def test_paired_verdicts_need_wins_beyond_the_noise_floor():
+    a = {s: {"score": v} for s, v in enumerate([1.00, 1.00, 1.00])}
+    better = {s: {"score": v} for s, v in enumerate([0.98, 0.97, 1.01])}
+    assert _paired("b", "a", better, a, 0.005, 2)["verdict"] == "better"           # 2 of 3 beyond 0.005
+    assert _paired("b", "a", better, a, 0.025, 2)["verdict"] == "no difference beyond the noise"  # only one
+    worse = {s: {"score": v} for s, v in enumerate([1.02, 1.03, 0.99])}
+    assert _paired("w", "a", worse, a, 0.005, 2)["verdict"] == "worse"
+
+
+def test_a_fold_whose_training_months_touch_its_test_months_is_refused():
+    with pytest.raises(MaddpgCitylearnError, match="within 168 h"):
+        Fold("leaky", test=(1000, 1200), train=((0, 900),)).check()
+
+
+@pytest.mark.citylearn
+def test_the_protocol_trains_scores_compares_and_resumes(tmp_path, schema_path):
+    config = tmp_path / "protocol.toml"
+    config.write_text(TINY.replace("{schema}", str(schema_path)))
+    out = tmp_path / "runs"
+    args = ["protocol", "--config", str(config), "--out", str(out), "--no-progress",
+            "--markdown", str(tmp_path / "protocol.md")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "protocol.json").read_text())
+    fold = summary["folds"]["tiny"]
+    assert fold["charge_on_arrival"]["score"] > 0 and "ev_departures_acceptable" in fold["charge_on_arrival"]["service"]
+    assert set(fold["arms"]) == {"local", "district"}
+    for arm in fold["arms"].values():
+        assert set(arm["seeds"]) == {"0", "1"}
+        assert {"cost_vs_charge_on_arrival", "carbon_vs_charge_on_arrival"} <= set(arm["seeds"]["0"])
+        assert len(arm["seeds"]["0"]["env_seed_scores"]) == 2 and "env_seed_scores" not in arm["seeds"]["1"]
+    assert fold["noise_floor"] >= 0
+    comparison = fold["comparisons"][0]
+    assert (comparison["arm"], comparison["against"]) == ("district", "local")
+    assert comparison["verdict"] == "not enough seeds yet"       # 2 seeds cannot give 2 wins and a third opinion
+    heldout = json.loads((out / "tiny" / "district" / "seed-0" / "heldout.json").read_text())
+    assert heldout["test"] == [200, 247] and set(heldout["scores"]) == {"published", "env-seed-1"}
+    assert "| district | 0 |" in (tmp_path / "protocol.md").read_text()
+    # Run again: everything finished is re-read, nothing is trained again.
+    stamp = (out / "tiny" / "local" / "seed-1" / "final.pt").stat().st_mtime_ns
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert (out / "tiny" / "local" / "seed-1" / "final.pt").stat().st_mtime_ns == stamp
+
+
+def test_a_protocol_with_an_unknown_setting_fails_before_any_work(tmp_path):
+    config = tmp_path / "protocol.toml"
+    config.write_text('[folds.a]\ntest = [2000, 2100]\ntrain = [[0, 1000]]\n[arms.x]\nlearning_rate = 1\n')
+    result = CliRunner().invoke(cli, ["protocol", "--config", str(config), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "unknown training setting(s) learning_rate" in result.output
+    assert not (tmp_path / "o").exists()

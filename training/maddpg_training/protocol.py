@@ -1,0 +1,304 @@
+"""The evaluation protocol: does a recipe hold on months it never saw, beyond the noise, over several seeds?
+
+For every fold (test months, and the training months around them with a gap of at least a week), every arm (a
+recipe: settings over the shipped defaults) and every training seed, ``train`` runs on the fold's training months;
+its final policy (chosen by the training months only) is then scored, deterministically, on the test months:
+
+* on the env as published, and on ``env_seeds`` more (CityLearn re-seeds the drift of unconnected cars' charge with
+  the env's random seed): how far the *same weights* move is the noise floor of a single score;
+* against charge on arrival on the same months (every car served, the fair reference for cost and carbon).
+
+Arms are compared in pairs, seed by seed (the same seed for both arms): an arm counts as better where its score is
+lower by more than the noise floor on at least ``wins_needed`` of the seeds. The score is the mean of the four
+headline KPIs (cost, carbon, daily peak, all-time peak; ratios to no control, lower is better).
+
+Runs that finished (their ``heldout.json``) are not trained again: a protocol can be continued across sessions and
+split across processes (``--arms``, ``--folds``, ``--seeds``), and ``--summarise-only`` re-reads what exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maddpg_core.errors import MaddpgCitylearnError
+from maddpg_core.files import atomic_write
+from maddpg_evaluation.citylearn_env import EnvSpec
+from maddpg_evaluation.episode import run_episode
+from maddpg_evaluation.kpis import HEADLINE_KPIS, headline_score
+from maddpg_evaluation.reference_controllers import ChargeOnArrivalPolicy
+
+from .config import TrainConfig
+from .torch_policy import TorchPolicy
+
+log = logging.getLogger(__name__)
+
+HELDOUT_FILE = "heldout.json"
+MIN_GAP = 168  # hours between training and test data (a week)
+
+
+@dataclass(frozen=True)
+class Fold:
+    name: str
+    test: tuple[int, int]
+    train: tuple[tuple[int, int], ...]
+
+    def check(self, gap: int = MIN_GAP) -> None:
+        a, b = self.test
+        for start, end in self.train:
+            if not (end + gap < a or start - gap > b):
+                raise MaddpgCitylearnError(
+                    f"fold {self.name}: training window {start}..{end} comes within {gap} h of the test months "
+                    f"{a}..{b}; leave a gap of at least a week")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    folds: tuple[Fold, ...]
+    arms: dict[str, dict[str, Any]]            # arm name -> TrainConfig settings over `common`
+    common: dict[str, Any] = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    env_seeds: tuple[int, ...] = (1, 2)        # extra env random seeds for the noise floor
+    env_seed_runs: tuple[int, ...] = (0,)      # training seeds whose weights are rescored on them
+    comparisons: tuple[tuple[str, str], ...] = ()
+    wins_needed: int = 2
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Protocol":
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise MaddpgCitylearnError(f"protocol file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise MaddpgCitylearnError(f"protocol file {path} is not valid TOML: {exc}") from None
+        folds = tuple(Fold(name, tuple(f["test"]), tuple(tuple(w) for w in f["train"]))
+                      for name, f in data.get("folds", {}).items())
+        protocol = cls(folds=folds, arms=dict(data.get("arms", {})), common=dict(data.get("common", {})),
+                       seeds=tuple(data.get("seeds", (0, 1, 2))), env_seeds=tuple(data.get("env_seeds", (1, 2))),
+                       env_seed_runs=tuple(data.get("env_seed_runs", (0,))),
+                       comparisons=tuple(tuple(c) for c in data.get("comparisons", ())),
+                       wins_needed=int(data.get("wins_needed", 2)))
+        protocol.check()
+        return protocol
+
+    def check(self) -> None:
+        if not self.folds or not self.arms:
+            raise MaddpgCitylearnError("a protocol needs at least one [folds.NAME] and one [arms.NAME]")
+        for fold in self.folds:
+            fold.check()
+        for a, b in self.comparisons:
+            for arm in (a, b):
+                if arm not in self.arms:
+                    raise MaddpgCitylearnError(f"comparison {a} vs {b}: no arm named {arm!r}")
+        for arm in self.arms:
+            self.config(arm, self.folds[0], self.seeds[0])   # every setting is checked before any work
+
+    def config(self, arm: str, fold: Fold, seed: int) -> TrainConfig:
+        settings = {**self.common, **self.arms[arm]}
+        return TrainConfig.from_dict({**settings, "windows": [list(w) for w in fold.train], "start": None,
+                                      "end": None, "eval_start": fold.test[0], "eval_end": fold.test[1],
+                                      "seed": seed})
+
+    def fold(self, name: str) -> Fold:
+        for fold in self.folds:
+            if fold.name == name:
+                return fold
+        raise MaddpgCitylearnError(f"no fold named {name!r} (the protocol has {', '.join(f.name for f in self.folds)})")
+
+
+def run_directory(out: Path, fold: str, arm: str, seed: int) -> Path:
+    return out / fold / arm / f"seed-{seed}"
+
+
+def run_protocol(protocol: Protocol, out: Path, *, folds: list[str] | None = None, arms: list[str] | None = None,
+                 seeds: list[int] | None = None, progress: bool = False) -> dict:
+    """Train and score every (fold, arm, seed) not finished yet, then summarise everything finished."""
+    from .trainer import train
+
+    for fold in [protocol.fold(f) for f in folds] if folds else protocol.folds:
+        reference_scores(protocol, fold, out, progress=progress)
+        for arm in arms or list(protocol.arms):
+            if arm not in protocol.arms:
+                raise MaddpgCitylearnError(f"no arm named {arm!r} (the protocol has {', '.join(protocol.arms)})")
+            for seed in seeds if seeds is not None else protocol.seeds:
+                directory = run_directory(out, fold.name, arm, seed)
+                if (directory / HELDOUT_FILE).is_file():
+                    continue
+                config = protocol.config(arm, fold, seed)
+                log.info("protocol: fold %s, arm %s, seed %d: training on %s, testing on %d..%d", fold.name, arm,
+                         seed, [list(w) for w in fold.train], *fold.test)
+                result = train(config, directory, progress=progress, evaluate_every=0)
+                env_seeds = protocol.env_seeds if seed in protocol.env_seed_runs else ()
+                # The run's final evaluation is the published env on the test months, on a new env; more env seeds
+                # rescore the same weights.
+                scores = score_heldout(result.final_checkpoint, config.dataset, fold, env_seeds, progress=progress,
+                                       published={"kpis": result.summary["evaluation"],
+                                                  "service": result.summary["evaluation_service"]})
+                scores["training"] = {"seconds": result.summary["training_seconds"],
+                                      "env_steps": result.summary["env_steps"],
+                                      "episodes": result.summary["episodes"],
+                                      "teaching": _teaching_line(result.summary)}
+                _write_json(directory / HELDOUT_FILE, scores)
+    return summarise(protocol, out)
+
+
+def score_heldout(checkpoint: Path, dataset: str, fold: Fold, env_seeds: tuple[int, ...], *,
+                  progress: bool = False, published: dict | None = None) -> dict:
+    """The checkpoint's policy, deterministic, on the fold's test months: the env as published (``published``:
+    already measured) and each env seed."""
+    policy = TorchPolicy.from_checkpoint(checkpoint)
+    rows = {}
+    if published is not None:
+        rows["published"] = {**published, "score": headline_score(published["kpis"])}
+    for env_seed in (*(() if published is not None else (None,)), *env_seeds):
+        result = run_episode(EnvSpec(schema=dataset, start=fold.test[0], end=fold.test[1],
+                                     random_seed=env_seed).build(), policy, progress=progress)
+        rows["published" if env_seed is None else f"env-seed-{env_seed}"] = {
+            "kpis": result.kpis, "service": result.service, "score": headline_score(result.kpis)}
+    return {"checkpoint": str(checkpoint), "test": list(fold.test), "scores": rows}
+
+
+def reference_scores(protocol: Protocol, fold: Fold, out: Path, *, progress: bool = False) -> dict:
+    """Charge on arrival on the fold's test months (cached in OUT/<fold>/references.json)."""
+    path = out / fold.name / "references.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    dataset = protocol.common.get("dataset", TrainConfig().dataset)
+    env = EnvSpec(schema=dataset, start=fold.test[0], end=fold.test[1]).build()
+    result = run_episode(env, ChargeOnArrivalPolicy(env), name="charge on arrival", progress=progress)
+    references = {"charge on arrival": {"kpis": result.kpis, "service": result.service,
+                                        "score": headline_score(result.kpis)}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, references)
+    return references
+
+
+# --- the summary ----------------------------------------------------------------------------------------------------
+def summarise(protocol: Protocol, out: Path) -> dict:
+    """Everything finished so far: per fold, each arm's held-out scores per seed, the noise floor, the paired
+    comparisons and the bars against charge on arrival. Written to OUT/protocol.json."""
+    summary: dict = {"folds": {}, "wins_needed": protocol.wins_needed}
+    for fold in protocol.folds:
+        references_path = out / fold.name / "references.json"
+        coa = json.loads(references_path.read_text())["charge on arrival"] if references_path.is_file() else None
+        arms: dict[str, dict] = {}
+        env_spreads = []
+        for arm in protocol.arms:
+            runs = {}
+            for seed in protocol.seeds:
+                path = run_directory(out, fold.name, arm, seed) / HELDOUT_FILE
+                if not path.is_file():
+                    continue
+                heldout = json.loads(path.read_text())
+                published = heldout["scores"]["published"]
+                row = {"score": published["score"], **{k: published["kpis"][k] for k in HEADLINE_KPIS},
+                       "ev_departures_acceptable": published["service"]["ev_departures_acceptable"],
+                       "appliance_service_level": published["service"]["appliance_service_level"]}
+                if coa is not None:
+                    row.update(_against(published["kpis"], coa["kpis"]))
+                rescored = [s["score"] for s in heldout["scores"].values()]
+                if len(rescored) > 1:
+                    row["env_seed_scores"] = rescored
+                    env_spreads.append(max(rescored) - min(rescored))
+                runs[seed] = row
+            if runs:
+                scores = [r["score"] for r in runs.values()]
+                arms[arm] = {"seeds": runs, "mean_score": float(np.mean(scores)),
+                             "seed_spread": float(max(scores) - min(scores)),
+                             "bars": _bars(runs, coa) if coa is not None else None}
+        noise = max(env_spreads) if env_spreads else math.nan
+        comparisons = []
+        for better, than in protocol.comparisons:
+            if better in arms and than in arms:
+                comparisons.append(_paired(better, than, arms[better]["seeds"], arms[than]["seeds"], noise,
+                                           protocol.wins_needed))
+        summary["folds"][fold.name] = {"test": list(fold.test), "train": [list(w) for w in fold.train],
+                                       "charge_on_arrival": coa, "noise_floor": noise, "arms": arms,
+                                       "comparisons": comparisons}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "protocol.json", summary)
+    return summary
+
+
+def _write_json(path: Path, data: dict) -> None:
+    payload = json.dumps(data, indent=2).encode()
+    atomic_write(path, lambda handle: handle.write(payload))
+
+
+def _against(kpis: dict, coa: dict) -> dict:
+    return {"cost_vs_charge_on_arrival": kpis["cost_total"] / coa["cost_total"],
+            "carbon_vs_charge_on_arrival": kpis["carbon_emissions_total"] / coa["carbon_emissions_total"]}
+
+
+def _bars(runs: dict, coa: dict) -> dict:
+    """The issue's held-out bars, on every seed: EV >= 0.95, appliance 1.0, cost and carbon >= 5 % below charge on
+    arrival, both peaks below charge on arrival's."""
+    rows = list(runs.values())
+    return {
+        "ev_departures_acceptable_ge_0.95": all(r["ev_departures_acceptable"] >= 0.95 for r in rows),
+        "appliance_served": all(r["appliance_service_level"] >= 1.0 for r in rows),
+        "cost_5pct_below_charge_on_arrival": all(r["cost_vs_charge_on_arrival"] <= 0.95 for r in rows),
+        "carbon_5pct_below_charge_on_arrival": all(r["carbon_vs_charge_on_arrival"] <= 0.95 for r in rows),
+        "daily_peak_below_charge_on_arrival": all(r["daily_peak_average"] < coa["kpis"]["daily_peak_average"]
+                                                  for r in rows),
+        "all_time_peak_below_charge_on_arrival": all(r["all_time_peak_average"] < coa["kpis"]["all_time_peak_average"]
+                                                     for r in rows),
+    }
+
+
+def _paired(better: str, than: str, a: dict, b: dict, noise: float, wins_needed: int) -> dict:
+    seeds = sorted(set(a) & set(b))
+    differences = {seed: a[seed]["score"] - b[seed]["score"] for seed in seeds}
+    margin = 0.0 if math.isnan(noise) else noise
+    wins = [seed for seed, d in differences.items() if d < -margin]
+    losses = [seed for seed, d in differences.items() if d > margin]
+    verdict = ("better" if len(wins) >= wins_needed else "worse" if len(losses) >= wins_needed
+               else "no difference beyond the noise" if len(seeds) >= wins_needed + 1 or len(seeds) >= 3
+               else "not enough seeds yet")
+    return {"arm": better, "against": than, "seeds": seeds, "differences": differences, "noise_floor": noise,
+            "wins": wins, "losses": losses, "verdict": verdict}
+
+
+def _teaching_line(summary: dict) -> dict:
+    teaching = summary.get("teaching") or {}
+    return {"labelled_states": teaching.get("labelled_states"), "clone_loss": teaching.get("clone_loss")}
+
+
+def markdown(summary: dict) -> str:
+    """The summary as the tables of the model card."""
+    lines = []
+    for name, fold in summary["folds"].items():
+        coa = fold["charge_on_arrival"]
+        lines += [f"### Fold {name}: test steps {fold['test'][0]}..{fold['test'][1]}, trained on "
+                  + ", ".join(f"{a}..{b}" for a, b in fold["train"]), "",
+                  f"Noise floor (the same weights rescored over env seeds, largest spread): {fold['noise_floor']:.4f}",
+                  "", "| arm | seed | score | cost | carbon | daily peak | all-time peak | EV ok | cost / CoA | "
+                  "carbon / CoA |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+        if coa is not None:
+            k = coa["kpis"]
+            lines.append(f"| charge on arrival | - | {coa['score']:.4f} | {k['cost_total']:.3f} | "
+                         f"{k['carbon_emissions_total']:.3f} | {k['daily_peak_average']:.3f} | "
+                         f"{k['all_time_peak_average']:.3f} | {coa['service']['ev_departures_acceptable']:.3f} | "
+                         f"1.000 | 1.000 |")
+        for arm, data in fold["arms"].items():
+            for seed, r in data["seeds"].items():
+                lines.append(f"| {arm} | {seed} | {r['score']:.4f} | {r['cost_total']:.3f} | "
+                             f"{r['carbon_emissions_total']:.3f} | {r['daily_peak_average']:.3f} | "
+                             f"{r['all_time_peak_average']:.3f} | {r['ev_departures_acceptable']:.3f} | "
+                             f"{r.get('cost_vs_charge_on_arrival', math.nan):.3f} | "
+                             f"{r.get('carbon_vs_charge_on_arrival', math.nan):.3f} |")
+        lines.append("")
+        for c in fold["comparisons"]:
+            diffs = ", ".join(f"seed {s}: {d:+.4f}" for s, d in c["differences"].items())
+            lines.append(f"* **{c['arm']} vs {c['against']}**: {c['verdict']} ({diffs}; noise floor "
+                         f"{c['noise_floor']:.4f})")
+        lines.append("")
+    return "\n".join(lines)
