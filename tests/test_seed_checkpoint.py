@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import pathlib
 from pathlib import Path
 
@@ -100,12 +101,21 @@ def seed_path(tmp_path_factory, payload) -> Path:
 
 
 @pytest.fixture(scope="module")
-def seed_export(tmp_path_factory, seed_path) -> tuple[Path, Result]:
-    """`maddpg-citylearn export` of the seed checkpoint into a fresh repository (once per module)."""
+def seed_export(tmp_path_factory, seed_path) -> tuple[Path, Result, str]:
+    """`maddpg-citylearn export` of the seed checkpoint into a fresh repository (once per module), with the progress
+    messages it logged."""
     repository = tmp_path_factory.mktemp("seed_repository")
-    result = run_export(seed_path, "--repository", repository, "--model", MODEL)
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("maddpg_export")
+    logger.addHandler(handler)
+    try:
+        result = run_export(seed_path, "--repository", repository, "--model", MODEL)
+    finally:
+        logger.removeHandler(handler)
     assert result.exit_code == 0, result.output
-    return repository, result
+    return repository, result, "\n".join(messages)
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +194,8 @@ def test_every_input_is_answered_with_finite_actions_in_bounds(seed_session):
 
 
 def test_export_prints_what_was_recognised_and_measured(seed_export):
-    _, result = seed_export
-    assert "CooperativeMADDPG" in result.stderr
+    _, result, logged = seed_export
+    assert "recognised a CooperativeMADDPG checkpoint of the seed project" in logged
     assert "exported seed-cooperative-maddpg policy" in result.stdout
     assert f"'batch', {N_AGENTS}, {OBS_DIM}]" in result.stdout and f"'batch', {N_AGENTS}, {ACTION_DIM}]" in result.stdout
 
