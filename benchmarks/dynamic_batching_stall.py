@@ -147,7 +147,7 @@ def run(backends, levels, requests: int, model: str, source: Path, progress: boo
         cases: list[Case] = CASES) -> list[dict]:
     from tqdm.auto import tqdm
 
-    from maddpg_benchmarks.load import Level, Payload, Target, measure
+    from maddpg_benchmarks.load import Level, Payload, Target, measure, summarise
     from maddpg_serving.local_triton import LocalTritonServer, free_ports
 
     rows = []
@@ -174,22 +174,18 @@ def run(backends, levels, requests: int, model: str, source: Path, progress: boo
                                     server_pid=server.process.pid)
                     for concurrency in levels:
                         level = Level(concurrency, 1, duration_s=600.0, max_requests=requests, warmup_s=0.2)
-                        rows.append(_row(backend, case, concurrency, measure(target, payload, level)))
+                        rows.append(_row(backend, case, summarise(name, level, payload, [measure(target, payload, level)])))
                         bar.update()
     bar.close()
     return rows
 
 
-def _row(backend: str, case: Case, concurrency: int, measurement) -> dict:
-    from maddpg_benchmarks.load import count_stalls
-
-    ms = measurement.latencies_ns / 1e6
-    triton = measurement.triton
-    return {"backend": backend, "config": case.name, "concurrency": concurrency, "requests": int(ms.size),
-            "stalled": count_stalls(measurement.latencies_ns), "errors": int(sum(measurement.errors.values())),
-            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max()),
-            "average_batch_size": triton.average_batch_size if triton else None,
-            "queue_us_per_request": triton.queue_us_per_request if triton else None}
+def _row(backend: str, case: Case, result: dict) -> dict:
+    triton = result["triton"] or {}
+    return {"backend": backend, "config": case.name, "concurrency": result["concurrency"],
+            **{key: result[key] for key in ("requests", "stalled", "errors", "p50_ms", "p99_ms", "max_ms")},
+            "average_batch_size": triton.get("average_batch_size"),
+            "queue_us_per_request": triton.get("queue_us_per_request")}
 
 
 def table(rows: list[dict]) -> str:

@@ -59,7 +59,7 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 
 def run_setup(name: str, repository: Path, admission: bool, flood_batches: np.ndarray, concurrency: int,
               protocols: tuple[str, ...], steady: int) -> list[dict]:
-    from maddpg_benchmarks.load import Level, Payload, Target, measure
+    from maddpg_benchmarks.load import Level, Payload, Target, measure, summarise
     from maddpg_benchmarks.robustness import flood
     from maddpg_client import LocalPolicy
     from maddpg_client.metrics import scrape, scrape_settled
@@ -88,20 +88,15 @@ def run_setup(name: str, repository: Path, admission: bool, flood_batches: np.nd
                 target = Target("triton-http", port, model=MODEL, metrics_url=server.metrics_url)
                 level = Level(16, 1, duration_s=600.0, max_requests=steady, warmup_s=0.2)
                 steady_before = scrape(server.metrics_url, MODEL)
-                m = measure(target, payload, level)
+                after = summarise("triton-http", level, payload, [measure(target, payload, level)])
                 steady_window = scrape(server.metrics_url, MODEL) - steady_before
-                latencies = m.latencies_ns / 1e6
-                median = float(np.median(latencies))
                 rows.append({
                     "setup": name, "protocol": protocol, "flood_seconds": seconds, "outcomes": dict(result.counts()),
                     "rejected_ms": percentiles([o.seconds for o in result.of("PolicyOverloadedError")]),
                     "accepted_ms": percentiles([o.seconds for o in accepted]),
                     "triton_requests": window.request_success, "triton_failures": window.request_failure,
                     "triton_queue_ms_per_request": window.queue_us_per_request / 1e3,
-                    "steady": {"requests": int(latencies.size), "errors": int(sum(m.errors.values())),
-                               "p50_ms": median, "p99_ms": float(np.percentile(latencies, 99)),
-                               "max_ms": float(latencies.max()),
-                               "stalled": int((latencies > median + 400).sum()),
+                    "steady": {**{k: after[k] for k in ("requests", "errors", "p50_ms", "p99_ms", "max_ms", "stalled")},
                                "triton_queue_ms_per_request": steady_window.queue_us_per_request / 1e3},
                 })
                 print(json.dumps(rows[-1]), flush=True)
@@ -144,7 +139,7 @@ def page(data: dict) -> str:
             f"{cell(rej, 'p50')} / {cell(rej, 'p99')} / {cell(rej, 'max')} | "
             f"{cell(acc, 'p50')} / {cell(acc, 'p99')} / {cell(acc, 'max')} | {r['triton_requests']:.0f} | "
             f"{r['triton_queue_ms_per_request']:,.0f} | {s['p50_ms']:.2f} / {s['p99_ms']:.2f} / {s['max_ms']:.1f} | "
-            f"{s['stalled']} / {s['errors']} |")
+            f"{'-' if s['stalled'] is None else s['stalled']} / {s['errors']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -27,22 +27,21 @@ from dataclasses import replace
 from pathlib import Path
 
 from maddpg_benchmarks.floors import onnxruntime_floor
-from maddpg_benchmarks.load import STALL_MS, LevelResult, Target
+from maddpg_benchmarks.load import STALL_MS, find
 from maddpg_benchmarks.report import cell as _f
-from maddpg_benchmarks.repositories import INSTANCES_KNOB, build_repository, open_repository, settings_view
+from maddpg_benchmarks.repositories import INSTANCES_KNOB, model_figures, settings_view
 from maddpg_benchmarks.runner import (
     Bench,
     BenchOptions,
-    Servers,
-    find,
     inprocess,
     make_payloads,
     run_interleaved,
-    seed_servers,
     served,
+    started,
     triton_servers,
-    triton_targets,
+    triton_target,
 )
+from maddpg_benchmarks.seed_server import SeedServerProcess
 
 LEVELS = ((1, 1), (16, 1), (16, 64))
 # (concurrency, districts, figure, lower is better): what a variant is scored on.
@@ -69,8 +68,8 @@ def geomean(values) -> float:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else 0.0
 
 
-def group(knob: str, question: str, results: dict[str, list[LevelResult]], default: str, **extra) -> dict:
-    variants = [{"label": label, "default": label == default, "results": [r.as_dict() for r in rs]}
+def group(knob: str, question: str, results: dict[str, list[dict]], default: str, **extra) -> dict:
+    variants = [{"label": label, "default": label == default, "results": rs}
                 for label, rs in results.items()]
     for v in variants:
         v["figures"] = figures(v["results"])
@@ -110,24 +109,27 @@ def settle(groups: list[dict]) -> float:
 class Tuner(Bench):
     """The tuning groups, on the comparison's own servers and load driver (:class:`~maddpg_benchmarks.runner.Bench`)."""
 
-    def measure(self, contenders, payloads, description: str, scale: float = 1.0) -> dict[str, list[LevelResult]]:
-        o = self.options
-        results = run_interleaved(contenders, LEVELS, payloads, duration_s=scale * o.tuning_duration_s,
-                                  rounds=o.rounds, warmup_s=o.warmup_s, max_requests=o.max_requests,
-                                  progress=o.progress, description=description)
-        return {c.name: [r for r in results if r.target == c.name] for c in contenders}
+    def measure(self, contenders, payloads, description: str, scale: float = 1.0) -> dict[str, list[dict]]:
+        results = run_interleaved(contenders, LEVELS, payloads, self.options, description,
+                                  scale * self.options.duration_s)
+        return {c.name: [r for r in results if r["target"] == c.name] for c in contenders}
 
     def triton_variants(self, source, payloads, variants: dict, workdir: Path, description: str,
-                        onnx_files: dict | None = None, scale: float = 1.0) -> dict[str, list[LevelResult]]:
+                        onnx_files: dict | None = None, scale: float = 1.0) -> dict[str, list[dict]]:
         self.say(f"{description}: {', '.join(variants)}")
-        with Servers() as servers:
-            # Triton starts its python stub through a shell: keep the paths plain.
-            views = [settings_view(source, settings, workdir / re.sub(r"[^A-Za-z0-9_.-]+", "-", label),
-                                   onnx_file=(onnx_files or {}).get(label)) for label, settings in variants.items()]
-            started = dict(zip(variants, triton_servers(views, self.backend)))
-            servers.start(list(started.values()))
-            contenders = [served(triton_targets(server, source.model, label)["http"], name=label)
-                          for label, server in started.items()]
+        # Triton starts its python stub through a shell: keep the paths plain.
+        views = [settings_view(source, settings, workdir / re.sub(r"[^A-Za-z0-9_.-]+", "-", label))
+                 for label, settings in variants.items()]
+        for label, view in zip(variants, views):
+            if label in (onnx_files or {}):  # the same interface, another graph: the version serves it instead
+                version = view / source.model / source.onnx_path.parent.name
+                version.unlink()
+                version.mkdir()
+                for entry in source.onnx_path.parent.iterdir():
+                    (version / entry.name).symlink_to((onnx_files[label] if entry.name == "model.onnx" else entry).resolve())
+        with started(triton_servers(views, self.backend)) as servers:
+            contenders = [served(triton_target(server, source.model, label, "triton-http"), name=label)
+                          for label, server in zip(variants, servers)]
             return self.measure(contenders, payloads, description, scale)
 
     def tune(self, source, payloads, defaults, workdir: Path) -> list[dict]:
@@ -147,11 +149,9 @@ class Tuner(Bench):
                             results, "no queue policy"))
         groups.append(self.graph_forms(source, payloads, defaults, workdir / "graph"))
         self.say("the comparison server's own setup: " + "; ".join(SEED_VARIANTS))
-        with Servers() as servers:
-            started = dict(zip(SEED_VARIANTS, seed_servers(source.layout, list(SEED_VARIANTS.values()))))
-            servers.start(list(started.values()))
-            contenders = [served(Target("seed-fastapi", s.port, server_pid=s.pid, config=label), name=label,
-                                 districts=(1,)) for label, s in started.items()]
+        servers = {label: SeedServerProcess(source.layout, **options) for label, options in SEED_VARIANTS.items()}
+        with started(list(servers.values())):
+            contenders = [served(s.target(label), (1,), name=label) for label, s in servers.items()]
             results = self.measure(contenders, payloads, "tuning comparison server")
         groups.append(group("seed_server", "The comparison server's best setup (so the comparison is fair to it)",
                             results, next(iter(SEED_VARIANTS)), served_default=False))
@@ -162,31 +162,27 @@ class Tuner(Bench):
         if source.checkpoint is None:
             return {"knob": "graph_form", "question": question + " (skipped: needs the torch policy, run without "
                     "--repository)", "default": "", "variants": []}
-        from maddpg_benchmarks.graph_forms import node_count
         from maddpg_training.checkpoint import load_checkpoint
 
         workdir.mkdir(parents=True)
         per_agent_file = workdir / "per_agent.onnx"
         nodes = export_per_agent(load_checkpoint(source.checkpoint).build_policy(), source.layout, per_agent_file,
                                  source.onnx_path, payloads[max(payloads)].observations)
-        stacked, per_agent = f"stacked ({node_count(source.onnx_path)} nodes)", f"per-agent ({nodes} nodes)"
+        stacked, per_agent = f"stacked ({model_figures(source, '')['graph_nodes']} nodes)", f"per-agent ({nodes} nodes)"
         results = self.triton_variants(source, payloads, {stacked: defaults, per_agent: defaults}, workdir,
                                        "tuning graph form", onnx_files={per_agent: per_agent_file})
         floors = [inprocess(f"{label} in process", onnxruntime_floor(path), self.options.districts)
                   for label, path in ((stacked, source.onnx_path), (per_agent, per_agent_file))]
-        o = self.options
-        in_process = run_interleaved(floors, [(1, d) for d in o.districts], payloads, duration_s=o.tuning_duration_s,
-                                     rounds=o.rounds, warmup_s=o.warmup_s, max_requests=o.max_requests,
-                                     progress=o.progress, description="graph forms in process")
-        return group("graph_form", question, results, stacked, floors=[r.as_dict() for r in in_process])
+        in_process = run_interleaved(floors, [(1, d) for d in self.options.districts], payloads, self.options,
+                                     "graph forms in process")
+        return group("graph_form", question, results, stacked, floors=in_process)
 
     def run(self) -> dict:
         from maddpg_export.triton_config import ServingSettings
 
         workdir = Path(tempfile.mkdtemp(prefix="maddpg-tune-"))
         try:
-            source = (open_repository(Path(self.options.repository)) if self.options.repository
-                      else build_repository(workdir / "source", say=self.say))
+            source = self.source(workdir)
             groups = self.tune(source, make_payloads(source, self.options.districts), ServingSettings(), workdir)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -277,7 +273,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="write DIR/tuning.md and .json")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
-    options = BenchOptions(tuning_duration_s=args.duration, rounds=args.rounds, repository=args.repository,
+    options = BenchOptions(duration_s=args.duration, rounds=args.rounds, repository=args.repository,
                            progress=not args.no_progress)
     data = Tuner(options, say=lambda m: print(m, file=sys.stderr)).run()
     print(page(data))

@@ -91,3 +91,23 @@ def test_a_protocol_with_an_unknown_setting_fails_before_any_work(tmp_path):
     result = CliRunner().invoke(cli, ["protocol", "--config", str(config), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "unknown training setting(s) learning_rate" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_another_live_process_holds_is_skipped_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    """Processes splitting a protocol (--arm, --fold) never train the same run twice."""
+    import os
+    import subprocess
+    import sys
+
+    from maddpg_training.protocol import _claim
+
+    run = tmp_path / "fold" / "arm" / "seed-0"
+    run.mkdir(parents=True)
+    (run / ".running").write_text(str(os.getppid()))            # a live process holds it
+    with _claim(run) as claimed:
+        assert not claimed
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / ".running").write_text(dead.stdout.strip())           # its holder has exited
+    with _claim(run) as claimed:
+        assert claimed and (run / ".running").read_text() == str(os.getpid())
+    assert not (run / ".running").exists()

@@ -12,22 +12,24 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .load import find, process_ticks
+
 PACKAGES = ("numpy", "onnxruntime", "onnx", "torch", "tritonclient", "nvidia-pytriton", "grpcio", "fastapi",
             "uvicorn", "pydantic", "maddpg-citylearn")
-LABELS = {
-    "triton-http": "Triton, HTTP",
-    "triton-grpc": "Triton, gRPC",
-    "triton-python-http": "Triton (python backend), HTTP",
-    "triton-onnxruntime-http": "Triton (onnxruntime backend), HTTP",
-    "seed-fastapi": "seed-style FastAPI + torch",
-    "onnxruntime-inprocess": "in-process onnxruntime",
-    "onnxruntime-inprocess-paced": "in-process onnxruntime, paced",
-    "torch-stacked-inprocess": "in-process torch (stacked actors)",
-    "torch-seed-loop-inprocess": "in-process torch (seed's actor loop)",
+# Every contender: its name in the tables and the legend, its colour and marker; in the order of both.
+CONTENDERS = {
+    "triton-http": ("Triton, HTTP", "tab:blue", "o"),
+    "triton-grpc": ("Triton, gRPC", "tab:green", "s"),
+    "triton-python-http": ("Triton (python backend), HTTP", "tab:cyan", "v"),
+    "triton-onnxruntime-http": ("Triton (onnxruntime backend), HTTP", "tab:cyan", "v"),
+    "seed-fastapi": ("seed-style FastAPI + torch", "tab:red", "^"),
+    "onnxruntime-inprocess": ("in-process onnxruntime", "black", "*"),
+    "onnxruntime-inprocess-paced": ("in-process onnxruntime, paced", "dimgray", "*"),
+    "torch-stacked-inprocess": ("in-process torch (stacked actors)", "tab:gray", "P"),
+    "torch-seed-loop-inprocess": ("in-process torch (seed's actor loop)", "tab:brown", "X"),
 }
 
 
-# --- the machine --------------------------------------------------------------------------------------------------
 def machine_info() -> dict[str, Any]:
     versions = {}
     for package in PACKAGES:
@@ -35,11 +37,12 @@ def machine_info() -> dict[str, Any]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
+    memory = _proc_field("/proc/meminfo", "MemTotal:")
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_gib": _memory_gib(),
+        "memory_gib": None if memory is None else round(int(memory.split()[0]) / 1024**2, 1),
         "gpu": "none used (CPU only)",
         "os": platform.platform(),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
@@ -49,67 +52,49 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def _cpu_model() -> str:
+def _proc_field(path: str, prefix: str) -> str | None:
     try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+        with open(path) as handle:
+            return next((line.split(":", 1)[1].strip() for line in handle if line.startswith(prefix)), None)
     except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _memory_gib() -> float | None:
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 1024**2, 1)
-    except OSError:
-        pass
-    return None
+        return None
 
 
 def busy_processes(interval_s: float = 0.5, threshold: float = 0.1) -> list[dict[str, Any]]:
     """Other processes using more than ``threshold`` of a core: what the benchmark shared the machine with."""
-    from .load import process_ticks
-
     first = {pid: ticks for pid, _, ticks, _ in process_ticks()}
     time.sleep(interval_s)
     busy = []
     for pid, _, ticks, name in process_ticks():
         share = (ticks - first.get(pid, ticks)) / os.sysconf("SC_CLK_TCK") / interval_s
         if share >= threshold and pid != os.getpid():
-            busy.append({"pid": pid, "name": _command(pid) or name, "cores": round(share, 2)})
+            try:  # "python3 maddpg-citylearn train": the base names of its first three arguments
+                argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+                name = " ".join(Path(a).name if "/" in a else a for a in argv[:3])[:60] or name
+            except OSError:
+                pass
+            busy.append({"pid": pid, "name": name, "cores": round(share, 2)})
     return sorted(busy, key=lambda p: -p["cores"])
 
 
-def _command(pid: int) -> str:
-    """``python3 maddpg-citylearn train``: the base names of a process's first three arguments."""
-    try:
-        argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
-    except OSError:
-        return ""
-    return " ".join(Path(a).name if "/" in a else a for a in argv[:3])[:60]
-
-
-# --- files --------------------------------------------------------------------------------------------------------
 def write_benchmark_report(data: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "benchmarks.json", "markdown": out_dir / "benchmark-results.md",
              "plot": out_dir / "benchmarks.png"}
-    paths["json"].write_text(json.dumps(data, indent=1, default=_jsonable) + "\n")
+    text = json.dumps(data, indent=1, default=lambda value: value.item() if hasattr(value, "item") else str(value))
+    paths["json"].write_text(text + "\n")
     plot(data, paths["plot"])
-    paths["markdown"].write_text(markdown(data, plot_name=paths["plot"].name))
+    paths["markdown"].write_text(markdown(data))
     return paths
 
 
-def _jsonable(value):
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
+def _order(target: str) -> int:
+    return list(CONTENDERS).index(target) if target in CONTENDERS else len(CONTENDERS)
+
+
+def _label(target: str) -> str:
+    return CONTENDERS.get(target, (target,))[0]
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
@@ -123,28 +108,20 @@ def plot(data: dict[str, Any], path: Path) -> None:
     for r in data["results"]:
         if r["requests"]:
             series.setdefault((r["target"], r["districts"]), []).append(r)
-    styles = {"triton-http": ("tab:blue", "o"), "triton-grpc": ("tab:green", "s"), "seed-fastapi": ("tab:red", "^"),
-              "triton-python-http": ("tab:cyan", "v"), "triton-onnxruntime-http": ("tab:cyan", "v"),
-              "onnxruntime-inprocess": ("black", "*"), "onnxruntime-inprocess-paced": ("dimgray", "*"),
-              "torch-stacked-inprocess": ("tab:gray", "P"), "torch-seed-loop-inprocess": ("tab:brown", "X")}
-    order = list(LABELS)
-    for (target, districts), rows in sorted(series.items(), key=lambda item: (
-            order.index(item[0][0]) if item[0][0] in order else len(order), item[0][1])):
+    for (target, districts), rows in sorted(series.items(), key=lambda item: (_order(item[0][0]), item[0][1])):
         rows = sorted(rows, key=lambda r: r["concurrency"])
-        color, marker = styles.get(target, ("tab:purple", "d"))
-        x = [r["decisions_per_s"] for r in rows]
-        y = [r["p99_ms"] for r in rows]
-        dashed = districts > 1
-        ax.plot(x, y, marker=marker, color=color, linestyle="--" if dashed else "-",
+        _, color, marker = CONTENDERS.get(target, (target, "tab:purple", "d"))
+        x, y = [r["decisions_per_s"] for r in rows], [r["p99_ms"] for r in rows]
+        ax.plot(x, y, marker=marker, color=color, linestyle="--" if districts > 1 else "-",
                 markersize=11 if marker == "*" else 7,
-                label=f"{LABELS.get(target, target)}, {districts} district{'s' if districts > 1 else ''}/request")
+                label=f"{_label(target)}, {districts} district{'s' if districts > 1 else ''}/request")
         for r, xi, yi in zip(rows, x, y):
             text = f"c{r['concurrency']}" if len(rows) > 1 else f"{districts}/call"
             ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    agents = data["model"].get("agents", "agents")
-    ax.set_xlabel(f"agent decisions per second (districts x {agents} per second), log scale")
+    ax.set_xlabel(f"agent decisions per second (districts x {data['model'].get('agents', 'agents')} per second), "
+                  "log scale")
     ax.set_ylabel("p99 latency (ms), log scale")
     ax.set_title("Throughput vs p99 latency (cN = concurrency N; lower right is better)")
     ax.grid(True, which="both", alpha=0.3)
@@ -154,7 +131,6 @@ def plot(data: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-# --- markdown -----------------------------------------------------------------------------------------------------
 # --- markdown: tables only ------------------------------------------------------------------------------------------
 def cell(value, digits=2) -> str:
     if value is None or (isinstance(value, float) and value != value):
@@ -162,11 +138,6 @@ def cell(value, digits=2) -> str:
     if isinstance(value, float) and abs(value) >= 1000:
         return f"{value:,.0f}"
     return f"{value:.{digits}f}"
-
-
-def _order(target: str) -> int:
-    order = list(LABELS)
-    return order.index(target) if target in order else len(order)
 
 
 def results_table(results: list[dict], stall_ms: float) -> list[str]:
@@ -178,7 +149,7 @@ def results_table(results: list[dict], stall_ms: float) -> list[str]:
         triton = r.get("triton") or {}
         queue = triton.get("queue_us_per_request")
         lines.append(
-            f"| {LABELS.get(r['target'], r['target'])} | {r['config']} | {r['districts']} | {r['concurrency']} | "
+            f"| {_label(r['target'])} | {r['config']} | {r['districts']} | {r['concurrency']} | "
             f"{cell(r['requests_per_s'], 0)} | {cell(r['decisions_per_s'], 0)} | {cell(r['p50_ms'], 3)} | "
             f"{cell(r['p95_ms'], 3)} | {cell(r['p99_ms'], 3)} | {cell(r['max_ms'], 1)} | "
             f"{'-' if r.get('stalled') is None else r['stalled']} | {r['errors']} | "
@@ -199,8 +170,6 @@ def goals_table(goals: list[dict]) -> list[str]:
 
 def perf_analyzer_table(data: dict[str, Any]) -> list[str]:
     """perf_analyzer's figures beside the driver's, level by level, and their ratio (perf_analyzer / driver)."""
-    from .runner import find
-
     perf = data.get("perf_analyzer") or {}
     if "rows" not in perf:
         return [f"Not measured: {perf.get('skipped', 'perf_analyzer did not run')}."]
@@ -211,17 +180,17 @@ def perf_analyzer_table(data: dict[str, Any]) -> list[str]:
     for p in perf["rows"]:
         ours = find(data["results"], p["target"], p["concurrency"], p["districts"])
         if ours is None or "error" in p:
-            lines.append(f"| {LABELS[p['target']]} | {p['districts']} | {p['concurrency']} | "
+            lines.append(f"| {_label(p['target'])} | {p['districts']} | {p['concurrency']} | "
                          f"{p.get('error', 'not measured by the driver')} | - | - | - |")
             continue
-        lines.append(f"| {LABELS[p['target']]} | {p['districts']} | {p['concurrency']} | "
+        lines.append(f"| {_label(p['target'])} | {p['districts']} | {p['concurrency']} | "
                      f"{cell(ours['requests_per_s'], 0)} / {cell(p['requests_per_s'], 0)} | "
                      f"{p['requests_per_s'] / ours['requests_per_s']:.2f} | {cell(ours['p50_ms'], 3)} / "
                      f"{cell(p['p50_ms'], 3)} | {cell(ours['p99_ms'], 3)} / {cell(p['p99_ms'], 3)} |")
     return lines
 
 
-def markdown(data: dict[str, Any], plot_name: str = "benchmarks.png") -> str:
+def markdown(data: dict[str, Any]) -> str:
     machine, settings, paced = data["machine"], data["serving_settings"], data.get("paced_floor") or {}
     model = data["model"]
     load = " / ".join(f"{v:.2f}" for v in machine["loadavg_start"])
@@ -252,7 +221,7 @@ def markdown(data: dict[str, Any], plot_name: str = "benchmarks.png") -> str:
         "",
         *results_table(data["results"], data["stall_ms"]),
         "",
-        f"![Decisions per second against p99 latency]({plot_name})",
+        "![Decisions per second against p99 latency](benchmarks.png)",
         "",
         "## perf_analyzer beside the driver (Triton rows)",
         "",

@@ -1,10 +1,7 @@
-"""Model repositories for benchmarks: a freshly initialised policy on the real env layout, and views of a repository
-that differ only in their serving settings or in the graph they serve.
-
-Speed does not depend on whether the weights are trained, so benchmarks never need the committed model: they export
-an untrained policy of the trained architecture (17 x 52 -> 17 x 3, hidden 256) through the project's own pipeline.
-Views symlink the version directories and write configs through :func:`maddpg_export.triton_config.render_configs`,
-the one writer of configs; the source repository is never modified.
+"""What the benchmarks serve: a freshly initialised policy on the real env layout (speed does not depend on the
+weights, so the committed model is never needed), or a user's repository; views of it that differ only in their
+serving settings (configs written by :func:`maddpg_export.triton_config.render_configs`, the one writer of configs;
+the source is never modified); and the figures of the served graph.
 """
 
 from __future__ import annotations
@@ -16,11 +13,8 @@ from typing import Callable
 from maddpg_core.errors import RepositoryError
 from maddpg_core.layout import DEFAULT_MODEL_NAME, PolicyLayout
 
-Say = Callable[[str], None]
-# The trained architecture (configs/ and docs/model-card.md): what the served model really computes.
-TRAINED_HIDDEN = (256, 256)
-# A week is enough to derive the env layout and observation statistics; the layout is the full dataset's.
-LAYOUT_WINDOW = (0, 167)
+# The ServingSettings field that sizes the instance group each backend's variant runs.
+INSTANCES_KNOB = {"onnxruntime": "cpu_instances", "python": "local_instances"}
 
 
 @dataclass(frozen=True)
@@ -28,7 +22,7 @@ class BenchmarkRepository:
     repository: Path
     layout: PolicyLayout
     model: str = DEFAULT_MODEL_NAME
-    checkpoint: Path | None = None  # the policy behind it, when the benchmark built it (graph-form comparison)
+    checkpoint: Path | None = None  # the policy behind it, when the benchmark built it
 
     @property
     def onnx_path(self) -> Path:
@@ -37,17 +31,17 @@ class BenchmarkRepository:
         return resolve_model_file(self.repository, self.model)
 
 
-def build_repository(workdir: Path, *, hidden: tuple[int, ...] = TRAINED_HIDDEN, seed: int = 0,
-                     say: Say = lambda _: None) -> BenchmarkRepository:
-    """Export an untrained policy on the real env layout into ``workdir/model_repository`` (needs CityLearn data)."""
+def build_repository(workdir: Path, say: Callable[[str], None] = lambda _: None) -> BenchmarkRepository:
+    """Export an untrained policy of the trained architecture (hidden 256-256) on the real env layout into
+    ``workdir/model_repository`` (needs CityLearn data; a week is enough for the layout and observation statistics)."""
     from maddpg_evaluation.citylearn_env import DEFAULT_DATASET, EnvSpec
     from maddpg_export.pipeline import export_checkpoint
     from maddpg_training.bootstrap import initial_checkpoint
     from maddpg_training.checkpoint import save_checkpoint
     from maddpg_training.networks import ActorSpec
 
-    say(f"building a fresh policy on the {DEFAULT_DATASET} layout (hidden {list(hidden)})")
-    checkpoint = initial_checkpoint(EnvSpec(DEFAULT_DATASET, *LAYOUT_WINDOW), ActorSpec(tuple(hidden)), seed=seed)
+    say(f"building a fresh policy on the {DEFAULT_DATASET} layout (hidden [256, 256])")
+    checkpoint = initial_checkpoint(EnvSpec(DEFAULT_DATASET, 0, 167), ActorSpec((256, 256)), seed=0)
     path = save_checkpoint(workdir / "policy.pt", checkpoint)
     say("exporting it (ONNX, validated) into a temporary model repository")
     result = export_checkpoint(path, workdir / "model_repository")
@@ -66,35 +60,17 @@ def open_repository(repository: Path, model: str = DEFAULT_MODEL_NAME) -> Benchm
     return BenchmarkRepository(Path(repository), layout, model)
 
 
-def settings_view(source: BenchmarkRepository, settings, workdir: Path, *, onnx_file: Path | None = None) -> Path:
-    """A repository under ``workdir`` serving ``source``'s newest version with ``settings`` (a ``ServingSettings``).
-
-    With ``onnx_file`` that version serves another graph of the same interface (the per-agent form).
-    """
+def settings_view(source: BenchmarkRepository, settings, workdir: Path) -> Path:
+    """A repository under ``workdir`` serving ``source``'s newest version with ``settings`` (a ``ServingSettings``)."""
     from maddpg_export.triton_config import render_configs
 
-    view = Path(workdir)
-    model_dir = view / source.model
+    model_dir = Path(workdir) / source.model
     model_dir.mkdir(parents=True)
-    newest = source.onnx_path.parent
-    target = model_dir / newest.name
-    if onnx_file is None:
-        target.symlink_to(newest.resolve())
-    else:
-        target.mkdir()
-        for entry in newest.iterdir():
-            if entry.name != "model.onnx":
-                (target / entry.name).symlink_to(entry.resolve())
-        (target / "model.onnx").symlink_to(Path(onnx_file).resolve())
+    (model_dir / source.onnx_path.parent.name).symlink_to(source.onnx_path.parent.resolve())
     for relative, text in render_configs(source.layout, source.model, settings).items():
-        path = model_dir / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return view
-
-
-# The ServingSettings field that sizes the instance group each backend's variant runs.
-INSTANCES_KNOB = {"onnxruntime": "cpu_instances", "python": "local_instances"}
+        (model_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        (model_dir / relative).write_text(text)
+    return Path(workdir)
 
 
 def describe_settings(settings, backend: str) -> str:
@@ -103,3 +79,22 @@ def describe_settings(settings, backend: str) -> str:
               f"queue policy (timeout {settings.queue_timeout_us / 1000:g} ms, at most {settings.max_queue_size})")
     return (f"{backend} backend, {getattr(settings, INSTANCES_KNOB[backend])} instance(s), max_queue_delay "
             f"{settings.max_queue_delay_us} us, ORT intra-op threads {settings.onnx_intra_op_threads}, {policy}")
+
+
+def model_figures(source: BenchmarkRepository, repository: str) -> dict:
+    """The served graph's figures for the report: each layer's (inputs, outputs) read from the stacked graph's MatMul
+    weights (``[agents, in, out]``), hidden sizes, FLOPs per agent decision (two per multiply-add), node count."""
+    import onnx
+
+    graph = onnx.load(str(source.onnx_path), load_external_data=False).graph
+    weights = {tensor.name: list(tensor.dims) for tensor in graph.initializer}
+    widths = []
+    for node in graph.node:
+        dims = [weights[name] for name in node.input if len(weights.get(name, ())) >= 2]
+        if node.op_type == "MatMul" and dims:
+            widths.append((dims[0][-2], dims[0][-1]))
+    layout = source.layout
+    return {"layout": f"{layout.n_agents} x {layout.obs_width} -> {layout.n_agents} x {layout.action_width}",
+            "agents": layout.n_agents, "repository": repository, "graph_nodes": len(graph.node), "layer_widths": widths,
+            "hidden": [outputs for _, outputs in widths[:-1]],
+            "flops_per_decision": sum(2 * inputs * outputs for inputs, outputs in widths)}

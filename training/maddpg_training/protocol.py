@@ -18,13 +18,15 @@ split across processes (``--arms``, ``--folds``, ``--seeds``), and ``--summarise
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -121,8 +123,6 @@ def run_directory(out: Path, fold: str, arm: str, seed: int) -> Path:
 def run_protocol(protocol: Protocol, out: Path, *, folds: list[str] | None = None, arms: list[str] | None = None,
                  seeds: list[int] | None = None, progress: bool = False) -> dict:
     """Train and score every (fold, arm, seed) not finished yet, then summarise everything finished."""
-    from .trainer import train
-
     for fold in [protocol.fold(f) for f in folds] if folds else protocol.folds:
         reference_scores(protocol, fold, out, progress=progress)
         for arm in arms or list(protocol.arms):
@@ -132,22 +132,63 @@ def run_protocol(protocol: Protocol, out: Path, *, folds: list[str] | None = Non
                 directory = run_directory(out, fold.name, arm, seed)
                 if (directory / HELDOUT_FILE).is_file():
                     continue
-                config = protocol.config(arm, fold, seed)
-                log.info("protocol: fold %s, arm %s, seed %d: training on %s, testing on %d..%d", fold.name, arm,
-                         seed, [list(w) for w in fold.train], *fold.test)
-                result = train(config, directory, progress=progress, evaluate_every=0)
-                env_seeds = protocol.env_seeds if seed in protocol.env_seed_runs else ()
-                # The run's final evaluation is the published env on the test months, on a new env; more env seeds
-                # rescore the same weights.
-                scores = score_heldout(result.final_checkpoint, config.dataset, fold, env_seeds, progress=progress,
-                                       published={"kpis": result.summary["evaluation"],
-                                                  "service": result.summary["evaluation_service"]})
-                scores["training"] = {"seconds": result.summary["training_seconds"],
-                                      "env_steps": result.summary["env_steps"],
-                                      "episodes": result.summary["episodes"],
-                                      "teaching": _teaching_line(result.summary)}
-                _write_json(directory / HELDOUT_FILE, scores)
+                with _claim(directory) as claimed:
+                    if not claimed:
+                        log.info("protocol: %s is being trained by another process; skipped", directory)
+                        continue
+                    _train_and_score(protocol, fold, arm, seed, directory, progress)
     return summarise(protocol, out)
+
+
+@contextlib.contextmanager
+def _claim(directory: Path) -> Iterator[bool]:
+    """A run directory for this process alone (a lock file holding its PID; a dead holder's lock is taken over),
+    so that processes splitting a protocol never train the same run twice."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / ".running"
+    try:
+        holder = int(lock.read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        holder = 0
+    if holder and holder != os.getpid() and _alive(holder):
+        yield False
+        return
+    lock.write_text(str(os.getpid()))
+    try:
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _train_and_score(protocol: Protocol, fold: Fold, arm: str, seed: int, directory: Path, progress: bool) -> None:
+    """Train one (fold, arm, seed) and score its final policy on the fold's test months."""
+    from .trainer import train
+
+    config = protocol.config(arm, fold, seed)
+    log.info("protocol: fold %s, arm %s, seed %d: training on %s, testing on %d..%d", fold.name, arm,
+             seed, [list(w) for w in fold.train], *fold.test)
+    result = train(config, directory, progress=progress, evaluate_every=0)
+    env_seeds = protocol.env_seeds if seed in protocol.env_seed_runs else ()
+    # The run's final evaluation is the published env on the test months, on a new env; more env seeds
+    # rescore the same weights.
+    scores = score_heldout(result.final_checkpoint, config.dataset, fold, env_seeds, progress=progress,
+                           published={"kpis": result.summary["evaluation"],
+                                      "service": result.summary["evaluation_service"]})
+    scores["training"] = {"seconds": result.summary["training_seconds"],
+                          "env_steps": result.summary["env_steps"],
+                          "episodes": result.summary["episodes"],
+                          "teaching": _teaching_line(result.summary)}
+    _write_json(directory / HELDOUT_FILE, scores)
 
 
 def score_heldout(checkpoint: Path, dataset: str, fold: Fold, env_seeds: tuple[int, ...], *,

@@ -9,7 +9,8 @@ import click
 
 @click.command("train")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-              help="TOML file of training settings (see configs/ctde.toml). Options below override it.")
+              help="TOML file of settings over the shipped defaults (configs/smoke.toml, configs/version-2.toml). "
+                   "Options below override it.")
 @click.option("--episodes", type=click.IntRange(min=0), default=None,
               help="MADDPG fine-tuning passes over the training window. 0: the teacher phases only (the clone).")
 @click.option("--start", type=click.IntRange(min=0), default=None, help="First time step of the training window.")
@@ -43,11 +44,12 @@ def train(config_file, episodes, start, end, dataset, seed, teacher, bc_alpha, d
 
     \b
     A teacher (the perfect-foresight planner, every car charged) drives first and labels what it sees; the actors
-    are cloned from it and refined by DAgger (the clone drives, the teacher labels); the critic is warmed up on
-    that data; then MADDPG fine-tunes the actors against the team reward (the headline KPIs, per step), kept near
-    the teacher by TD3+BC. Decentralised execution: each actor sees only its own building. Centralised training:
-    the critic sees every building's observation and action and the district's running peaks. The exported graph
-    ends with a safety layer: every car leaves charged, every appliance cycle runs.
+    are cloned from it and refined by DAgger (the clone drives, the teacher labels); with --episodes N the critic
+    is warmed up on that data and MADDPG fine-tunes the actors against the team reward (the headline KPIs, per
+    step), kept near the teacher by TD3+BC. Each actor sees its own building's row (and, with the `district`
+    feature, six district aggregates computed in the graph); the centralised critic sees every building's
+    observation and action and the district's running peaks. The exported graph ends with a safety layer: every
+    car leaves charged, every appliance cycle runs.
 
     \b
     Writes OUT/metrics.jsonl (every update, pass, critic check and evaluation), last.pt, best.pt, final.pt,
@@ -55,7 +57,7 @@ def train(config_file, episodes, start, end, dataset, seed, teacher, bc_alpha, d
 
     \b
     Example (the shipped model, see docs/model-card.md):
-      maddpg-citylearn train --config configs/ctde.toml --out runs/ctde
+      maddpg-citylearn train --out runs/ctde
       maddpg-citylearn export runs/ctde/best.pt
     """
     from maddpg_training.config import TrainConfig
