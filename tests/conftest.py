@@ -2,10 +2,15 @@
 
 Expensive things are session-scoped and built once: an initialised policy on the real env layout (one-week warm-up),
 its export, and a tritonserver on free ports (one per backend, in turn) that is stopped by PID when its tests are done.
+``local_server`` starts any other server a test needs, the same way.
+
+Without the CityLearn dataset the session still runs: the tests that need the env fail, each saying where the
+dataset was looked for; the others (manifests, the client against a server, processes) are unaffected.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -14,31 +19,59 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASET = "citylearn_challenge_2022_phase_all_plus_evs"
 ONE_WEEK = (0, 167)
+# How long a test waits for a server it started to be ready (the machine may be busy).
+SERVER_READY_TIMEOUT_S = 120
 
 
-def _datasets_root() -> Path:
+def _dataset_candidates() -> list[Path]:
     configured = os.environ.get("CITYLEARN_LOCAL_DATASETS_PATH")
     candidates = [Path(configured)] if configured else []
     candidates.append(REPO_ROOT.parent / "shared" / "citylearn" / "datasets")
-    for candidate in candidates:
+    return candidates
+
+
+def _datasets_root() -> Path | None:
+    for candidate in _dataset_candidates():
         if (candidate / DATASET / "schema.json").is_file():
             return candidate.resolve()
-    raise pytest.UsageError(
-        f"the CityLearn dataset {DATASET} was not found (looked in {', '.join(map(str, candidates))}): set "
-        f"CITYLEARN_LOCAL_DATASETS_PATH to the folder that holds it (../shared/citylearn/datasets in CI)"
-    )
+    return None
 
 
 def pytest_configure(config):
-    # Tests never reach the internet: CityLearn must read the local copy.
+    # Tests never reach the internet: CityLearn must read the local copy (or fail at once without it).
     root = _datasets_root()
-    os.environ["CITYLEARN_LOCAL_DATASETS_PATH"] = str(root)
+    if root is not None:
+        os.environ["CITYLEARN_LOCAL_DATASETS_PATH"] = str(root)
     os.environ["CITYLEARN_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")
 def schema_path() -> Path:
-    return _datasets_root() / DATASET / "schema.json"
+    root = _datasets_root()
+    if root is None:
+        pytest.fail(f"the CityLearn dataset {DATASET} was not found (looked in "
+                    f"{', '.join(map(str, _dataset_candidates()))}): set CITYLEARN_LOCAL_DATASETS_PATH to the folder "
+                    f"that holds it (../shared/citylearn/datasets in CI)", pytrace=False)
+    return root / DATASET / "schema.json"
+
+
+@pytest.fixture(scope="session")
+def local_server():
+    """``with local_server(repository, backend=..., ...) as server:`` a real tritonserver (bundled in nvidia-pytriton)
+    on free ports, ready, stopped by PID on the way out. Keyword arguments are :class:`LocalTritonServer`'s."""
+    from maddpg_serving.local_triton import LocalTritonServer, free_ports
+
+    @contextlib.contextmanager
+    def start(repository, **options):
+        options.setdefault("ports", free_ports())
+        server = LocalTritonServer(Path(repository), **options)
+        server.start(timeout=SERVER_READY_TIMEOUT_S)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+    return start
 
 
 @pytest.fixture(scope="session")
@@ -75,21 +108,16 @@ SERVER_BACKENDS = ("onnxruntime", "python")
 
 
 @pytest.fixture(scope="session", params=SERVER_BACKENDS)
-def triton_server(request, exported_repository):
+def triton_server(request, exported_repository, local_server):
     """A real tritonserver (bundled in nvidia-pytriton) on free ports, once per backend: every test that uses it runs
     against Triton's onnxruntime backend (configs/cpu.pbtxt) and the python backend (configs/local.pbtxt)."""
-    from maddpg_serving.local_triton import LocalTritonServer, free_ports
     from maddpg_serving.onnxruntime_backend import installed
 
     if request.param == "onnxruntime" and installed() is None:
         pytest.fail("Triton's onnxruntime backend is not built: run `make setup` (it builds it), or "
                     "`python -m maddpg_serving.onnxruntime_backend build --sources ../shared/triton-src`")
-    server = LocalTritonServer(exported_repository, ports=free_ports(), backend=request.param)
-    server.start(timeout=120)
-    try:
+    with local_server(exported_repository, backend=request.param) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

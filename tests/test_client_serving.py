@@ -21,13 +21,13 @@ from maddpg_client import (
     ModelNotFoundError,
     PolicyTimeoutError,
     PolicyUnavailableError,
+    ProtocolMismatchError,
     RetryPolicy,
     TritonPolicy,
     scrape,
     scrape_settled,
 )
 from maddpg_client.triton_policy import classify_error
-from maddpg_serving.local_triton import LocalTritonServer, free_ports
 from maddpg_serving.processes import reserve_ports
 
 pytestmark = [pytest.mark.triton, pytest.mark.citylearn]
@@ -178,15 +178,74 @@ def test_non_finite_observations_can_be_left_to_the_model_to_sanitise(triton_ser
     assert np.isfinite(actions).all() and (actions >= low).all() and (actions <= high).all()
 
 
+@pytest.mark.parametrize("kind", ["http", "grpc", "local", "async"])
+def test_allow_non_finite_is_accepted_per_call_as_the_refusal_suggests(kind, triton_server, exported_repository, local):
+    """The BadInputError says `pass allow_non_finite=True (to act() ...)`: that call works, and answers what the
+    in-process graph answers; the policy's own setting is unchanged for the next call."""
+    hostile = np.full((17, 52), np.inf, np.float32)
+    hostile[::2] = np.nan
+    expected = local.act(hostile, allow_non_finite=True)
+    if kind == "async":
+        async def main():
+            async with AsyncTritonPolicy(triton_server.http_url) as policy:
+                await policy.wait_until_ready(30)
+                with pytest.raises(BadInputError) as refused:
+                    await policy.act(hostile)
+                return refused.value, await policy.act(hostile, allow_non_finite=True)
+
+        refusal, actions = asyncio.run(main())
+    else:
+        policy = (LocalPolicy(exported_repository) if kind == "local"
+                  else TritonPolicy(url_for(triton_server, kind), protocol=kind))
+        with pytest.raises(BadInputError) as refused:
+            policy.act(hostile)
+        refusal, actions = refused.value, policy.act(hostile, allow_non_finite=True)
+        with pytest.raises(BadInputError):
+            policy.act(hostile)  # the call's own switch, not a new default
+    assert "allow_non_finite=True (to act()" in str(refusal)
+    assert np.abs(actions - expected).max() <= 1e-6
+
+
+# --- why a policy is not ready, said at once where waiting cannot help ------------------------------------------------
+# `interval=600` would make any second wait hang the test (pytest's timeout then fails it): an error that comes back
+# proves the first look decided, without comparing clocks.
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_the_wrong_protocol_for_the_port_is_named_at_once(triton_server, protocol):
+    other = triton_server.grpc_url if protocol == "http" else triton_server.http_url
+    with pytest.raises(ProtocolMismatchError) as raised:
+        TritonPolicy(other, protocol=protocol).wait_until_ready(timeout=600, interval=600)
+    assert {"http": "speaks gRPC, not HTTP", "grpc": "speaks HTTP, not gRPC"}[protocol] in str(raised.value)
+
+    async def main():
+        async with AsyncTritonPolicy(other, protocol=protocol) as policy:
+            await policy.wait_until_ready(timeout=600, interval=600)
+
+    with pytest.raises(ProtocolMismatchError):
+        asyncio.run(main())
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_the_metrics_port_is_not_taken_for_the_inference_api(triton_server, protocol):
+    metrics = f"127.0.0.1:{triton_server.ports.metrics}"
+    with pytest.raises(ProtocolMismatchError, match="metrics port"):
+        TritonPolicy(metrics, protocol=protocol).wait_until_ready(timeout=600, interval=600)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_an_unknown_model_is_named_at_once_with_what_the_server_has(triton_server, protocol):
+    policy = TritonPolicy(url_for(triton_server, protocol), protocol=protocol, model="no_such_model")
+    with pytest.raises(ModelNotFoundError) as raised:
+        policy.wait_until_ready(timeout=600, interval=600)
+    assert "does not serve 'no_such_model' (it serves: maddpg_ctde)" in str(raised.value)
+    assert policy.unready_reason() is not None and policy.is_ready() is False
+    assert TritonPolicy(url_for(triton_server, protocol), protocol=protocol).unready_reason() is None
+
+
 @pytest.fixture(scope="module")
-def saturated_server(saturated_repository):
+def saturated_server(saturated_repository, local_server):
     """A served policy whose actors are saturated (see conftest): its actions sit on their bounds."""
-    server = LocalTritonServer(saturated_repository, ports=free_ports())
-    server.start(timeout=120)
-    try:
+    with local_server(saturated_repository) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -209,12 +268,16 @@ def test_served_saturated_actors_stay_on_their_bounds_never_past_them(saturated_
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_a_stopped_server_raises_unavailable_after_bounded_retries(protocol):
-    policy = TritonPolicy(f"127.0.0.1:{reserve_ports(1)[0]}", protocol=protocol, retry=RetryPolicy(attempts=2, backoff_s=0.01))
+    address = f"127.0.0.1:{reserve_ports(1)[0]}"
+    policy = TritonPolicy(address, protocol=protocol, retry=RetryPolicy(attempts=2, backoff_s=0.01))
     with pytest.raises(PolicyUnavailableError, match="is tritonserver running"):
         _ = policy.layout
     assert policy.is_ready() is False
-    with pytest.raises(PolicyUnavailableError, match="not ready"):
+    # Nothing listening may be a server still starting: waited for, then named.
+    with pytest.raises(PolicyUnavailableError) as raised:
         policy.wait_until_ready(timeout=1, interval=0.2)
+    assert f"nothing is listening at {address} (connection refused)" in str(raised.value)
+    assert "still so after 1 s" in str(raised.value)
 
 
 def test_a_server_that_never_answers_raises_timeout():

@@ -114,6 +114,15 @@ def test_unreachable_cluster_fails_fast_with_one_line(unreachable_cluster, subco
     assert "refused" in line and "Docker Desktop" in line
 
 
+def test_a_context_the_kubeconfig_lacks_is_named_not_taken_for_a_missing_cluster(unreachable_cluster):
+    env, _ = unreachable_cluster
+    result = run_cli("deploy", "status", "--context", "nosuch", env=env)
+    assert result.returncode == 1
+    (line,) = error_lines(result)
+    assert "has no context 'nosuch' (it has 'docker-desktop')" in line and "--context" in line
+    assert "no Kubernetes cluster" not in line
+
+
 def test_production_overlay_reports_the_cluster_before_any_crd_problem(unreachable_cluster):
     env, server = unreachable_cluster
     result = run_cli("deploy", "apply", "--overlay", "production", env=env)

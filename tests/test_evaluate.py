@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +23,8 @@ from maddpg_evaluation.citylearn_env import EnvSpec
 from maddpg_evaluation.evaluation import evaluate_policy, local_factory, triton_factory
 from maddpg_evaluation.kpis import DISTRICT_KPIS
 from maddpg_ops.cli import cli
-from maddpg_serving.local_triton import LocalTritonServer, free_ports
+from maddpg_serving.local_triton import LocalTritonServer
+from maddpg_serving.processes import reserve_ports
 
 pytestmark = [pytest.mark.triton, pytest.mark.citylearn]
 MODEL = "maddpg_ctde"
@@ -105,13 +112,36 @@ def test_the_plot_draws_the_episodes_loads_and_kpis(week_spec, exported_reposito
     assert np.abs(policy - zero).max() > 5.0, "17 batteries charging at half power move the district load"
     drawn = plot_report(report, tmp_path / "report.png")
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The lines in the picture are the loads the env recorded for each controller, step for step.
-    np.testing.assert_array_equal(drawn["load"][report.policy_name], policy)
-    np.testing.assert_array_equal(drawn["load"]["zero actions (no control)"], zero)
-    # The bars are each controller's KPIs, in the order of the axis labels.
+    # The lines are what a reader looks for in the loads the env recorded: each day's peak over the window, and the
+    # hours of the week around the policy's all-time peak, policy against no control.
+    label = report.policy_label
+    np.testing.assert_array_equal(drawn["daily_peaks"][label], [policy[i:i + 24].max() for i in range(0, 167, 24)])
+    np.testing.assert_array_equal(drawn["daily_peaks"]["no control (zero actions)"],
+                                  [zero[i:i + 24].max() for i in range(0, 167, 24)])
+    week = drawn["peak_week"][label]
+    assert len(week) == 167 and week.max() == policy.max()  # a one-week window is its own peak week
+    np.testing.assert_array_equal(drawn["peak_week"]["no control (zero actions)"], zero)
+    # The bars are each controller's KPIs, in the order of the axis labels...
+    names = {"policy": label, **{name: COLUMN_NAMES[name] for name in report.baselines}}
     for name, result in {"policy": report.policy, **report.baselines}.items():
         expected = [result.kpis.get(kpi, math.nan) for kpi in DISTRICT_KPIS]
-        np.testing.assert_allclose(drawn["kpis"][COLUMN_NAMES.get(name, name)], expected, equal_nan=True)
+        np.testing.assert_allclose(drawn["kpis"][names[name]], expected, equal_nan=True)
+        # ... and cost and carbon relative to charge on arrival, the comparison that is fair to charging the cars.
+        relative = report.relative_to_charge_on_arrival(result)
+        np.testing.assert_allclose(drawn["relative"][names[name]],
+                                   [relative["cost_total"], relative["carbon_emissions_total"]])
+    np.testing.assert_allclose(drawn["relative"]["charge on arrival"], [1.0, 1.0])
+
+
+def test_the_peak_week_is_the_week_around_the_all_time_peak():
+    from maddpg_evaluation.report import daily_peaks, peak_week
+
+    load = np.zeros(1000)
+    load[700] = 5.0
+    assert peak_week(load) == slice(616, 784) and peak_week(load[:100]) == slice(0, 100)
+    load[990] = 9.0
+    assert peak_week(load) == slice(832, 1000)  # near the end: the last week, still 168 h
+    np.testing.assert_array_equal(daily_peaks(np.arange(50.0)), [23.0, 47.0, 49.0])  # the last day may be short
 
 
 def test_many_simulators_at_once_step_the_whole_window_and_batch_on_the_server(triton_server, week_spec, local_run):
@@ -182,14 +212,10 @@ def test_windows_are_checked_against_the_dataset_length(schema_path):
 
 # --- a server that goes away mid-episode ------------------------------------------------------------------------------
 @pytest.fixture()
-def own_server(exported_repository):
+def own_server(exported_repository, local_server):
     """A server of this test's own, to stop and start again (exit timeout 0: it stops at once, like a crash)."""
-    server = LocalTritonServer(exported_repository, ports=free_ports(), exit_timeout_s=0)
-    server.start(timeout=120)
-    try:
+    with local_server(exported_repository, exit_timeout_s=0) as server:
         yield server
-    finally:
-        server.stop()
 
 
 class StopMidway(threading.Thread):
@@ -231,7 +257,8 @@ def evaluate_cli(server, schema_path, out, *extra: str):
 
 
 def test_evaluate_rides_out_a_server_restart_mid_episode_with_the_same_results(
-        own_server, schema_path, exported_repository, tmp_path):
+        own_server, schema_path, exported_repository, tmp_path, caplog):
+    caplog.set_level("WARNING", logger="maddpg_evaluation")
     steps = TWO_WEEKS[1] - TWO_WEEKS[0]
     restart = StopMidway(own_server, after_requests=100)
     restart.start()
@@ -241,8 +268,9 @@ def test_evaluate_rides_out_a_server_restart_mid_episode_with_the_same_results(
     assert restart.ready_at is not None, "the server was not restarted"
     assert result.exit_code == 0, result.output
     # The restarted process answered the rest of the window: some steps, not all (its counters start from zero).
+    # (Of the 100 requests before the stop, one is the run's own probe of the metrics endpoint.)
     served_after_restart = scrape_settled(own_server.metrics_url, MODEL).request_success - restart.fresh_count
-    assert 0 < served_after_restart <= steps - 100
+    assert 0 < served_after_restart <= steps - 99
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["env"]["steps"] == steps
     # Every action, before and after the restart, is the exported model's for that step's observations...
@@ -253,8 +281,9 @@ def test_evaluate_rides_out_a_server_restart_mid_episode_with_the_same_results(
                                     progress=False)
     for kpi in DISTRICT_KPIS:
         assert report["results"]["policy"]["kpis"][kpi] == pytest.approx(uninterrupted.policy.kpis[kpi], abs=1e-9)
-    # Counters across a restart mean nothing: the run says so instead of reporting them.
-    assert "server" not in report["throughput"] and "did the server restart" in result.stderr
+    # Counters across a restart mean nothing: the run says what it saw instead of reporting them.
+    assert "server" not in report["throughput"]
+    assert "the server went away during the run" in caplog.text and "started again from zero" in caplog.text
     print(f"restart: server stopped and ready again in {restart.ready_at - restart.stopped_at:.1f} s")
 
 
@@ -273,3 +302,182 @@ def test_a_server_that_stays_down_ends_evaluate_with_one_line_and_no_report(own_
     assert "gave up after" in line and "is tritonserver running" in line and "no report was written" in line
     assert not (out / "report.json").exists() and not (out / "report.png").exists()
 
+
+
+# --- `evaluate --url` pointed at the wrong thing: one line naming the cause, before the env is built -----------------
+@pytest.fixture()
+def no_env(monkeypatch):
+    """A tripwire: a server that cannot serve must be reported before the env (seconds to build) is built."""
+    def build(self):
+        raise AssertionError("the env was built before the server was checked")
+
+    monkeypatch.setattr(EnvSpec, "build", build)
+
+
+def evaluate_url(url: str, *extra: str):
+    return CliRunner().invoke(cli, ["evaluate", "--url", url, "--start", "0", "--end", "23", "--no-baselines",
+                                    "--no-progress", *extra])
+
+
+@pytest.mark.parametrize("case", ["nothing listening", "http to the grpc port", "grpc to the http port",
+                                  "the metrics port", "unknown model"])
+def test_evaluate_url_names_what_is_wrong_in_one_line(case, triton_server, no_env, tmp_path):
+    url, extra, cause = {
+        "nothing listening": (f"127.0.0.1:{reserve_ports(1)[0]}", ["--ready-timeout", "1"], "connection refused"),
+        "http to the grpc port": (triton_server.grpc_url, [], "speaks gRPC, not HTTP"),
+        "grpc to the http port": (triton_server.http_url, ["--protocol", "grpc"], "speaks HTTP, not gRPC"),
+        "the metrics port": (f"127.0.0.1:{triton_server.ports.metrics}", [], "metrics port"),
+        "unknown model": (triton_server.http_url, ["--model", "no_such_model"], "does not serve 'no_such_model'"),
+    }[case]
+    result = evaluate_url(url, "--out", str(tmp_path / "out"), *extra)
+    assert result.exit_code == 1
+    line = _error(result)
+    assert cause in line and "no report was written" in line
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+# --- what report.json says it evaluated -------------------------------------------------------------------------------
+def test_report_json_names_the_model_version_variant_backend_and_onnx_digest(exported_repository, schema_path,
+                                                                             tmp_path):
+    served = exported_repository / MODEL / "1" / "model.onnx"
+    digest = hashlib.sha256(served.read_bytes()).hexdigest()
+    window = ["--schema", str(schema_path), "--start", "0", "--end", "23", "--no-baselines", "--no-progress"]
+    for how, out in ((["--serve", str(exported_repository)], "served"), (["--local", str(exported_repository)], "local")):
+        result = CliRunner().invoke(cli, ["evaluate", *how, *window, "--out", str(tmp_path / out)])
+        assert result.exit_code == 0, result.output
+        model = json.loads((tmp_path / out / "report.json").read_text())["model"]
+        assert model["name"] == MODEL and model["version"] == "1"
+        assert model["onnx_sha256"] == digest and Path(model["onnx_file"]).resolve() == served.resolve()
+        assert model["source"]["kind"] == "maddpg-ctde"  # where the graph came from: the layout's own record
+        if out == "served":
+            # The variant and backend the local server ran (the onnxruntime backend where built, as `serve` does).
+            assert (model["config_variant"], model["backend"]) in {("cpu", "onnxruntime"), ("local", "python")}
+            assert model["server"].startswith("Triton 2.51.0 at http://127.0.0.1:")
+        else:
+            assert model["backend"] == "onnxruntime (in process)" and model["config_variant"] is None
+        assert f"{MODEL} v1" in result.output  # the table's column, as the plot's legend, names the model
+
+
+def test_a_served_model_without_local_files_is_named_and_says_why_it_has_no_digest(triton_server, schema_path,
+                                                                                   tmp_path):
+    result = CliRunner().invoke(cli, ["evaluate", "--url", triton_server.grpc_url, "--protocol", "grpc",
+                                      "--schema", str(schema_path), "--start", "0", "--end", "23", "--no-baselines",
+                                      "--no-progress", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    model = json.loads((tmp_path / "report.json").read_text())["model"]
+    assert (model["name"], model["version"]) == (MODEL, "1")
+    assert model["backend"] == triton_server.served_backend
+    assert model["config_variant"] == {"onnxruntime": "cpu", "python": "local"}[triton_server.served_backend]
+    assert model["onnx_sha256"] is None and any("no model.onnx digest" in note for note in model["notes"])
+
+
+# --- batch statistics from this server's own metrics endpoint ---------------------------------------------------------
+def ports_with_metrics_at(offset: int):
+    """Free ports for a server whose HTTP port is `offset` below a port that is also free (Triton's own layout)."""
+    from maddpg_serving.server_config import TritonPorts
+
+    for _ in range(100):
+        http, grpc, metrics = reserve_ports(3)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", http + offset))
+            except OSError:
+                continue
+        if http + offset not in (grpc, metrics):
+            return TritonPorts(http, grpc, metrics), http + offset
+    raise AssertionError("no free port pair found")
+
+
+def test_evaluate_reads_batch_statistics_from_its_own_servers_metrics_not_a_neighbours(
+        exported_repository, schema_path, local_server, tmp_path, caplog):
+    """The server under test has its metrics on some port; another server listens where a guess would look (the
+    HTTP port + 2). The run must not take the neighbour's counters for its own, and must not guess a restart."""
+    from maddpg_serving.server_config import TritonPorts
+
+    caplog.set_level("INFO", logger="maddpg_evaluation")
+    ports, guessed = ports_with_metrics_at(2)
+    neighbour_ports = TritonPorts(*reserve_ports(2), guessed)
+    with local_server(exported_repository, ports=neighbour_ports), local_server(exported_repository, ports=ports):
+        result = evaluate_url(f"127.0.0.1:{ports.http}", "--schema", str(schema_path), "--out", str(tmp_path / "a"))
+        assert result.exit_code == 0, result.output
+        throughput = json.loads((tmp_path / "a" / "report.json").read_text())["throughput"]
+        assert "server" not in throughput and "average_batch_size" not in throughput
+        assert f"http://127.0.0.1:{guessed}/metrics does not count its requests" in caplog.text
+        assert "pass --metrics-url" in caplog.text and "restart" not in caplog.text
+    # The server's metrics where Triton's layout puts them (HTTP + 2) are found, and count exactly this run.
+    ports, _ = ports_with_metrics_at(2)
+    ports = TritonPorts(ports.http, ports.grpc, ports.http + 2)
+    with local_server(exported_repository, ports=ports):
+        result = evaluate_url(f"127.0.0.1:{ports.http}", "--schema", str(schema_path), "--out", str(tmp_path / "b"))
+        assert result.exit_code == 0, result.output
+        throughput = json.loads((tmp_path / "b" / "report.json").read_text())["throughput"]
+        assert throughput["metrics_url"] == f"http://127.0.0.1:{ports.metrics}/metrics"
+        assert throughput["server"]["requests"] == 23
+
+
+def test_an_explicit_metrics_url_of_another_server_is_refused_before_stepping(
+        triton_server, exported_repository, local_server, schema_path, no_stepping):
+    with local_server(exported_repository, backend="python") as other:
+        result = evaluate_url(triton_server.http_url, "--schema", str(schema_path), "--metrics-url", other.metrics_url)
+    assert result.exit_code == 1
+    assert "--metrics-url is not the metrics endpoint of" in _error(result)
+
+
+# --- one line instead of a traceback ----------------------------------------------------------------------------------
+def test_a_corrupt_model_onnx_is_one_line(exported_repository, tmp_path, no_stepping):
+    broken = tmp_path / MODEL / "1"
+    broken.mkdir(parents=True)
+    data = (exported_repository / MODEL / "1" / "model.onnx").read_bytes()
+    (broken / "model.onnx").write_bytes(data[: len(data) // 2])
+    result = CliRunner().invoke(cli, ["evaluate", "--local", str(tmp_path), "--start", "0", "--end", "23"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    line = _error(result)
+    assert f"{broken / 'model.onnx'} is not a model onnxruntime can load (InvalidProtobuf" in line
+    assert "export the model again" in line
+
+
+def test_a_dataset_name_typo_online_is_one_line_with_the_likely_name(exported_repository, monkeypatch, no_stepping):
+    """Without CITYLEARN_OFFLINE: here (no internet) the download is known impossible at once; with internet,
+    CityLearn refuses the unknown name itself. Either way one line, naming the dataset it probably meant."""
+    monkeypatch.delenv("CITYLEARN_OFFLINE")
+    result = CliRunner().invoke(cli, ["evaluate", "--local", str(exported_repository), "--dataset",
+                                      "citylearn_challenge_2022_phase_all_plus_evz", "--no-baselines"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "did you mean 'citylearn_challenge_2022_phase_all_plus_evs'?" in _error(result)
+
+
+def test_a_dataset_that_cannot_be_downloaded_fails_at_once_saying_how_to_point_at_a_copy(
+        exported_repository, monkeypatch, tmp_path, no_stepping):
+    import maddpg_evaluation.citylearn_env as citylearn_env
+
+    monkeypatch.delenv("CITYLEARN_OFFLINE")
+    monkeypatch.setenv("CITYLEARN_LOCAL_DATASETS_PATH", str(tmp_path))  # an empty folder: no copy here
+    # Where CityLearn would download from: a closed port stands for a machine without internet.
+    monkeypatch.setattr(citylearn_env, "DOWNLOAD_PROBE_URL", f"http://127.0.0.1:{reserve_ports(1)[0]}/")
+    citylearn_env.download_blocked.cache_clear()
+    try:
+        result = CliRunner().invoke(cli, ["evaluate", "--local", str(exported_repository), "--dataset",
+                                          "not_a_dataset_anyone_has", "--no-baselines"])
+    finally:
+        citylearn_env.download_blocked.cache_clear()
+    assert result.exit_code == 1
+    line = _error(result)
+    assert "'not_a_dataset_anyone_has' is not on this machine" in line and "cannot download it" in line
+    assert "refused" in line and "CITYLEARN_LOCAL_DATASETS_PATH" in line and "CITYLEARN_OFFLINE=1" in line
+
+
+def test_without_any_setting_the_dataset_copy_beside_the_checkout_is_found(exported_repository, schema_path, tmp_path):
+    """A newcomer runs a command outside make, in a clone with ../shared beside it, no variable set."""
+    clone = tmp_path / "work" / "clone"
+    clone.mkdir(parents=True)
+    datasets = tmp_path / "work" / "shared" / "citylearn" / "datasets"
+    datasets.mkdir(parents=True)
+    (datasets / schema_path.parent.name).symlink_to(schema_path.parent)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CITYLEARN_")}
+    result = subprocess.run([sys.executable, "-m", "maddpg_ops.cli", "evaluate", "--local", str(exported_repository),
+                             "--start", "0", "--end", "23", "--no-baselines", "--no-progress", "--out", "report"],
+                            cwd=clone, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"CityLearn datasets: using the copy in {datasets}" in result.stderr
+    schema = json.loads((clone / "report" / "report.json").read_text())["env"]["schema"]
+    assert schema == str(datasets / schema_path.parent.name / "schema.json")

@@ -158,10 +158,16 @@ def test_existing_version_is_refused_without_force_and_replaced_with_it(initial_
     assert sorted(p.name for p in (repository / MODEL).iterdir() if p.name.isdigit()) == ["3"]
 
 
-@pytest.mark.parametrize("case", ["missing", "truncated", "foreign", "unsafe", "directory"])
+@pytest.mark.parametrize("case", ["missing", "truncated", "foreign", "unsafe", "directory", "text", "empty", "binary"])
 def test_bad_checkpoints_fail_with_one_clear_line_and_write_nothing(case, tmp_path, initial_checkpoint_path, repository):
     path = tmp_path / "bad.pt"
-    if case == "truncated":
+    if case == "text":
+        path.write_text("step,reward\n1,0.5\n")
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "binary":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    elif case == "truncated":
         data = initial_checkpoint_path.read_bytes()
         path.write_bytes(data[: len(data) // 3])
     elif case == "foreign":
@@ -175,8 +181,13 @@ def test_bad_checkpoints_fail_with_one_clear_line_and_write_nothing(case, tmp_pa
     assert "Traceback" not in result.output
     message = error_line(result)
     expected = {"missing": "does not exist", "truncated": "truncated", "foreign": "not a checkpoint this tool can export",
-                "unsafe": "arbitrary unpickling", "directory": "is a directory"}[case]
+                "unsafe": "arbitrary unpickling", "directory": "is a directory",
+                # A file torch.save cannot have written is called what it is, not an unsafe pickle.
+                "text": "is not a checkpoint: it is text (starting 'step,reward')", "empty": "is not a checkpoint: it is empty",
+                "binary": "is not a checkpoint: it is neither a zip archive nor a pickle"}[case]
     assert expected in message
+    if case in ("text", "empty", "binary"):
+        assert "unpickling" not in message
     if case == "unsafe":
         assert "PosixPath" in message  # names what it refused to unpickle
     assert not repository.exists()

@@ -25,21 +25,12 @@ MODEL = "maddpg_ctde"
 
 
 @pytest.fixture(scope="module")
-def shipped_servers():
+def shipped_servers(local_server):
     """The shipped repository on both backends at once: {backend: LocalTritonServer}."""
-    from maddpg_serving.local_triton import LocalTritonServer, free_ports
-
     if onnxruntime_backend.installed() is None:
         pytest.fail("Triton's onnxruntime backend is not built: run `make setup`")
-    servers = {backend: LocalTritonServer(SHIPPED, ports=free_ports(), backend=backend)
-               for backend in ("onnxruntime", "python")}
-    try:
-        for server in servers.values():
-            server.start(timeout=120)
-        yield servers
-    finally:
-        for server in servers.values():
-            server.stop()
+    with local_server(SHIPPED, backend="onnxruntime") as onnxruntime, local_server(SHIPPED, backend="python") as python:
+        yield {"onnxruntime": onnxruntime, "python": python}
 
 
 def model_config(server) -> dict:
@@ -102,9 +93,15 @@ def test_raw_kserve_json_through_the_onnxruntime_backend_equals_in_process(shipp
     request = urllib.request.Request(f"http://{shipped_servers['onnxruntime'].http_url}/v2/models/{MODEL}/infer",
                                      data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=10) as response:
-        (output,) = json.load(response)["outputs"]
+        answer = json.load(response)
+    (output,) = answer["outputs"]
     actions = np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
     assert np.abs(actions - local.act(x)).max() <= 1e-6
+    # The README shows this answer: its model_version is the one the shipped repository serves, the newest.
+    newest = max(int(p.name) for p in (SHIPPED / MODEL).iterdir() if p.name.isdigit())
+    assert answer["model_version"] == str(newest)
+    readme = (SHIPPED.parent / "README.md").read_text()
+    assert f'{{"model_name":"{MODEL}","model_version":"{newest}","outputs"' in readme
 
 
 # --- the build ----------------------------------------------------------------------------------------------------
@@ -165,3 +162,16 @@ def test_the_build_command_says_it_is_current():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "onnxruntime backend is current" in result.stdout
+
+
+def test_one_cache_root_moves_every_cache_the_backend_build_included(monkeypatch, tmp_path):
+    """MADDPG_CITYLEARN_CACHE moves the trainer's teacher passes; it must move the backend build with them."""
+    from maddpg_core.files import cache_root
+
+    monkeypatch.setenv("MADDPG_CITYLEARN_CACHE", str(tmp_path / "cache"))
+    assert cache_root() == tmp_path / "cache"
+    assert onnxruntime_backend.install_directory().parent == tmp_path / "cache" / "triton-backends"
+    assert onnxruntime_backend.installed() is None  # nothing was built there
+    monkeypatch.delenv("MADDPG_CITYLEARN_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "maddpg-citylearn"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -158,10 +160,15 @@ def test_the_planner_refuses_unknown_options_in_one_line(two_days):
 
 
 def test_plan_writes_the_evaluate_report_with_the_planner_and_charge_on_arrival(schema_path, tmp_path):
+    """Run as a user runs it (its own process): stdout is the table, with no solver banner in it."""
     out = tmp_path / "plan"
-    result = CliRunner().invoke(cli, ["plan", "--schema", str(schema_path), "--start", "0", "--end", "23",
-                                      "--horizon", "12", "--out", str(out), "--no-progress"])
-    assert result.exit_code == 0, result.output
+    result = subprocess.run([sys.executable, "-m", "maddpg_ops.cli", "plan", "--schema", str(schema_path), "--start",
+                             "0", "--end", "23", "--horizon", "12", "--out", str(out), "--no-progress"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "HiGHS" not in result.stdout.replace("+ HiGHS", "") and "Copyright" not in result.stdout + result.stderr
+    header = result.stdout.splitlines()[0]
+    assert header.split()[7:9] == ["better)", "planner"] and "policy" not in header, header
     report = json.loads((out / "report.json").read_text())
     assert set(report["results"]) == {"policy", "zero_actions", "basic_battery_rbc", "charge_on_arrival"}
     planner, reference = report["results"]["policy"], report["results"]["charge_on_arrival"]
@@ -171,10 +178,20 @@ def test_plan_writes_the_evaluate_report_with_the_planner_and_charge_on_arrival(
     assert planner["relative_to_charge_on_arrival"]["cost_total"] < 1.0
     timing = report["throughput"]["planner"]
     assert timing["solves"] == 23 and timing["ms_per_solve_mean"] > 0
-    assert report["model"]["objective"] == "balanced" and report["model"]["horizon_hours"] == 12
+    assert report["model"]["name"] == "planner"
+    assert report["model"]["source"]["objective"] == "balanced" and report["model"]["source"]["horizon_hours"] == 12
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for words in ("charge on arrival", "relative to charge on arrival", "LP solve", "EV departures"):
-        assert words in result.output
+        assert words in result.stdout
+
+
+def test_the_planner_is_called_planner_in_tables_and_legends():
+    from maddpg_evaluation.evaluation import EvaluationReport, ModelIdentity
+    from maddpg_evaluation.report import column_names
+
+    report = EvaluationReport(policy_name="planner (receding 48 h, balanced, cars charged)", env={}, policy=None,
+                              baselines={"zero_actions": None}, model=ModelIdentity(name="planner"))
+    assert column_names(report) == {"policy": "planner", "zero_actions": "zero actions"}
 
 
 def test_each_objective_buys_its_own_kpi(week_spec):

@@ -1,8 +1,9 @@
 """Checkpoints of the seed project (CooperativeMADDPG) export, serve and answer like the seed's own inference path.
 
 The checkpoints here are built with random weights in the exact structure ``docs/seed-checkpoints.md`` describes
-(key names, shapes, numpy float64 statistics). The reference they are compared with is written independently of the
-exporter, straight from that description: the seed's module tree with ``nn.Linear``, ``nn.LayerNorm``,
+(key names, shapes, numpy float64 statistics) by ``maddpg_export.seed_example`` (what ``python -m
+maddpg_export.seed_example OUT.pt`` writes for users). The reference they are compared with is written independently of
+the exporter, straight from that description: the seed's module tree with ``nn.Linear``, ``nn.LayerNorm``,
 ``nn.MultiheadAttention``, and a loop over the 17 actors.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import pathlib
 from pathlib import Path
 
@@ -20,110 +22,18 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from torch import nn
 from tritonclient.grpc import model_config_pb2 as pb
 
 from maddpg_client import LayoutMismatchError, LocalPolicy, PolicyLayout, TritonPolicy
 from maddpg_core.errors import CheckpointError
 from maddpg_core.layout import INPUT_NAME, OUTPUT_NAME
 from maddpg_evaluation.citylearn_env import CityLearnAdapter
+from maddpg_export.seed_example import ACTION_DIM, N_AGENTS, OBS_DIM, Actor, Coordinator, H, seed_payload
 from maddpg_export.triton_config import parse_config
 from maddpg_ops.cli import cli
 
 MODEL = "seed_cooperative"
-N_AGENTS, OBS_DIM, ACTION_DIM = 17, 36, 3  # 36 < 52: a citylearn 2.5.0-sized model, narrower than 3.0.2's buildings
-H = 128
 BATCHES = (1, 7, 256, 4096)
-
-
-# --- the seed's modules, as the format description gives them -------------------------------------------------------
-class DistrictAggregator(nn.Module):
-    def __init__(self, obs_dim: int):
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(obs_dim, H), nn.LayerNorm(H), nn.ReLU(), nn.Linear(H, H), nn.ReLU())
-        self.aggregator = nn.Sequential(nn.Linear(H, H), nn.ReLU(), nn.Linear(H, 16))
-
-
-class AgentAttention(nn.Module):
-    def __init__(self, obs_dim: int):
-        super().__init__()
-        self.query_encoder = nn.Linear(obs_dim, H)
-        self.key_encoder = nn.Linear(obs_dim, H)
-        self.value_encoder = nn.Linear(obs_dim, H)
-        self.attention = nn.MultiheadAttention(H, 4, batch_first=True)
-        self.output_proj = nn.Linear(H, H)
-
-
-class Coordinator(nn.Module):
-    def __init__(self, obs_dim: int):
-        super().__init__()
-        self.district_aggregator = DistrictAggregator(obs_dim)
-        self.attention = AgentAttention(obs_dim)
-        self.attention_proj = nn.Linear(H, 16)
-        self.fusion = nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 32))
-        # In the state_dict, not on the inference path (its exact shape is not documented; this one is plausible).
-        self.mean_field = nn.Sequential(nn.Linear(obs_dim, 64), nn.ReLU(), nn.Linear(64, 16))
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        district = self.district_aggregator.encoder(z).mean(dim=1)
-        district = self.district_aggregator.aggregator(district).unsqueeze(1).repeat(1, z.shape[1], 1)
-        a = self.attention
-        attended, _ = a.attention(a.query_encoder(z), a.key_encoder(z), a.value_encoder(z))
-        attended = self.attention_proj(a.output_proj(attended))
-        return self.fusion(torch.cat([district, attended], dim=-1))
-
-
-class Actor(nn.Module):
-    def __init__(self, obs_dim: int, action_dim: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(obs_dim + 32, 256), nn.LayerNorm(256), nn.ReLU(), nn.Linear(256, 256),
-                                 nn.LayerNorm(256), nn.ReLU(), nn.Linear(256, action_dim), nn.Tanh())
-        self.net_local = nn.Sequential(nn.Linear(obs_dim, 256), nn.ReLU(), nn.Linear(256, action_dim), nn.Tanh())
-
-
-def randomised(module: nn.Module, generator: torch.Generator) -> nn.Module:
-    """Default init plus noise on every parameter, so LayerNorm scales and biases are not trivially 1 and 0."""
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    return module
-
-
-def seed_payload(*, n_agents: int = N_AGENTS, obs_dim: int = OBS_DIM, action_dim: int = ACTION_DIM,
-                 seed: int = 0) -> dict:
-    """A checkpoint dict with every documented key, as the seed project's ``torch.save`` writes it."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    critic_in = n_agents * (obs_dim + action_dim)
-    agents = []
-    for _ in range(n_agents):
-        actor = randomised(Actor(obs_dim, action_dim), generator)
-        critic = nn.Sequential(nn.Linear(critic_in, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
-        agents.append({
-            "actor": actor.state_dict(),
-            "critic": critic.state_dict(),
-            "target_actor": copy.deepcopy(actor.state_dict()),
-            "target_critic": copy.deepcopy(critic.state_dict()),
-            "actor_optim": torch.optim.Adam(actor.parameters(), lr=1e-4).state_dict(),
-            "critic_optim": torch.optim.Adam(critic.parameters(), lr=3e-4).state_dict(),
-        })
-    obs_count = 35040.0  # four years of hourly steps
-    return {
-        "n_agents": n_agents,
-        "obs_dim": obs_dim,
-        "action_dim": action_dim,
-        "coordination_dim": 32,
-        "is_cooperative": True,
-        "maddpg_config": {"gamma": 0.99, "tau": 0.005, "actor_lr": 1e-4, "critic_lr": 3e-4, "hidden_dim": 256,
-                          "batch_size": 256, "buffer_size": 100_000, "episodes": 50, "noise": {"sigma": 0.1}},
-        "coordinator": randomised(Coordinator(obs_dim), generator).state_dict(),
-        "agents": agents,
-        "obs_mean": rng.normal(0.0, 20.0, obs_dim),
-        # Inference divides obs_var by obs_count: chosen so that its standard deviation is 0.5 .. 30.
-        "obs_var": rng.uniform(0.5, 30.0, obs_dim) ** 2 * obs_count,
-        "obs_count": obs_count,
-    }
 
 
 def save(payload: dict, path: Path) -> Path:
@@ -191,12 +101,21 @@ def seed_path(tmp_path_factory, payload) -> Path:
 
 
 @pytest.fixture(scope="module")
-def seed_export(tmp_path_factory, seed_path) -> tuple[Path, Result]:
-    """`maddpg-citylearn export` of the seed checkpoint into a fresh repository (once per module)."""
+def seed_export(tmp_path_factory, seed_path) -> tuple[Path, Result, str]:
+    """`maddpg-citylearn export` of the seed checkpoint into a fresh repository (once per module), with the progress
+    messages it logged."""
     repository = tmp_path_factory.mktemp("seed_repository")
-    result = run_export(seed_path, "--repository", repository, "--model", MODEL)
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("maddpg_export")
+    logger.addHandler(handler)
+    try:
+        result = run_export(seed_path, "--repository", repository, "--model", MODEL)
+    finally:
+        logger.removeHandler(handler)
     assert result.exit_code == 0, result.output
-    return repository, result
+    return repository, result, "\n".join(messages)
 
 
 @pytest.fixture(scope="module")
@@ -210,11 +129,9 @@ def seed_session(seed_repository) -> ort.InferenceSession:
 
 
 @pytest.fixture(scope="module", params=("onnxruntime", "python"))
-def seed_server(request, seed_repository):
-    from maddpg_serving.local_triton import LocalTritonServer, free_ports
-
+def seed_server(request, seed_repository, local_server):
     # On both backends, like the session server; stopped by PID on the way out.
-    with LocalTritonServer(seed_repository, ports=free_ports(), backend=request.param) as server:
+    with local_server(seed_repository, backend=request.param) as server:
         yield server
 
 
@@ -277,8 +194,8 @@ def test_every_input_is_answered_with_finite_actions_in_bounds(seed_session):
 
 
 def test_export_prints_what_was_recognised_and_measured(seed_export):
-    _, result = seed_export
-    assert "CooperativeMADDPG" in result.stderr
+    _, result, logged = seed_export
+    assert "recognised a CooperativeMADDPG checkpoint of the seed project" in logged
     assert "exported seed-cooperative-maddpg policy" in result.stdout
     assert f"'batch', {N_AGENTS}, {OBS_DIM}]" in result.stdout and f"'batch', {N_AGENTS}, {ACTION_DIM}]" in result.stdout
 
@@ -488,3 +405,21 @@ def test_a_seed_model_wide_enough_for_the_env_is_fed_tail_padded_rows(tmp_path, 
         assert (rows[i, len(building):] == 0).all()
     actions = adapter.actions_to_lists(np.full((N_AGENTS, most_actions + 1), 0.5, np.float32))
     assert [len(a) for a in actions] == [len(names) for names in env.action_names]
+
+
+def test_the_seed_example_command_writes_a_checkpoint_that_export_recognises(tmp_path):
+    """docs/seed-checkpoints.md: `python -m maddpg_export.seed_example OUT.pt` makes a file to try the seed path with."""
+    import subprocess
+    import sys
+
+    from maddpg_export.sources import load_policy_source
+
+    out = tmp_path / "runs" / "seed-example.pt"
+    result = subprocess.run([sys.executable, "-m", "maddpg_export.seed_example", str(out), "--obs-dim", "20"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"maddpg-citylearn export {out}" in result.stdout
+    source = load_policy_source(out)
+    assert source.kind == "seed-cooperative-maddpg"
+    assert source.layout.observation_shape == (N_AGENTS, 20) and source.layout.action_shape == (N_AGENTS, ACTION_DIM)
+

@@ -96,6 +96,24 @@ def test_a_second_serve_on_a_busy_port_fails_before_starting_and_clearly(triton_
     assert triton_server.is_ready(), "the running server must not be disturbed"
 
 
+@pytest.mark.parametrize("case", ["unresolvable host", "not this machine's address", "one port twice"])
+def test_a_bad_host_or_repeated_port_is_named_as_such_before_starting(case, exported_repository):
+    ports = free_ports()
+    extra, expected = {
+        "unresolvable host": (["--host", "not-a-host.invalid"], "--host 'not-a-host.invalid' is not a valid address"),
+        # TEST-NET-3 (RFC 5737): never an address of this machine.
+        "not this machine's address": (["--host", "203.0.113.7"], "cannot listen on 203.0.113.7"),
+        "one port twice": (["--grpc-port", str(ports.http)], f"--http-port and --grpc-port are both {ports.http}"),
+    }[case]
+    result = subprocess.run([*serve_command(exported_repository, ports), *extra], capture_output=True, text=True,
+                            timeout=60)  # a bounded wait, not a timing assert
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr
+    assert "already in use" not in result.stderr and "Default is" not in result.stderr
+    assert "tritonserver exited" not in result.stderr  # refused by the checks, not launched and failed
+
+
 def test_a_repository_without_versions_is_refused_before_starting(tmp_path):
     (tmp_path / "maddpg_ctde").mkdir()
     result = subprocess.run(serve_command(tmp_path, free_ports()), capture_output=True, text=True, timeout=60)
@@ -119,6 +137,9 @@ def test_serve_help_lists_the_options_users_need():
     result = subprocess.run([sys.executable, "-m", "maddpg_ops.cli", "serve", "--help"], capture_output=True, text=True)
     for option in ("--repository", "--http-port", "--grpc-port", "--metrics-port", "--instances", "--backend"):
         assert option in result.stdout
+    # --instances resizes whichever variant is served (cpu.pbtxt by default where the onnxruntime backend is built).
+    instances = " ".join(result.stdout.split("--instances")[1].split("--backend")[0].split())
+    assert "configs/cpu.pbtxt on the onnxruntime backend, configs/local.pbtxt on the python backend" in instances
 
 
 def ready_line_of_serve(repository: Path, *extra: str, env: dict | None = None) -> str:

@@ -15,6 +15,7 @@ from maddpg_core.errors import (
     PolicyOverloadedError,
     PolicyTimeoutError,
     PolicyUnavailableError,
+    ProtocolMismatchError,
 )
 from maddpg_core.layout import DEFAULT_MODEL_NAME, INPUT_NAME, OUTPUT_NAME, AgentLayout, PolicyLayout
 
@@ -39,6 +40,7 @@ __all__ = [
     "PolicyOverloadedError",
     "PolicyTimeoutError",
     "PolicyUnavailableError",
+    "ProtocolMismatchError",
     "RetryPolicy",
     "TritonPolicy",
     "scrape",

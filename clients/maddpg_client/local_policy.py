@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from maddpg_core.errors import LayoutMismatchError, ModelNotFoundError
+from maddpg_core.errors import LayoutMismatchError, ModelNotFoundError, PolicyError
 from maddpg_core.layout import DEFAULT_MODEL_NAME, INPUT_NAME, LAYOUT_PARAMETER, OUTPUT_NAME, PolicyLayout
 
 from .observations import as_batch
@@ -50,7 +50,12 @@ class LocalPolicy:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises InvalidProtobuf, Fail, InvalidGraph, ...
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()
+            raise PolicyError(f"{self.path} is not a model onnxruntime can load ({type(exc).__name__}: {reason}): "
+                              f"restore the file or export the model again (`maddpg-citylearn export`)") from exc
         metadata = self.session.get_modelmeta().custom_metadata_map
         if LAYOUT_PARAMETER not in metadata:
             raise LayoutMismatchError(f"{self.path} carries no maddpg-citylearn layout in its metadata: re-export it "
@@ -61,8 +66,10 @@ class LocalPolicy:
     def wait_until_ready(self, timeout: float = 0.0) -> "LocalPolicy":
         return self  # loaded in the constructor
 
-    def act(self, observations) -> np.ndarray:
-        batch, single = as_batch(observations, self.layout, allow_non_finite=self.allow_non_finite)
+    def act(self, observations, *, allow_non_finite: bool | None = None) -> np.ndarray:
+        """As :meth:`TritonPolicy.act <maddpg_client.triton_policy.TritonPolicy.act>`, in process."""
+        allow = self.allow_non_finite if allow_non_finite is None else allow_non_finite
+        batch, single = as_batch(observations, self.layout, allow_non_finite=allow)
         actions = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
         return actions[0] if single else actions
 

@@ -41,8 +41,8 @@ def as_batch(observations, layout: PolicyLayout, *, allow_non_finite: bool = Fal
             name = _slot_name(layout, agent, slot)
             raise BadInputError(
                 f"{int(bad.sum())} non-finite observation value(s), first at batch {b}, agent {agent}, slot {slot}"
-                f"{f' ({name})' if name else ''}: fix the simulator or pass allow_non_finite=True to let the model "
-                f"sanitise them"
+                f"{f' ({name})' if name else ''}: fix the simulator, or pass allow_non_finite=True (to act() or to the "
+                f"policy's constructor) to let the model sanitise them"
             )
     return np.ascontiguousarray(array, dtype=np.float32), single
 

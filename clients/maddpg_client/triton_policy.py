@@ -7,8 +7,11 @@
 
 Failures become the project's typed errors: :class:`PolicyUnavailableError` (connection refused or dropped, UNAVAILABLE,
 model not loaded), :class:`PolicyOverloadedError` (the server's queue turned the request away), both retried with
-backoff first, :class:`PolicyTimeoutError`, :class:`ModelNotFoundError`, :class:`BadInputError` (checked before
-sending, or reported by the server) and :class:`LayoutMismatchError` (a model without a maddpg-citylearn layout).
+backoff first, :class:`PolicyTimeoutError`, :class:`ModelNotFoundError`, :class:`ProtocolMismatchError` (HTTP sent to
+the gRPC port or the reverse), :class:`BadInputError` (checked before sending, or reported by the server) and
+:class:`LayoutMismatchError` (a model without a maddpg-citylearn layout). ``wait_until_ready`` says which of them keeps
+the policy from serving, and gives up at once where waiting cannot help (a wrong protocol, a model the server does not
+have).
 Retrying is safe because every call is a read or a stateless inference: a rejected request never ran, and running one
 twice gives the same actions. Timeouts are not retried: the request may still be running, and a second copy only adds
 load to a server that is already slow.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import random
+import socket
 import sys
 import threading
 import time
@@ -38,6 +42,7 @@ from maddpg_core.errors import (
     PolicyOverloadedError,
     PolicyTimeoutError,
     PolicyUnavailableError,
+    ProtocolMismatchError,
 )
 from maddpg_core.layout import DEFAULT_MODEL_NAME, INPUT_NAME, LAYOUT_PARAMETER, OUTPUT_NAME, PolicyLayout
 
@@ -126,9 +131,74 @@ def classify_error(exc: BaseException, protocol: str, url: str, model: str) -> P
     return PolicyError(f"{where} failed: {type(exc).__name__}: {exc}")
 
 
+def probe_endpoint(url: str, timeout: float = 2.0) -> str | None:
+    """What answers at ``host:port``, told from one plain HTTP/1.1 request (bounded by ``timeout``):
+
+    ``"triton-http"`` Triton's HTTP API; ``"http"`` another HTTP server (Triton's metrics port answers every path with
+    an empty 200); ``"grpc"`` an HTTP/2 server (Triton's gRPC port answers with a SETTINGS frame); ``"refused"``
+    nothing listens; None: no answer to go by.
+    """
+    host, port = _host_port(url)
+    data = b""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(f"GET /v2 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            while len(data) < 65536:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+    except ConnectionRefusedError:
+        return "refused"
+    except TimeoutError:
+        pass  # judge what arrived
+    except (OSError, ValueError):
+        return None
+    if data.startswith(b"HTTP/1."):
+        return "triton-http" if b"triton" in data.lower() else "http"
+    if len(data) >= 9 and data[3] == 0x04:  # an HTTP/2 frame header of type SETTINGS: what a gRPC server sends first
+        return "grpc"
+    return None
+
+
+def diagnose(error: PolicyError, url: str, protocol: str) -> PolicyError:
+    """The cause behind a failed call, in one line: nothing listening, the wrong protocol for that port, or ``error``.
+
+    Transport errors look alike from the client (a refused connection, "Socket closed", an HTTP parse error, an empty
+    document): one probe of the port tells them apart.
+    """
+    if isinstance(error, (ProtocolMismatchError, ModelNotFoundError, BadInputError, PolicyOverloadedError)):
+        return error
+    address = _strip_scheme(url)
+    found = probe_endpoint(address)
+    if found == "refused":
+        return PolicyUnavailableError(f"nothing is listening at {address} (connection refused): start the server "
+                                      f"(`maddpg-citylearn serve`) or check the address")
+    if found == "grpc" and protocol == "http":
+        return ProtocolMismatchError(f"{address} speaks gRPC, not HTTP (Triton's gRPC port?): use protocol grpc "
+                                     f"(--protocol grpc) or the server's HTTP port (8000 by default)")
+    if found == "triton-http" and protocol == "grpc":
+        return ProtocolMismatchError(f"{address} speaks HTTP, not gRPC (Triton's HTTP port?): use protocol http "
+                                     f"(--protocol http) or the server's gRPC port (8001 by default)")
+    if found == "http":
+        return ProtocolMismatchError(f"{address} answers HTTP but is not Triton's inference API (Triton's metrics "
+                                     f"port?): use the server's HTTP port (8000 by default) or gRPC port (8001)")
+    return error
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    host, _, port = _strip_scheme(url).rpartition(":")
+    return (host.strip("[]") or "localhost"), int(port)
+
+
 def _is_aiohttp_connection_error(exc: BaseException) -> bool:
     aiohttp = sys.modules.get("aiohttp")  # only loaded when the asyncio HTTP client is in use
     return aiohttp is not None and isinstance(exc, aiohttp.ClientConnectionError)
+
+
+def _worth_waiting(reason: PolicyError) -> bool:
+    """A server starting, a model loading, a busy queue may change; a wrong protocol or an unknown model will not."""
+    return isinstance(reason, (PolicyUnavailableError, PolicyOverloadedError, PolicyTimeoutError))
 
 
 def _retryable(error: PolicyError) -> bool:
@@ -172,6 +242,7 @@ class _ServedPolicy:
         self.url, self.protocol, self.model, self.version = _strip_scheme(url), protocol, model, str(version or "")
         self.timeout, self.retry, self.allow_non_finite = timeout, retry, allow_non_finite
         self.headers = headers
+        self.retried = 0  # calls retried after the server was unavailable or overloaded (an evaluation reports it)
         self._config: dict | None = None
         self._layout: PolicyLayout | None = None
 
@@ -179,11 +250,25 @@ class _ServedPolicy:
     def where(self) -> str:
         return f"{self.protocol}://{self.url}"
 
-    def _not_ready(self, timeout: float) -> PolicyUnavailableError:
-        return PolicyUnavailableError(
-            f"{self.where} was not ready to serve {self.model!r} within {timeout:.0f} s; check that tritonserver "
-            f"runs and its log for model load errors"
-        )
+    def _model_state(self, index: list[dict]) -> PolicyError:
+        """Why a ready server does not serve the model, from its repository index (name, version, state, reason)."""
+        wanted = f"version {self.version} of {self.model!r}" if self.version else repr(self.model)
+        entries = [e for e in index if e.get("name") == self.model
+                   and (not self.version or str(e.get("version", "")) == self.version)]
+        if not entries:
+            served = sorted({str(e.get("name")) for e in index}) or ["none"]
+            return ModelNotFoundError(f"{self.where} does not serve {wanted} (it serves: {', '.join(served)}): check "
+                                      f"the model name (--model) and the server's repository")
+        states = "; ".join(f"{e.get('state') or 'unknown'}{': ' + e['reason'] if e.get('reason') else ''}"
+                           for e in entries)
+        return PolicyUnavailableError(f"{self.where} has {wanted} but it is not ready ({states}); is it loading? "
+                                      f"Otherwise see the server's log for why it did not load")
+
+    @staticmethod
+    def _gave_up(reason: PolicyError, timeout: float) -> PolicyError:
+        if not _worth_waiting(reason):
+            return reason
+        return type(reason)(f"{reason} (still so after {timeout:.0f} s)")
 
 
 class TritonPolicy(_ServedPolicy):
@@ -224,6 +309,7 @@ class TritonPolicy(_ServedPolicy):
                 delay = next(delays, None) if _retryable(error) else None
                 if delay is None:
                     raise _given_up(error, attempts, first_failure) from exc
+                self.retried += 1
                 time.sleep(delay)
 
     def _grpc_timeout(self) -> dict:
@@ -232,18 +318,32 @@ class TritonPolicy(_ServedPolicy):
     # --- vocabulary -----------------------------------------------------------------------------------------------
     def is_ready(self) -> bool:
         """Server ready and model loaded, right now (no retry)."""
+        return self.unready_reason() is None
+
+    def unready_reason(self) -> PolicyError | None:
+        """None when the server is ready and serves the model, right now; else why not, as a typed error (nothing
+        listening, the wrong protocol for the port, an unknown model, a model not loaded), without retries."""
+        options = {"headers": self.headers, **self._grpc_timeout()}
         try:
-            return bool(self._call(lambda c: c.is_server_ready(headers=self.headers, **self._grpc_timeout())
-                                   and c.is_model_ready(self.model, self.version, headers=self.headers,
-                                                        **self._grpc_timeout()), retry=False))
-        except PolicyError:
-            return False
+            if not self._call(lambda c: c.is_server_ready(**options), retry=False):
+                return PolicyUnavailableError(f"{self.where} is up but not ready yet (still loading its models?)")
+            # A real Triton answers its metadata; a metrics port answers every path with an empty 200.
+            self._call(lambda c: c.get_server_metadata(**options), retry=False)
+            if self._call(lambda c: c.is_model_ready(self.model, self.version, **options), retry=False):
+                return None
+            index = self._call(lambda c: c.get_model_repository_index(
+                **options, **({"as_json": True} if self.protocol == "grpc" else {})), retry=False)
+        except PolicyError as error:
+            return diagnose(error, self.url, self.protocol)
+        return self._model_state(index.get("models", []) if isinstance(index, dict) else index)
 
     def wait_until_ready(self, timeout: float = 60.0, interval: float = 0.5) -> "TritonPolicy":
+        """Wait until the server serves the model; raise at once where waiting cannot help (the wrong protocol, a
+        model the server does not have), else after ``timeout`` seconds, with the reason either way."""
         deadline = time.monotonic() + timeout
-        while not self.is_ready():
-            if time.monotonic() >= deadline:
-                raise self._not_ready(timeout)
+        while (reason := self.unready_reason()) is not None:
+            if not _worth_waiting(reason) or time.monotonic() >= deadline:
+                raise self._gave_up(reason, timeout)
             time.sleep(interval)
         return self
 
@@ -261,9 +361,28 @@ class TritonPolicy(_ServedPolicy):
             self._layout = layout_from_served_config(self.model_config(), self.where)
         return self._layout
 
-    def act(self, observations) -> np.ndarray:
-        """Actions for one district ``[agents, obs_width]`` or a batch ``[batch, agents, obs_width]``."""
-        batch, single = as_batch(observations, self.layout, allow_non_finite=self.allow_non_finite)
+    def server_metadata(self) -> dict:
+        """Triton's ``/v2`` answer: ``name``, ``version`` (e.g. "2.51.0"), ``extensions``."""
+        return self._call(lambda c: c.get_server_metadata(headers=self.headers, **self._json()))
+
+    def served_version(self) -> str | None:
+        """The model version requests go to: the one asked for, else the newest the server has loaded."""
+        if self.version:
+            return self.version
+        metadata = self._call(lambda c: c.get_model_metadata(self.model, headers=self.headers, **self._json()))
+        versions = [int(v) for v in metadata.get("versions", []) if str(v).isdigit()]
+        return str(max(versions)) if versions else None
+
+    def _json(self) -> dict:
+        return {"as_json": True, **self._grpc_timeout()} if self.protocol == "grpc" else {}
+
+    def act(self, observations, *, allow_non_finite: bool | None = None) -> np.ndarray:
+        """Actions for one district ``[agents, obs_width]`` or a batch ``[batch, agents, obs_width]``.
+
+        ``allow_non_finite``: send NaN/inf for the graph to sanitise in this call (default: the constructor's).
+        """
+        allow = self.allow_non_finite if allow_non_finite is None else allow_non_finite
+        batch, single = as_batch(observations, self.layout, allow_non_finite=allow)
         limit = int(self.model_config().get("max_batch_size", 0))
         parts = [self._call(lambda c, part=part: self._infer(c, part)) for part in _split(batch, limit)]
         actions = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -326,23 +445,32 @@ class AsyncTritonPolicy(_ServedPolicy):
                 delay = next(delays, None) if _retryable(error) else None
                 if delay is None:
                     raise _given_up(error, attempts, first_failure) from exc
+                self.retried += 1
                 await asyncio.sleep(delay)
 
     async def is_ready(self) -> bool:
-        async def check(c):
-            return await c.is_server_ready(headers=self.headers) and await c.is_model_ready(
-                self.model, self.version, headers=self.headers)
+        return await self.unready_reason() is None
 
+    async def unready_reason(self) -> PolicyError | None:
+        """As :meth:`TritonPolicy.unready_reason`."""
+        headers = {"headers": self.headers}
         try:
-            return bool(await self._call(check, retry=False))
-        except PolicyError:
-            return False
+            if not await self._call(lambda c: c.is_server_ready(**headers), retry=False):
+                return PolicyUnavailableError(f"{self.where} is up but not ready yet (still loading its models?)")
+            await self._call(lambda c: c.get_server_metadata(**headers), retry=False)
+            if await self._call(lambda c: c.is_model_ready(self.model, self.version, **headers), retry=False):
+                return None
+            index = await self._call(lambda c: c.get_model_repository_index(
+                **headers, **({"as_json": True} if self.protocol == "grpc" else {})), retry=False)
+        except PolicyError as error:
+            return await asyncio.to_thread(diagnose, error, self.url, self.protocol)
+        return self._model_state(index.get("models", []) if isinstance(index, dict) else index)
 
     async def wait_until_ready(self, timeout: float = 60.0, interval: float = 0.5) -> "AsyncTritonPolicy":
         deadline = time.monotonic() + timeout
-        while not await self.is_ready():
-            if time.monotonic() >= deadline:
-                raise self._not_ready(timeout)
+        while (reason := await self.unready_reason()) is not None:
+            if not _worth_waiting(reason) or time.monotonic() >= deadline:
+                raise self._gave_up(reason, timeout)
             await asyncio.sleep(interval)
         await self.load_layout()
         return self
@@ -365,9 +493,10 @@ class AsyncTritonPolicy(_ServedPolicy):
             raise PolicyError("the layout is not loaded yet: `await policy.load_layout()` (or wait_until_ready) first")
         return self._layout
 
-    async def act(self, observations) -> np.ndarray:
+    async def act(self, observations, *, allow_non_finite: bool | None = None) -> np.ndarray:
         layout = await self.load_layout()
-        batch, single = as_batch(observations, layout, allow_non_finite=self.allow_non_finite)
+        allow = self.allow_non_finite if allow_non_finite is None else allow_non_finite
+        batch, single = as_batch(observations, layout, allow_non_finite=allow)
         limit = int((await self.model_config()).get("max_batch_size", 0))
         parts = [await self._call(lambda c, part=part: self._infer(c, part)) for part in _split(batch, limit)]
         actions = parts[0] if len(parts) == 1 else np.concatenate(parts)

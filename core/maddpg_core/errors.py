@@ -31,6 +31,11 @@ class PolicyTimeoutError(PolicyError):
     """The server did not answer within the client's timeout."""
 
 
+class ProtocolMismatchError(PolicyError):
+    """Something answers at the address, but not in the protocol asked for (HTTP sent to Triton's gRPC port, gRPC to
+    its HTTP port, either to its metrics port). Retrying cannot help: change the port or the protocol."""
+
+
 class ModelNotFoundError(PolicyError):
     """The server is up but does not serve the requested model (or version)."""
 

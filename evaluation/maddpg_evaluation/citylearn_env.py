@@ -7,8 +7,13 @@ between CityLearn's per-building lists and the model's padded arrays.
 from __future__ import annotations
 
 import csv
+import difflib
+import functools
 import json
+import logging
 import os
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,10 +23,84 @@ import numpy as np
 from maddpg_core.errors import EnvironmentSetupError
 from maddpg_core.layout import PolicyLayout, layout_from_names
 
+log = logging.getLogger(__name__)
+
 DEFAULT_DATASET = "citylearn_challenge_2022_phase_all_plus_evs"
 # CityLearn's own switches for offline use (see its DataSet class): we honour the same variables.
 LOCAL_DATASETS_VARIABLE = "CITYLEARN_LOCAL_DATASETS_PATH"
 OFFLINE_VARIABLE = "CITYLEARN_OFFLINE"
+# Without $CITYLEARN_LOCAL_DATASETS_PATH, a dataset copy is looked for here, beside the working directory and beside
+# this source checkout (the layout the README and CI use: ../shared next to the clone).
+SHARED_DATASETS = Path("shared") / "citylearn" / "datasets"
+# What CityLearn downloads a dataset from; asked once, briefly, before CityLearn would retry it for half a minute.
+DOWNLOAD_PROBE_URL = "https://api.github.com/"
+DOWNLOAD_PROBE_TIMEOUT_S = 5.0
+
+
+def local_dataset_roots() -> tuple[list[Path], bool]:
+    """Folders that may hold ``<dataset>/schema.json``, and whether they were configured (else found).
+
+    ``$CITYLEARN_LOCAL_DATASETS_PATH`` (several folders joined by ``os.pathsep``, as CityLearn reads it) when set;
+    otherwise ``../shared/citylearn/datasets`` beside the working directory or beside this source checkout.
+    """
+    configured = os.environ.get(LOCAL_DATASETS_VARIABLE)
+    if configured:
+        return [Path(p).expanduser() for p in configured.split(os.pathsep) if p.strip()], True
+    checkout = Path(__file__).resolve().parents[2]
+    found = []
+    for candidate in (Path.cwd().parent / SHARED_DATASETS, checkout.parent / SHARED_DATASETS):
+        if candidate.is_dir() and all(candidate.resolve() != f.resolve() for f in found):
+            found.append(candidate.absolute())
+    return found, False
+
+
+def local_dataset_names(roots: Sequence[Path]) -> list[str]:
+    names = set()
+    for root in roots:
+        if root.is_dir():
+            names.update(p.name for p in root.iterdir() if (p / "schema.json").is_file())
+    return sorted(names)
+
+
+def offline() -> bool:
+    return os.environ.get(OFFLINE_VARIABLE, "").lower() in {"1", "true", "yes"}
+
+
+@functools.lru_cache(maxsize=4)
+def download_blocked(url: str | None = None) -> str | None:
+    """Why CityLearn could not download a dataset from here (e.g. "Name or service not known"), or None if it can.
+
+    One short request (proxies from the environment are honoured); any HTTP answer, even an error status, means the
+    network works. Asked once per process.
+    """
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url or DOWNLOAD_PROBE_URL, method="HEAD"),
+                                    timeout=DOWNLOAD_PROBE_TIMEOUT_S):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except urllib.error.URLError as exc:
+        return str(getattr(exc.reason, "strerror", None) or exc.reason)
+    except OSError as exc:  # a timeout, a reset
+        return str(exc) or type(exc).__name__
+
+
+def _citylearn_cached(name: str) -> bool:
+    """Whether CityLearn already downloaded ``name`` into its own cache (it then needs no network)."""
+    try:
+        from citylearn.data import DataSet
+
+        return (Path(DataSet().cache_directory) / "datasets" / name / "schema.json").is_file()
+    except Exception:  # noqa: BLE001 - not installed, or a cache it cannot create: then it is not cached
+        return False
+
+
+def _did_you_mean(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+_announced: set[Path] = set()
 
 
 @dataclass(frozen=True)
@@ -58,17 +137,33 @@ class EnvSpec:
                     f"or --dataset NAME"
                 )
             return path.resolve()
-        local_root = os.environ.get(LOCAL_DATASETS_VARIABLE)
-        if local_root:
-            candidate = Path(local_root).expanduser() / self.schema / "schema.json"
+        roots, configured = local_dataset_roots()
+        for root in roots:
+            candidate = root / self.schema / "schema.json"
             if candidate.is_file():
-                return candidate.resolve()
-        if os.environ.get(OFFLINE_VARIABLE, "").lower() in {"1", "true", "yes"}:
-            where = f"{LOCAL_DATASETS_VARIABLE}={local_root}" if local_root else f"{LOCAL_DATASETS_VARIABLE} is not set"
-            raise EnvironmentSetupError(
-                f"dataset {self.schema!r} is not available offline ({where}, {OFFLINE_VARIABLE} is set): point "
-                f"{LOCAL_DATASETS_VARIABLE} at a folder holding {self.schema}/schema.json, or pass --schema PATH"
-            )
+                if not configured and root not in _announced:
+                    _announced.add(root)
+                    log.info("CityLearn datasets: using the copy in %s (set %s to use another)", root,
+                             LOCAL_DATASETS_VARIABLE)
+                return candidate.absolute()
+        hint = _did_you_mean(self.schema, local_dataset_names(roots))
+        if configured:
+            where = f"not in {LOCAL_DATASETS_VARIABLE}={os.environ[LOCAL_DATASETS_VARIABLE]}"
+        elif roots:
+            where = f"not in {', '.join(map(str, roots))}, found beside the checkout; {LOCAL_DATASETS_VARIABLE} is not set"
+        else:
+            where = f"{LOCAL_DATASETS_VARIABLE} is not set and no ../{SHARED_DATASETS} was found"
+        fix = (f"point {LOCAL_DATASETS_VARIABLE} at a folder holding {self.schema}/schema.json (a copy of the "
+               f"dataset, such as ../{SHARED_DATASETS}) and set {OFFLINE_VARIABLE}=1, or pass --schema PATH")
+        if offline():
+            raise EnvironmentSetupError(f"dataset {self.schema!r} is not available offline ({where}, "
+                                        f"{OFFLINE_VARIABLE} is set){hint}: {fix}")
+        if not _citylearn_cached(self.schema):
+            # CityLearn would download it, retrying for about half a minute where there is no network: ask once.
+            blocked = download_blocked()
+            if blocked:
+                raise EnvironmentSetupError(f"dataset {self.schema!r} is not on this machine ({where}){hint} and "
+                                            f"CityLearn cannot download it ({DOWNLOAD_PROBE_URL}: {blocked}): {fix}")
         return self.schema
 
     def episode_length(self) -> int | None:
@@ -121,12 +216,26 @@ class EnvSpec:
                 "citylearn is not installed: `pip install --no-deps citylearn==3.0.2` and `pip install "
                 "'maddpg-citylearn[env]'` (see README)"
             ) from exc
+        from citylearn.citylearn import Error as CityLearnError
+
         try:
             return CityLearnEnv(str(schema), **kwargs)
+        except CityLearnError as exc:  # UnknownSchemaError: a dataset name CityLearn does not know
+            known = local_dataset_names(local_dataset_roots()[0])
+            raise EnvironmentSetupError(
+                f"CityLearn does not know the dataset {self.schema!r}{_did_you_mean(self.schema, known)}: pass "
+                f"--dataset with one it has ({', '.join(known) or 'see citylearn.data.DataSet().get_dataset_names()'})"
+                f" or --schema PATH ({_first_line(exc)})") from exc
         except (OSError, ValueError, KeyError) as exc:  # requests' ConnectionError is an OSError
             hint = (f"set {LOCAL_DATASETS_VARIABLE} to a folder holding {self.schema}/schema.json or pass --schema PATH"
                     if not isinstance(schema, Path) else "check the schema and its CSV files")
-            raise EnvironmentSetupError(f"cannot build the CityLearn env from {schema}: {exc}; {hint}") from exc
+            raise EnvironmentSetupError(f"cannot build the CityLearn env from {schema}: {_first_line(exc)}; "
+                                        f"{hint}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def citylearn_version() -> str | None:

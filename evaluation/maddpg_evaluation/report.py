@@ -1,13 +1,16 @@
 """A validation run, written for people: ``report.json``, a printed table, and ``report.png``.
 
-The picture has two panels: the district's net load over the window under the policy and under no control (the
-difference is what the controller does), and the KPI ratios of the policy beside the reference controllers.
+The picture shows what a reader looks for: each day's peak of the district's net load over the window and the week
+around the policy's all-time peak, policy against no control (a year of hourly load drawn as one line is a solid
+block); the KPI ratios to no control of the policy beside the reference controllers; and cost and carbon relative to
+charge on arrival, the fair comparison for controllers that charge the cars (no control never does).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,15 @@ LABELS = {
 COLUMN_NAMES = {"policy": "policy", "zero_actions": "zero actions", "basic_battery_rbc": "BasicBatteryRBC",
                 "charge_on_arrival": "charge on arrival"}
 RELATIVE_LABELS = {"cost_total": "cost", "carbon_emissions_total": "carbon emissions"}
+NO_CONTROL = "no control (zero actions)"
+HOURS_PER_DAY, HOURS_PER_WEEK = 24, 168
+COLOURS = {"policy": "tab:blue", "zero_actions": "0.55", "basic_battery_rbc": "tab:orange",
+           "charge_on_arrival": "tab:green"}
+
+
+def column_names(report: EvaluationReport) -> dict[str, str]:
+    """Column key -> the name a table or legend shows: the policy by its own name (``maddpg_ctde v2``, ``planner``)."""
+    return {"policy": report.policy_label, **{name: COLUMN_NAMES.get(name, name) for name in report.baselines}}
 
 
 def write_evaluation_report(report: EvaluationReport, out_dir: str | Path) -> dict[str, Path]:
@@ -43,7 +55,8 @@ def write_evaluation_report(report: EvaluationReport, out_dir: str | Path) -> di
 
 def format_table(report: EvaluationReport) -> str:
     columns = {"policy": report.policy, **report.baselines}
-    header = f"{'KPI (ratio to no control; lower is better)':<44}" + "".join(f"{COLUMN_NAMES.get(c, c):>19}" for c in columns)
+    names = column_names(report)
+    header = f"{'KPI (ratio to no control; lower is better)':<44}" + "".join(f"{names[c]:>19}" for c in columns)
     lines = [header, "-" * len(header)]
     for kpi in DISTRICT_KPIS:
         lines.append(f"{LABELS[kpi]:<44}" + "".join(f"{_fmt(r.kpis.get(kpi)):>19}" for r in columns.values()))
@@ -78,48 +91,105 @@ def format_table(report: EvaluationReport) -> str:
     return "\n".join(lines)
 
 
+def daily_peaks(load: np.ndarray) -> np.ndarray:
+    """The highest hour of each day of the window (days of 24 steps from its start; the last may be shorter)."""
+    load = np.asarray(load, dtype=np.float64)
+    return np.array([load[i:i + HOURS_PER_DAY].max() for i in range(0, len(load), HOURS_PER_DAY)])
+
+
+def peak_week(load: np.ndarray) -> slice:
+    """The steps of the week (168 h, fewer in a shorter window) centred on the all-time peak of ``load``."""
+    length = min(HOURS_PER_WEEK, len(load))
+    start = int(np.clip(int(np.argmax(load)) - length // 2, 0, len(load) - length))
+    return slice(start, start + length)
+
+
 def plot_report(report: EvaluationReport, path: Path) -> dict[str, dict[str, np.ndarray]]:
-    """Draw ``report`` into ``path``; returns what was drawn, read back from the figure: ``{"load": {label: y},
-    "kpis": {label: bar heights}}`` (so a test can check the picture's data, not just that a file exists)."""
+    """Draw ``report`` into ``path``; returns what was drawn, read back from the figure: ``{"daily_peaks": {label: y},
+    "peak_week": {label: y}, "kpis": {label: bar heights}, "relative": {label: bar heights}}`` (so a test can check
+    the picture's data, not just that a file exists)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (load_ax, kpi_ax) = plt.subplots(2, 1, figsize=(12, 8.5), gridspec_kw={"height_ratios": [3, 2]})
-    steps = np.arange(report.policy.steps)
-    zero = report.baselines.get("zero_actions")
-    if zero is not None:
-        load_ax.plot(steps, zero.district_load, color="0.55", lw=1.0, label="zero actions (no control)")
-    load_ax.plot(steps, report.policy.district_load, color="tab:blue", lw=1.0, label=report.policy_name)
-    load_ax.set_xlabel(f"time step (hours from {report.env.get('start') or 0})")
-    load_ax.set_ylabel("district net load (kWh)")
-    load_ax.set_title(f"District net electricity consumption, {report.env.get('dataset')}")
-    load_ax.legend(loc="upper right")
-    load_ax.grid(alpha=0.3)
-
+    names = column_names(report)
     columns = {"policy": report.policy, **report.baselines}
+    start = report.env.get("start") or 0
+    fig = plt.figure(figsize=(13, 11), layout="constrained")
+    grid = fig.add_gridspec(3, 2, height_ratios=[1, 1, 1.1], width_ratios=[2, 1])
+    days_ax, week_ax = fig.add_subplot(grid[0, :]), fig.add_subplot(grid[1, :])
+    kpi_ax, relative_ax = fig.add_subplot(grid[2, 0]), fig.add_subplot(grid[2, 1])
+    who = names["policy"] if report.policy_name in (names["policy"], "policy") else f"{names['policy']} ({report.policy_name})"
+    fig.suptitle(f"{who} on {report.env.get('dataset')}, steps {start}..{start + report.policy.steps}")
+
+    # What a controller does to the load: each day's peak over the window, and the hours around its highest peak.
+    zero = report.baselines.get("zero_actions")
+    loads = {names["policy"]: (report.policy.district_load, COLOURS["policy"])}
+    if zero is not None:
+        loads = {NO_CONTROL: (zero.district_load, COLOURS["zero_actions"]), **loads}
+    for label, (load, colour) in loads.items():
+        peaks = daily_peaks(load)
+        days_ax.plot(np.arange(len(peaks)), peaks, color=colour, lw=1.2, marker="." if len(peaks) < 60 else None,
+                     label=label)
+    days_ax.set_xlabel(f"day of the window (24 h from step {start})")
+    days_ax.set_ylabel("daily peak net load (kWh)")
+    days_ax.set_title("Each day's peak of the district's net electricity consumption")
+    week = peak_week(report.policy.district_load)
+    hours = np.arange(week.start, week.stop) + start
+    for label, (load, colour) in loads.items():
+        week_ax.plot(hours, np.asarray(load)[week], color=colour, lw=1.2, label=label)
+    week_ax.set_xlabel("time step (hour)")
+    week_ax.set_ylabel("net load (kWh)")
+    week_ax.set_title(f"The week around the all-time peak of {names['policy']} "
+                      f"(step {int(np.argmax(report.policy.district_load)) + start})")
+    for ax in (days_ax, week_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9)  # beside the lines, never over them
+
     width = 0.8 / len(columns)
     x = np.arange(len(DISTRICT_KPIS))
-    colours = {"policy": "tab:blue", "zero_actions": "0.55", "basic_battery_rbc": "tab:orange",
-               "charge_on_arrival": "tab:green"}
     for i, (name, result) in enumerate(columns.items()):
         values = [result.kpis.get(k, math.nan) for k in DISTRICT_KPIS]
-        kpi_ax.bar(x + (i - (len(columns) - 1) / 2) * width, values, width, label=COLUMN_NAMES.get(name, name),
-                   color=colours.get(name))
+        kpi_ax.bar(x + (i - (len(columns) - 1) / 2) * width, values, width, label=names[name],
+                   color=COLOURS.get(name))
     kpi_ax.axhline(1.0, color="black", lw=0.8, ls="--")
-    kpi_ax.set_xticks(x, [LABELS[k] for k in DISTRICT_KPIS])
-    ev = {name: r.service.get("ev_departures_acceptable") for name, r in columns.items()}
-    kpi_ax.set_title("KPIs; EV departures at acceptable charge: " + ", ".join(
-        f"{COLUMN_NAMES.get(name, name) if name != 'policy' else report.policy_name} {_fmt(v)}"
-        for name, v in ev.items()), fontsize=9)
-    kpi_ax.set_ylabel("ratio to no control (lower is better)")
-    kpi_ax.legend(loc="upper right")
+    kpi_ax.set_xticks(x, [textwrap.fill(LABELS[k], 10) for k in DISTRICT_KPIS], fontsize=8)
+    kpi_ax.set_title("KPIs, ratio to no control (lower is better)", fontsize=10)
+    kpi_ax.set_ylabel("ratio to no control")
     kpi_ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    # Which controllers serve the cars, where the bars are named: ratios to no control reward leaving them uncharged.
+    served = {name: f"{names[name]}: {_fmt(r.service.get('ev_departures_acceptable'))}" for name, r in columns.items()}
+    legend = dict(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, title_fontsize=8,
+                  title="EV departures at\nacceptable charge")
+
+    if "charge_on_arrival" in report.baselines:
+        relative = {name: report.relative_to_charge_on_arrival(r) or {} for name, r in columns.items()}
+        x_rel = np.arange(len(RELATIVE_LABELS))
+        for i, name in enumerate(columns):
+            values = [relative[name].get(k, math.nan) for k in RELATIVE_LABELS]
+            relative_ax.bar(x_rel + (i - (len(columns) - 1) / 2) * width, values, width, label=served[name],
+                            color=COLOURS.get(name))
+        relative_ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        relative_ax.set_xticks(x_rel, [textwrap.fill(label, 10) for label in RELATIVE_LABELS.values()], fontsize=8)
+        relative_ax.set_title("cost and carbon relative to charge on\narrival (it charges every car; lower is better)",
+                              fontsize=10)
+        relative_ax.set_ylabel("ratio to charge on arrival")
+        relative_ax.grid(axis="y", alpha=0.3)
+        relative_ax.legend(**legend)
+    else:
+        relative_ax.set_axis_off()
+        relative_ax.text(0.5, 0.5, "charge on arrival was not run\n(--no-baselines):\nno comparison with it",
+                         ha="center", va="center", fontsize=9)
+        kpi_ax.legend(handles=kpi_ax.containers, labels=[served[name] for name in columns], **legend)
     fig.savefig(path, dpi=110)
-    drawn = {"load": {line.get_label(): np.asarray(line.get_ydata()) for line in load_ax.get_lines()},
-             "kpis": {bars.get_label(): np.array([bar.get_height() for bar in bars]) for bars in kpi_ax.containers}}
+
+    def bars(ax) -> dict[str, np.ndarray]:  # one container per column, in order
+        return {names[name]: np.array([bar.get_height() for bar in b]) for name, b in zip(columns, ax.containers)}
+
+    drawn = {"daily_peaks": {line.get_label(): np.asarray(line.get_ydata()) for line in days_ax.get_lines()},
+             "peak_week": {line.get_label(): np.asarray(line.get_ydata()) for line in week_ax.get_lines()},
+             "kpis": bars(kpi_ax), "relative": bars(relative_ax)}
     plt.close(fig)
     return drawn
 

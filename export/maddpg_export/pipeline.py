@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 from maddpg_core.errors import RepositoryError
 from maddpg_core.layout import DEFAULT_MODEL_NAME
@@ -19,7 +19,7 @@ from .sources import PolicySource, load_policy_source
 from .triton_config import ServingSettings, render_configs
 from .validation import ValidationReport, validate_export
 
-Say = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,20 +56,19 @@ def export_checkpoint(
     force: bool = False,
     settings: ServingSettings = ServingSettings(),
     env_spec: EnvSpec | None = None,
-    say: Say = lambda _: None,
 ) -> ExportResult:
     started = time.perf_counter()
     repo = ModelRepository(repository)
     repo.check_writable(model_name)  # fail before the slow part
-    say(f"loading {checkpoint}")
-    source = load_policy_source(checkpoint, env_spec=env_spec, say=say)
+    log.info("loading %s", checkpoint)
+    source = load_policy_source(checkpoint, env_spec=env_spec)
     _check_repository_fits(repo, model_name, source)
     repo.check_free(model_name, version, force)
 
-    say("tracing the policy into ONNX")
+    log.info("tracing the policy into ONNX")
     onnx_model = export_onnx(source.policy, source.layout)
-    say(f"validating: onnx.checker, onnxruntime vs torch on {source.reference_description}, random and extreme "
-        f"observations")
+    log.info("validating: onnx.checker, onnxruntime vs torch on %s, random and extreme observations",
+             source.reference_description)
     report = validate_export(onnx_model, source.policy, source.layout, source.reference_observations)
 
     onnx_bytes = onnx_model.SerializeToString()

@@ -11,21 +11,24 @@ checkpoints (``seed-cooperative-maddpg``, see :mod:`maddpg_export.seed_cooperati
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from maddpg_core.errors import CheckpointError
+from maddpg_core.files import not_a_torch_file
 from maddpg_core.layout import PolicyLayout
 from maddpg_evaluation.citylearn_env import CityLearnAdapter, EnvSpec
 from maddpg_training.bootstrap import rollout_observations
 from maddpg_training.checkpoint import CHECKPOINT_FORMAT, checkpoint_from_payload, read_payload
 
 from .seed_cooperative import NUMPY_ARRAY_GLOBALS, SEED_KIND, SeedCheckpoint, is_seed_checkpoint, needs_numpy_arrays
+
+log = logging.getLogger(__name__)
 
 # Steps of env rollout used as validation data when a checkpoint carries no observations of its own (one week).
 VALIDATION_ROLLOUT_STEPS = 168
@@ -40,8 +43,10 @@ class PolicySource:
     reference_description: str = "real env observations"  # what reference_observations are, for messages
 
 
-def load_policy_source(path: str | os.PathLike, *, env_spec: EnvSpec | None = None,
-                       say: Callable[[str], None] = lambda _: None) -> PolicySource:
+def load_policy_source(path: str | os.PathLike, *, env_spec: EnvSpec | None = None) -> PolicySource:
+    if Path(path).is_file() and (why := not_a_torch_file(path)):
+        raise CheckpointError(f"{path} is not a checkpoint: {why}. Pass a .pt file written by `maddpg-citylearn "
+                              f"train` or a seed-project CooperativeMADDPG checkpoint")
     payload, digest = read_payload(path, NUMPY_ARRAY_GLOBALS if _stores_numpy_arrays(path) else None)
     if payload.get("format") == CHECKPOINT_FORMAT:
         checkpoint = checkpoint_from_payload(payload, path=Path(path), sha256=digest)
@@ -54,15 +59,16 @@ def load_policy_source(path: str | os.PathLike, *, env_spec: EnvSpec | None = No
         policy = checkpoint.build_policy()
         observations = checkpoint.reference_observations
         if observations is None:
-            observations = collect_observations(policy, layout, env_spec, say)
+            observations = collect_observations(policy, layout, env_spec)
         else:
             observations = observations.numpy()
         return PolicySource("maddpg-ctde", layout, policy, observations)
     if is_seed_checkpoint(payload):
-        say("recognised a CooperativeMADDPG checkpoint of the seed project")
+        log.info("recognised a CooperativeMADDPG checkpoint of the seed project")
         seed = SeedCheckpoint.from_payload(payload, where=f"seed checkpoint {path}")
         if env_spec is not None:
-            say("--schema/--dataset are not used for seed checkpoints: their env (citylearn 2.5.0) is not installed")
+            log.warning("--schema/--dataset are not used for seed checkpoints: their env (citylearn 2.5.0) is not "
+                        "installed")
         # Validation data: the file carries no observations, and real ones would need the citylearn 2.5.0 env it was
         # trained on (citylearn 3.0.2's buildings have more observations than a 2.5.0 model takes). Parity of ONNX
         # and torch is a numerical property, so synthetic observations at the training data's scale (from the
@@ -88,8 +94,7 @@ def _stores_numpy_arrays(path: str | os.PathLike) -> bool:
         return False
 
 
-def collect_observations(policy: torch.nn.Module, layout: PolicyLayout, env_spec: EnvSpec | None,
-                         say: Callable[[str], None]) -> np.ndarray:
+def collect_observations(policy: torch.nn.Module, layout: PolicyLayout, env_spec: EnvSpec | None) -> np.ndarray:
     """Real observations for validation: roll ``policy`` through one week of the env it was trained on."""
     if env_spec is None:
         if not layout.dataset:
@@ -99,7 +104,7 @@ def collect_observations(policy: torch.nn.Module, layout: PolicyLayout, env_spec
             )
         env_spec = EnvSpec(schema=layout.dataset)
     spec = EnvSpec(schema=env_spec.schema, start=0, end=VALIDATION_ROLLOUT_STEPS - 1)
-    say(f"collecting validation observations from {spec.dataset_name} (one week)")
+    log.info("collecting validation observations from %s (one week)", spec.dataset_name)
     env = spec.build()
     adapter = CityLearnAdapter(layout, env, what="the checkpoint")
 

@@ -28,6 +28,20 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+class ProgressFormatter(logging.Formatter):
+    """``... message`` for progress (INFO), ``Warning: message`` above it; time and logger name only when debugging."""
+
+    def __init__(self, detailed: bool = False):
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%Y-%m-%dT%H:%M:%S")
+        self.detailed = detailed
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.detailed:
+            return super().format(record)
+        prefix = "... " if record.levelno <= logging.INFO else f"{record.levelname.capitalize()}: "
+        return prefix + record.getMessage()
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
@@ -81,14 +95,29 @@ def cli(log_level: str) -> None:
       maddpg-citylearn evaluate --url localhost:8000     # KPIs and parity in the CityLearn env
       maddpg-citylearn deploy apply --overlay gpu        # Kubernetes
     """
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-    )
+    # One channel for progress and warnings: every package logs, the CLI shows it on stderr.
+    level = getattr(logging, log_level.upper())
+    handler = logging.StreamHandler()
+    handler.setFormatter(ProgressFormatter(detailed=log_level == "debug"))
+    handler.addFilter(quiet_libraries)
+    logging.basicConfig(level=max(level, logging.WARNING), handlers=[handler])
+    for package in PACKAGES:
+        logging.getLogger(package).setLevel(level)
     # CityLearn and the ONNX exporter log a lot at INFO; keep our own messages readable.
-    for noisy in ("citylearn", "root", "onnxscript", "torch.onnx"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    for noisy in ("citylearn", "onnxscript", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, level))
+
+
+# This project's import packages: their progress messages are what --log-level controls.
+PACKAGES = ("maddpg_core", "maddpg_client", "maddpg_evaluation", "maddpg_training", "maddpg_export",
+            "maddpg_serving", "maddpg_benchmarks", "maddpg_ops")
+
+
+def quiet_libraries(record: logging.LogRecord) -> bool:
+    """CityLearn logs its INFO chatter on the root logger, and sets the root's level itself when it loads a dataset:
+    below WARNING, only this project's own messages pass (all of them with --log-level debug)."""
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] in PACKAGES or \
+        logging.getLogger(PACKAGES[0]).level <= logging.DEBUG
 
 
 def main() -> None:

@@ -122,6 +122,7 @@ class Kubectl:
     # --- cluster ------------------------------------------------------------------------------------------------------
     def ensure_cluster(self) -> None:
         """Raise one clear :class:`DeployError` unless the API server answers within a few seconds."""
+        self.ensure_context()
         result = self._run(["version", "--output=json", f"--request-timeout={CLUSTER_CHECK_TIMEOUT_S}s"])
         if result.returncode == 0:
             try:
@@ -141,6 +142,19 @@ class Kubectl:
             f"no Kubernetes cluster reachable at {where}: {reason}. Start one (Docker Desktop: Settings > Kubernetes "
             f"> Enable Kubernetes) or point KUBECONFIG / --context at one"
         )
+
+    def ensure_context(self) -> None:
+        """A ``--context`` the kubeconfig does not have is named as such (kubectl alone makes it look like no
+        cluster). Local only: reads the kubeconfig."""
+        if not self.context:
+            return
+        listed = self._run(["config", "get-contexts", "--output=name"], cluster=False)
+        contexts = [line.strip() for line in listed.stdout.splitlines() if line.strip()]
+        if listed.returncode == 0 and self.context not in contexts:
+            where = os.environ.get("KUBECONFIG") or "~/.kube/config"
+            have = f"it has {', '.join(repr(c) for c in contexts)}" if contexts else "it has none"
+            raise DeployError(f"the kubeconfig ({where}) has no context {self.context!r} ({have}): pass one of them "
+                              f"to --context, or leave --context out to use the current one")
 
     def run(self, args: Sequence[str], *, what: str) -> KubectlResult:
         """Run a short cluster command; :class:`DeployError` with kubectl's own reason when it fails."""

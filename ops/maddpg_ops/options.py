@@ -17,8 +17,9 @@ def env_options(*, window: bool = True):
             command = click.option("--start", type=click.IntRange(min=0), default=None,
                                    help="First time step of the window. Default: 0.")(command)
         command = click.option("--dataset", metavar="NAME", default=None,
-                               help=f"CityLearn dataset name (default {DEFAULT_DATASET}). Offline, it is looked up "
-                                    f"under $CITYLEARN_LOCAL_DATASETS_PATH.")(command)
+                               help=f"CityLearn dataset name (default {DEFAULT_DATASET}), looked up under "
+                                    f"$CITYLEARN_LOCAL_DATASETS_PATH, else ../shared/citylearn/datasets beside the "
+                                    f"working directory or the checkout; else CityLearn downloads it.")(command)
         command = click.option("--schema", metavar="PATH", default=None, type=click.Path(dir_okay=True),
                                help="Path of a CityLearn schema.json (or its folder). Wins over --dataset.")(command)
         return command

@@ -24,6 +24,7 @@ shared-memory regions, only its own: each server gets a prefix of its own
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -243,7 +244,7 @@ class LocalTritonServer:
                 self.stdout_path = Path(tempfile.gettempdir()) / f"maddpg-tritonserver-{os.getpid()}-{self.ports.http}.log"
             self._log_handle = open(self.stdout_path, "ab")
             command = self.config.argv(binary)
-            log.info("starting %s", " ".join(command))
+            log.debug("starting %s", " ".join(command))
             self.process = processes.start_group(command, output=self._log_handle, env=_server_environment(binary))
             self._wait_ready(timeout)
         except BaseException:
@@ -318,12 +319,30 @@ class LocalTritonServer:
                 raise ServerStartError(f"model {model.name} in {self.repository} has no numbered version directory")
 
     def _check_ports(self) -> None:
-        for name, port in self.ports.as_dict().items():
-            with socket.socket() as sock:
+        """The host is an address of this machine, the three ports differ and are free: else one line saying which."""
+        ports = self.ports.as_dict()
+        for port in set(ports.values()):
+            sharing = [f"--{name}-port" for name, p in ports.items() if p == port]
+            if len(sharing) > 1:
+                raise ServerStartError(f"{' and '.join(sharing)} are both {port}: each endpoint needs a port of its own")
+        try:
+            family, *_, address = socket.getaddrinfo(self.host, None, type=socket.SOCK_STREAM)[0]
+        except (socket.gaierror, UnicodeError) as exc:
+            raise ServerStartError(
+                f"--host {self.host!r} is not a valid address (it does not resolve: {getattr(exc, 'strerror', exc)}): "
+                f"pass an address of this machine, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
+            ) from None
+        for name, port in ports.items():
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
-                    sock.bind((self.host, port))
-                except OSError:
+                    sock.bind((address[0], port, *address[2:]))
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE:
+                        raise ServerStartError(
+                            f"cannot listen on {self.host} ({address[0]}): {exc.strerror}; --host must be an address of "
+                            f"this machine, e.g. 127.0.0.1 or 0.0.0.0"
+                        ) from None
                     raise ServerStartError(
                         f"{name} port {port} on {self.host} is already in use (another tritonserver?): stop it or pass "
                         f"--{name}-port with a free port"

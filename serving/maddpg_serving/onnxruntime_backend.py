@@ -15,8 +15,9 @@ versioned C API, so the 1.19 header of that release works with any newer library
 * Prerequisites: cmake >= 3.17, a C++17 compiler, RapidJSON's CMake package (``rapidjson-dev``) and googletest's
   sources (``googletest``; Triton common's CMake always configures its tests). Missing Debian packages are installed
   with apt-get when this runs as root or with password-less sudo; otherwise the build stops with one line naming them.
-* Out of tree and idempotent: everything happens under the cache directory (``$XDG_CACHE_HOME/maddpg-citylearn`` or
-  ``~/.cache/maddpg-citylearn``, or ``--cache-dir``); the result lands in a directory named after a digest of the
+* Out of tree and idempotent: everything happens under the project's cache directory
+  (:func:`maddpg_core.files.cache_root`: ``$MADDPG_CITYLEARN_CACHE``, else ``$XDG_CACHE_HOME/maddpg-citylearn`` or
+  ``~/.cache/maddpg-citylearn``; or ``--cache-dir``); the result lands in a directory named after a digest of the
   pinned inputs and the build recipe, so a build that is current does nothing, and every checkout and virtual
   environment on the machine shares it. Concurrent builds wait for each other (a lock file).
 
@@ -32,6 +33,7 @@ import argparse
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -47,9 +49,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from maddpg_core.errors import MaddpgCitylearnError
-from maddpg_core.files import sha256_file
+from maddpg_core.files import cache_root, sha256_file
 
-Say = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 RELEASE = "r24.10"             # Triton 2.51.0, the tritonserver bundled in nvidia-pytriton 0.7.0
 BACKEND_LIBRARY = "libtriton_onnxruntime.so"
@@ -114,11 +116,6 @@ class Prerequisite:
     what: str                  # in words, for the error line
     debian_package: str
     present: Callable[[], bool]
-
-
-def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "maddpg-citylearn"
 
 
 def build_digest() -> str:
@@ -187,7 +184,7 @@ def missing_prerequisites() -> list[Prerequisite]:
     return [p for p in PREREQUISITES if not p.present()]
 
 
-def ensure_prerequisites(say: Say) -> None:
+def ensure_prerequisites() -> None:
     """Install what is missing from Debian where this process may (root, or sudo without a password); else refuse."""
     missing = missing_prerequisites()
     if not missing:
@@ -195,7 +192,7 @@ def ensure_prerequisites(say: Say) -> None:
     packages = sorted({p.debian_package for p in missing})
     installer = _apt_installer()
     if installer is not None:
-        say(f"installing Debian packages for the onnxruntime backend build: {' '.join(packages)}")
+        log.info("installing Debian packages for the onnxruntime backend build: %s", " ".join(packages))
         environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         install = [*installer, "install", "-y", "-qq", "--no-install-recommends", *packages]
         if subprocess.run(install, capture_output=True, env=environment).returncode != 0:
@@ -221,7 +218,7 @@ def _apt_installer() -> list[str] | None:
 
 
 # --- sources ------------------------------------------------------------------------------------------------------
-def fetch_sources(sources_dir: Path | None, download_dir: Path, say: Say) -> dict[str, Path]:
+def fetch_sources(sources_dir: Path | None, download_dir: Path) -> dict[str, Path]:
     """``{file: path}`` of every pinned source, each verified against its sha256."""
     found = {}
     for source in SOURCES:
@@ -233,7 +230,7 @@ def fetch_sources(sources_dir: Path | None, download_dir: Path, say: Say) -> dic
         else:
             path = download_dir / source.file
             if not path.is_file() or sha256_file(path) != source.sha256:
-                _download(source, path, say)
+                _download(source, path)
         actual = sha256_file(path)
         if actual != source.sha256:
             raise BackendBuildError(f"{path} has sha256 {actual[:16]}..., not the pinned {source.sha256[:16]}...: "
@@ -242,8 +239,8 @@ def fetch_sources(sources_dir: Path | None, download_dir: Path, say: Say) -> dic
     return found
 
 
-def _download(source: Source, path: Path, say: Say) -> None:
-    say(f"downloading {source.url}")
+def _download(source: Source, path: Path) -> None:
+    log.info("downloading %s", source.url)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".part")
     try:
@@ -279,7 +276,7 @@ class BuildResult:
 
 
 def build(sources_dir: Path | None = None, cache_dir: Path | None = None, *, force: bool = False,
-          progress: bool = True, say: Say = lambda _: None) -> BuildResult:
+          progress: bool = True) -> BuildResult:
     """Build (or find current) ``libtriton_onnxruntime.so``; see the module docstring."""
     cache = cache_dir or cache_root()
     target = install_directory(cache)
@@ -291,11 +288,11 @@ def build(sources_dir: Path | None = None, cache_dir: Path | None = None, *, for
         if not force and installed(cache) is not None:
             return BuildResult(target / BACKEND_LIBRARY, built=False)
         started = time.monotonic()
-        ensure_prerequisites(say)
-        files = fetch_sources(Path(sources_dir) if sources_dir else None, cache / "triton-src", say)
+        ensure_prerequisites()
+        files = fetch_sources(Path(sources_dir) if sources_dir else None, cache / "triton-src")
         workdir = Path(tempfile.mkdtemp(prefix="onnxruntime-backend-build-", dir=cache))
         try:
-            library = _compile(files, workdir, progress, say)
+            library = _compile(files, workdir, progress)
             target.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
             shutil.copy2(library, staging / BACKEND_LIBRARY)
@@ -312,8 +309,8 @@ def build(sources_dir: Path | None = None, cache_dir: Path | None = None, *, for
         return BuildResult(target / BACKEND_LIBRARY, built=True, seconds=time.monotonic() - started)
 
 
-def _compile(files: dict[str, Path], workdir: Path, progress: bool, say: Say) -> Path:
-    say(f"unpacking the pinned Triton {RELEASE} sources")
+def _compile(files: dict[str, Path], workdir: Path, progress: bool) -> Path:
+    log.info("unpacking the pinned Triton %s sources", RELEASE)
     sources = workdir / "src"
     sources.mkdir()
     for source in SOURCES:
@@ -342,12 +339,12 @@ def _compile(files: dict[str, Path], workdir: Path, progress: bool, say: Say) ->
         f"-DFETCHCONTENT_SOURCE_DIR_GOOGLETEST={GOOGLETEST_SOURCE}",
     ]
     log_path = workdir.parent / "onnxruntime-backend-build.log"
-    say(f"building Triton's onnxruntime backend (about a minute on 2 cores; log: {log_path})")
-    with open(log_path, "w") as log:
-        _run(configure, log, log_path, "configuring")
+    log.info("building Triton's onnxruntime backend (about a minute on 2 cores; log: %s)", log_path)
+    with open(log_path, "w") as build_log:
+        _run(configure, build_log, log_path, "configuring")
         jobs = str(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
         _run_with_progress(["cmake", "--build", str(build_dir), "--target", "triton-onnxruntime-backend", "-j", jobs],
-                           log, log_path, progress)
+                           build_log, log_path, progress)
     library = build_dir / BACKEND_LIBRARY
     if not library.is_file():
         raise BackendBuildError(f"the build finished without {BACKEND_LIBRARY}; see {log_path}")
@@ -413,20 +410,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                            help=f"a directory holding the pinned archives instead of downloading them "
                                 f"[default: ${SOURCES_ENV}, else download from GitHub]")
     build_cmd.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
-                           help="where sources, build and result go [default: $XDG_CACHE_HOME/maddpg-citylearn]")
+                           help="where sources, build and result go [default: $MADDPG_CITYLEARN_CACHE, else "
+                                "$XDG_CACHE_HOME/maddpg-citylearn]")
     build_cmd.add_argument("--force", action="store_true", help="rebuild even if the current build exists")
     build_cmd.add_argument("--no-progress", action="store_true")
     status_cmd = commands.add_parser("status", help="say whether the current build exists, and where")
     status_cmd.add_argument("--cache-dir", type=Path, default=None, metavar="DIR")
     args = parser.parse_args(argv)
 
-    say = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.command == "status":
         library = installed(args.cache_dir)
         print(f"built: {library}" if library else f"not built (would be {install_directory(args.cache_dir)})")
         return 0 if library else 1
     try:
-        result = build(args.sources, args.cache_dir, force=args.force, progress=not args.no_progress, say=say)
+        result = build(args.sources, args.cache_dir, force=args.force, progress=not args.no_progress)
     except BackendBuildError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1

@@ -12,6 +12,10 @@ a few hundred iterations instead of a few thousand.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,7 +126,7 @@ class LinearProgram:
         model.a_matrix_.start_ = matrix.indptr
         model.a_matrix_.index_ = matrix.indices
         model.a_matrix_.value_ = matrix.data
-        solver = highspy.Highs()
+        solver = new_solver()
         solver.setOptionValue("output_flag", False)
         solver.setOptionValue("threads", 1)
         solver.setOptionValue("solver", method)
@@ -186,3 +190,32 @@ def _fit_bounds(status: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.
 def _rows_shape(terms) -> tuple[int, ...]:
     shapes = [np.shape(index) for index, _ in terms]
     return min(shapes, key=len)
+
+
+_first_solver = threading.Lock()
+_banner_shown = False
+
+
+def new_solver():
+    """A ``highspy.Highs()``, without the copyright banner HiGHS prints on stdout (from C, before any option can be
+    set) when the first one of a process is made: a command's output is its table, not a solver's greeting."""
+    global _banner_shown
+    import highspy
+
+    with _first_solver:
+        if _banner_shown:
+            return highspy.Highs()
+        sys.stdout.flush()
+        saved = os.dup(1)
+        try:
+            with open(os.devnull, "wb") as devnull:
+                os.dup2(devnull.fileno(), 1)
+                try:
+                    solver = highspy.Highs()
+                finally:
+                    ctypes.CDLL(None).fflush(None)  # C's buffered banner goes to /dev/null, not to what fd 1 is next
+            _banner_shown = True
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        return solver

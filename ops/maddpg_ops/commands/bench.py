@@ -38,8 +38,9 @@ def _levels(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "python"]), default="auto", show_default=True,
               help="Triton's backend for the Triton rows (the other one runs as a contender over HTTP). auto: "
                    "onnxruntime when `make setup` has built it, as `serve` does.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="docs", show_default=True,
-              help="Where benchmark-results.md, benchmarks.json and benchmarks.png go.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="reports/bench", show_default=True,
+              help="Where benchmark-results.md, benchmarks.json and benchmarks.png go (docs/ holds the committed run: "
+                   "--out docs replaces it).")
 @click.option("--quick", is_flag=True, help="A smoke run of about a minute: two levels, short windows.")
 @click.option("--progress/--no-progress", default=True)
 def bench(duration, levels, districts, rounds, max_requests, perf, repository, backend, out_dir, quick, progress):

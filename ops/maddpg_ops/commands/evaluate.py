@@ -28,24 +28,29 @@ from ..options import env_options, env_spec_from, model_option
 @click.option("--reference-checkpoint", type=click.Path(exists=True, dir_okay=False), default=None, metavar="CKPT",
               help="Step the checkpoint's torch actors in lockstep instead (needs torch).")
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
-              help="Also run zero actions and BasicBatteryRBC on the same window.")
+              help="Also run zero actions, BasicBatteryRBC and charge on arrival on the same window.")
 @click.option("--envs", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Simulators running at once against the server (one process each): exercises dynamic batching.")
 @click.option("--metrics-url", default=None, metavar="URL",
-              help="Triton metrics endpoint for batch statistics (default: the server's host, port 8002).")
+              help="Triton metrics endpoint for batch statistics. Default: found from --url (the port two above the "
+                   "HTTP port, one above the gRPC port, then 8002), used only if it counts this server's requests.")
+@click.option("--ready-timeout", type=click.FloatRange(min=0), default=5.0, show_default=True, metavar="SECONDS",
+              help="How long --url may take to be ready (a server still starting). Nothing listening is reported "
+                   "after it; the wrong protocol or an unknown --model at once.")
 @click.option("--retry-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="SECONDS",
               help="How long a step waits for a server that went away or is overloaded (retried with backoff) "
                    "before the run ends without a report.")
 @click.option("--progress/--no-progress", default=True)
 def evaluate(url, protocol, local_repository, serve_repository, model_name, schema, dataset, start, end, out_dir,
-             reference_onnx, reference_checkpoint, baselines, envs, metrics_url, retry_seconds, progress):
+             reference_onnx, reference_checkpoint, baselines, envs, metrics_url, ready_timeout, retry_seconds, progress):
     """Validate a policy in the CityLearn env and report its KPIs.
 
     \b
     Pick the policy with exactly one of --url (a running Triton), --local (model.onnx in process) or --serve
     (starts the local tritonserver for the run). It is stepped deterministically through the window; the report has
-    the district KPIs of env.evaluate() (ratios to no control), EV and appliance service levels, the same figures
-    for zero actions and BasicBatteryRBC, parity against a reference, ms per step, and a plot.
+    the model's name, version, config variant, backend and model.onnx digest, the district KPIs of env.evaluate()
+    (ratios to no control), EV and appliance service levels, the same figures for zero actions, BasicBatteryRBC and
+    charge on arrival, parity against a reference, ms per step, and a plot.
 
     \b
     A server that restarts during the run is waited for (--retry-seconds) and the run goes on where it was; one that
@@ -82,30 +87,30 @@ def evaluate(url, protocol, local_repository, serve_repository, model_name, sche
         path = reference_onnx or serve_repository
         reference, reference_name = local_factory(path, model_name), f"onnxruntime {path}"
 
-    metrics_optional = metrics_url is None  # a guessed endpoint may not exist; an explicit one must
+    metrics_optional = metrics_url is None  # a found endpoint may not exist; an explicit one must
+    config_variant, model_files = None, reference_onnx
     with contextlib.ExitStack() as stack:
         if serve_repository:
             from maddpg_serving.local_triton import LocalTritonServer, free_ports
 
             server = LocalTritonServer(Path(serve_repository), ports=free_ports())
-            running, variant = server.resolve()
+            running, config_variant = server.resolve()
             click.echo(f"starting the local tritonserver on {serve_repository} ({running} backend, config variant "
-                       f"`{variant}`) ...", err=True)
+                       f"`{config_variant}`) ...", err=True)
             stack.enter_context(server)
             url = server.http_url if protocol == "http" else server.grpc_url
-            metrics_url = metrics_url or server.metrics_url
+            metrics_url, model_files = metrics_url or server.metrics_url, serve_repository
         if url:
-            policy = triton_factory(url, protocol, model_name, RetryPolicy.for_seconds(retry_seconds))
-            name = f"Triton {protocol}://{url}"
-            metrics_url = metrics_url or _default_metrics_url(url)
+            policy = triton_factory(url, protocol, model_name, RetryPolicy.for_seconds(retry_seconds),
+                                    ready_timeout=ready_timeout)
+            name = f"served by Triton over {protocol}"
         else:
-            policy, name = local_factory(local_repository, model_name), f"onnxruntime {local_repository}"
+            policy, name, model_files = local_factory(local_repository, model_name), "onnxruntime in process", None
         try:
             report = evaluate_policy(policy, spec, policy_name=name, reference=reference, reference_name=reference_name,
-                                     parity_tolerance=tolerance,
-                                     baselines=baselines, envs=envs, metrics_url=metrics_url if url else None,
-                                     metrics_optional=metrics_optional, model=model_name,
-                                     progress=progress, say=lambda m: click.echo(f"... {m}", err=True))
+                                     parity_tolerance=tolerance, baselines=baselines, envs=envs,
+                                     metrics_url=metrics_url, metrics_optional=metrics_optional, model=model_name,
+                                     progress=progress, config_variant=config_variant, model_files=model_files)
         except PolicyError as exc:  # nothing is written: a report must never look complete when the run was not
             raise click.ClickException(f"{exc}; no report was written to {out_dir}") from exc
     paths = write_evaluation_report(report, out_dir)
@@ -113,8 +118,3 @@ def evaluate(url, protocol, local_repository, serve_repository, model_name, sche
     click.echo(f"\nreport: {paths['json']}\nplot:   {paths['plot']}")
     if report.parity_ok is False:
         raise click.ClickException("the served actions differ from the reference: this is not the same policy")
-
-
-def _default_metrics_url(url: str) -> str:
-    host = url.split("://")[-1].rsplit(":", 1)[0]
-    return f"http://{host}:8002/metrics"

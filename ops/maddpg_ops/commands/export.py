@@ -33,9 +33,7 @@ def export(checkpoint, repository, model_name, version, force, schema, dataset):
     from maddpg_export.pipeline import export_checkpoint
 
     env_spec = env_spec_from(schema, dataset) if (schema or dataset) else None
-    result = export_checkpoint(
-        checkpoint, repository, model_name=model_name, version=version, force=force, env_spec=env_spec,
-        say=lambda message: click.echo(f"... {message}", err=True),
-    )
+    result = export_checkpoint(checkpoint, repository, model_name=model_name, version=version, force=force,
+                               env_spec=env_spec)
     for line in result.summary_lines():
         click.echo(line)

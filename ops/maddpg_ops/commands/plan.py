@@ -41,7 +41,7 @@ def plan(objective, horizon, mode, ev, schema, dataset, start, end, out_dir, bas
       maddpg-citylearn plan --mode open-loop --start 0 --end 719
     """
     from maddpg_evaluation.episode import run_episode
-    from maddpg_evaluation.evaluation import EvaluationReport, run_baselines
+    from maddpg_evaluation.evaluation import EvaluationReport, ModelIdentity, run_baselines
     from maddpg_evaluation.planner import Planner, PlannerPolicy
     from maddpg_evaluation.planner.planner import check_options
     from maddpg_evaluation.report import format_table, write_evaluation_report
@@ -55,7 +55,7 @@ def plan(objective, horizon, mode, ev, schema, dataset, start, end, out_dir, bas
     name = f"planner ({mode}{f' {horizon} h' if mode == 'receding' else ''}, {objective}, {cars})"
     click.echo(f"... {name}", err=True)
     result = run_episode(env, PlannerPolicy(planner, env), name="planner", progress=progress)
-    results = run_baselines(spec, progress=progress, say=lambda m: click.echo(f"... {m}", err=True)) if baselines else {}
+    results = run_baselines(spec, progress=progress) if baselines else {}
     layout = planner.layout
     report = EvaluationReport(
         policy_name=name,
@@ -67,6 +67,7 @@ def plan(objective, horizon, mode, ev, schema, dataset, start, end, out_dir, bas
         layout_source={"controller": "perfect-foresight LP planner", "objective": objective, "mode": mode,
                        "horizon_hours": horizon if mode == "receding" else None, "ev": ev,
                        "weights": vars(planner.weights)},
+        model=ModelIdentity(name="planner", backend="HiGHS (linear program)"),
     )
     paths = write_evaluation_report(report, out_dir)
     click.echo(format_table(report))

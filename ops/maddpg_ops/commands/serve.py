@@ -20,7 +20,8 @@ from ..options import repository_option
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True)
 @click.option("--instances", type=click.IntRange(1, 64), default=None,
-              help="Model instances (parallel executions). Default: as in configs/local.pbtxt.")
+              help="Model instances (parallel executions). Default: as in the served config variant "
+                   "(configs/cpu.pbtxt on the onnxruntime backend, configs/local.pbtxt on the python backend).")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "python"]), default="auto", show_default=True,
               help="Triton's onnxruntime backend (built by `make setup`; serves configs/cpu.pbtxt, as Kubernetes "
                    "does) or the python backend (configs/local.pbtxt). auto: onnxruntime when it is built.")
