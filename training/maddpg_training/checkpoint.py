@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import torch
 
 from maddpg_core.errors import CheckpointError
-from maddpg_core.files import atomic_write, sha256_file
+from maddpg_core.files import atomic_write, not_a_torch_file, sha256_file
 from maddpg_core.layout import PolicyLayout
 
 from .networks import ActorSpec, PolicyNetwork
@@ -97,6 +97,9 @@ def read_payload(path: str | os.PathLike, extra_globals: Mapping[str, Any] | Non
         raise CheckpointError(f"checkpoint {path} does not exist: pass the .pt file written by `maddpg-citylearn train`")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory: pass the checkpoint file itself (e.g. {path}/final.pt)")
+    why = not_a_torch_file(path)
+    if why is not None:
+        raise CheckpointError(f"{path} is not a checkpoint: {why}; pass the .pt file written by `maddpg-citylearn train`")
     digest = sha256_file(path)
     allowed = (torch.serialization.safe_globals([(obj, name) for name, obj in extra_globals.items()])
                if extra_globals else contextlib.nullcontext())
@@ -108,7 +111,7 @@ def read_payload(path: str | os.PathLike, extra_globals: Mapping[str, Any] | Non
             f"checkpoint {path} refused: loading it would need arbitrary unpickling (it references "
             f"{_unsafe_globals(path)}). Only tensors and plain containers are accepted; never load untrusted pickles"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(
             f"checkpoint {path} is truncated or not a torch checkpoint ({_first_line(exc)}); re-copy or re-train it"
         ) from exc

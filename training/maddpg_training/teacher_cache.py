@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from maddpg_core import files
 from maddpg_core.files import atomic_write
 
 from .config import TrainConfig
@@ -26,9 +26,7 @@ TEACHER_CACHE_VERSION = 1
 
 
 def cache_root() -> Path:
-    base = os.environ.get("MADDPG_CITYLEARN_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "maddpg-citylearn")
-    return Path(base) / "teacher-passes"
+    return files.cache_root() / "teacher-passes"
 
 
 def cache_path(window: Window, policy: PolicyNetwork, config: TrainConfig, *, start: int | None,

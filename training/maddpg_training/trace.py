@@ -119,7 +119,8 @@ def plot_trace(records: list[dict], path: str | Path, *, title: str = "") -> Pat
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if ax.has_data():
-            ax.legend(loc="best", fontsize=8, markerscale=8)
+            ax.legend(loc="best", fontsize=8)
+            ax.ticklabel_format(axis="y", useOffset=False)
     loss_ax.set_yscale("symlog")
     for ax in (loss_ax, q_ax, actor_ax):
         ax.set_xlabel("update")
