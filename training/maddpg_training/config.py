@@ -175,14 +175,18 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise MaddpgCitylearnError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise MaddpgCitylearnError(f"config file {path} is not valid TOML: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_toml(path, "config file"))
 
     def override(self, **values: Any) -> "TrainConfig":
         return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """A TOML file's contents, or one error line saying it is missing or not valid TOML."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise MaddpgCitylearnError(f"{what} {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise MaddpgCitylearnError(f"{what} {path} is not valid TOML: {exc}") from None

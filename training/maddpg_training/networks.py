@@ -213,11 +213,15 @@ class ObservationFeatures(nn.Module):
     def district_signals(self, observations: torch.Tensor) -> torch.Tensor:
         """``[batch, len(DISTRICT_SIGNALS)]`` in physical units, before standardisation."""
         x = torch.where(torch.isnan(observations), torch.zeros_like(observations), observations)
+        return self._district(x, self._chargers(x) if self.charger_columns else None)
+
+    def _district(self, x: torch.Tensor, chargers: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+        """The district signals of sanitised observations, given their chargers (see _chargers)."""
         base = (self._column(x, "load") - self._column(x, "solar")).sum(dim=1)
         net = self._column(x, "net").sum(dim=1)
         soc = self._column(x, "soc").sum(dim=1) / self.has_soc.sum().clamp_min(1.0)
-        if self.charger_columns:
-            connected, needed, slack = self._chargers(x)
+        if chargers is not None:
+            connected, needed, slack = chargers
             need = needed.sum(dim=(1, 2))
             cars = connected.float().sum(dim=(1, 2))
             least = torch.where(connected, slack, torch.full_like(slack, 2.0)).flatten(1).min(dim=1).values
@@ -244,11 +248,13 @@ class ObservationFeatures(nn.Module):
             index = self.hour_slot.view(1, -1, 1).expand(x.shape[0], -1, 1)
             angle = torch.clamp(torch.gather(x, 2, index), -1e3, 1e3) * (2 * math.pi / 24.0)
             parts += [torch.sin(angle) * self.has_hour.view(1, -1, 1), torch.cos(angle) * self.has_hour.view(1, -1, 1)]
+        # Computed once for the EV slack and the district signal alike.
+        chargers = self._chargers(x) if self.charger_columns else None
         if self.ev_columns:
-            connected, _, slack = self._chargers(x)
+            connected, _, slack = chargers
             parts.append(torch.where(connected, slack, torch.zeros_like(slack)) * self.ev_present)
         if self.district:
-            z = torch.clamp((self.district_signals(x) - self.district_mean) / self.district_std,
+            z = torch.clamp((self._district(x, chargers) - self.district_mean) / self.district_std,
                             -OBSERVATION_CLIP, OBSERVATION_CLIP)
             parts.append(z.unsqueeze(1).expand(-1, x.shape[1], -1))
         return torch.cat(parts, dim=-1) if parts else x[..., :0]

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,7 +36,7 @@ from maddpg_evaluation.episode import run_episode
 from maddpg_evaluation.kpis import HEADLINE_KPIS, headline_score
 from maddpg_evaluation.reference_controllers import ChargeOnArrivalPolicy
 
-from .config import TrainConfig
+from .config import TrainConfig, read_toml
 from .torch_policy import TorchPolicy
 
 log = logging.getLogger(__name__)
@@ -74,20 +73,16 @@ class Protocol:
 
     @classmethod
     def load(cls, path: str | Path) -> "Protocol":
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise MaddpgCitylearnError(f"protocol file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise MaddpgCitylearnError(f"protocol file {path} is not valid TOML: {exc}") from None
+        data = read_toml(path, "protocol file")
         folds = tuple(Fold(name, tuple(f["test"]), tuple(tuple(w) for w in f["train"]))
                       for name, f in data.get("folds", {}).items())
-        protocol = cls(folds=folds, arms=dict(data.get("arms", {})), common=dict(data.get("common", {})),
-                       seeds=tuple(data.get("seeds", (0, 1, 2))), env_seeds=tuple(data.get("env_seeds", (1, 2))),
-                       env_seed_runs=tuple(data.get("env_seed_runs", (0,))),
-                       comparisons=tuple(tuple(c) for c in data.get("comparisons", ())),
-                       wins_needed=int(data.get("wins_needed", 2)))
+        # Settings the file leaves out keep this class's defaults.
+        given = {name: tuple(data[name]) for name in ("seeds", "env_seeds", "env_seed_runs") if name in data}
+        if "comparisons" in data:
+            given["comparisons"] = tuple(tuple(c) for c in data["comparisons"])
+        if "wins_needed" in data:
+            given["wins_needed"] = int(data["wins_needed"])
+        protocol = cls(folds=folds, arms=dict(data.get("arms", {})), common=dict(data.get("common", {})), **given)
         protocol.check()
         return protocol
 
