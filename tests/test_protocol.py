@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from maddpg_core.errors import MaddpgCitylearnError
+from maddpg_evaluation.citylearn_env import EnvSpec
+from maddpg_evaluation.episode import run_episode
 from maddpg_ops.cli import cli
-from maddpg_training.protocol import Fold, _paired
+from maddpg_training import teacher_cache
+from maddpg_training.checkpoint import load_checkpoint
+from maddpg_training.protocol import TEACHER, Fold, Protocol, ReplayedActions, _paired, teacher_reference
 
 TINY = """
 seeds = [0, 1]
 env_seeds = [1]
 env_seed_runs = [0]
-comparisons = [["district", "local"]]
+comparisons = [["district", "local"], ["local+maddpg", "local"]]
 
 [folds.tiny]
 test = [200, 247]
@@ -37,6 +44,13 @@ features = ["hour_cycle", "ev_slack"]
 
 [arms.district]
 features = ["hour_cycle", "ev_slack", "district"]
+
+[arms."local+maddpg"]
+start_from = "local"
+episodes = 1
+critic_warmup_steps = 20
+critic_refit_steps = 10
+actor_steps = 2
 """
 
 
@@ -55,7 +69,7 @@ def test_a_fold_whose_training_months_touch_its_test_months_is_refused():
 
 
 @pytest.mark.citylearn
-def test_the_protocol_trains_scores_compares_and_resumes(tmp_path, schema_path):
+def test_the_protocol_trains_scores_compares_and_resumes(tmp_path, schema_path, monkeypatch):
     config = tmp_path / "protocol.toml"
     config.write_text(TINY.replace("{schema}", str(schema_path)))
     out = tmp_path / "runs"
@@ -66,7 +80,7 @@ def test_the_protocol_trains_scores_compares_and_resumes(tmp_path, schema_path):
     summary = json.loads((out / "protocol.json").read_text())
     fold = summary["folds"]["tiny"]
     assert fold["charge_on_arrival"]["score"] > 0 and "ev_departures_acceptable" in fold["charge_on_arrival"]["service"]
-    assert set(fold["arms"]) == {"local", "district"}
+    assert set(fold["arms"]) == {"local", "district", "local+maddpg"}
     for arm in fold["arms"].values():
         assert set(arm["seeds"]) == {"0", "1"}
         assert {"cost_vs_charge_on_arrival", "carbon_vs_charge_on_arrival"} <= set(arm["seeds"]["0"])
@@ -78,11 +92,53 @@ def test_the_protocol_trains_scores_compares_and_resumes(tmp_path, schema_path):
     heldout = json.loads((out / "tiny" / "district" / "seed-0" / "heldout.json").read_text())
     assert heldout["test"] == [200, 247] and set(heldout["scores"]) == {"published", "env-seed-1"}
     assert "| district | 0 |" in (tmp_path / "protocol.md").read_text()
-    # Run again: everything finished is re-read, nothing is trained again.
+    # The fine-tuning arm resumed the local arm's clone of the same seed: its critic was warmed up (it never had
+    # one), then one episode went through the gate.
+    events = [json.loads(line) for line in (out / "tiny" / "local+maddpg" / "seed-0" / "metrics.jsonl").open()]
+    kinds = [e["kind"] for e in events]
+    assert "resume" in kinds and "gate" in kinds and "teach" not in {e.get("phase") for e in events}
+    assert any(e["kind"] == "update" and e.get("phase") == "critic_warmup" for e in events)
+    assert TEACHER not in json.loads((out / "tiny" / "references.json").read_text())   # the rule teacher: no cache
+
+    # The teacher's row: the test months' actions of the cached full-year pass, replayed. A planner pass is too slow
+    # for a test, so a recorded pass of varied actions stands in for it at the planner's cache key.
+    monkeypatch.setenv("MADDPG_CITYLEARN_CACHE", str(tmp_path / "cache"))
+    protocol = Protocol.load(config)
+    fold = protocol.fold("tiny")
+    planner_config = replace(protocol.config("local", fold, 0), teacher="planner")
+    checkpoint = out / "tiny" / "local" / "seed-0" / "final.pt"
+    policy = load_checkpoint(checkpoint).build_policy()
+    spec = EnvSpec(schema=str(schema_path), start=200, end=247)
+    steps = np.arange(300, dtype=np.float32)[:, None, None]
+    actions = (0.5 + 0.5 * np.sin(steps / 7.0) * np.ones(policy.layout.action_shape, np.float32)).astype(np.float32)
+    path = teacher_cache.cache_path(spec, policy, planner_config, start=None, end=None)
+    path.parent.mkdir(parents=True)
+    torch.save({"summary": {"driver": "stand-in", "steps": 300, "team_return": 0.0, "terms": {}, "kpis": {},
+                            "service": {}, "seconds": 0.0}, "first_step": 0, "labels": [],
+                "record": {"actions": torch.from_numpy(actions)}}, path)
+    teacher_reference(fold, out=out, config=planner_config, checkpoint=checkpoint)
+    row = json.loads((out / "tiny" / "references.json").read_text())[TEACHER]
+
+    def replayed(first: int) -> dict:
+        return run_episode(spec.build(), ReplayedActions(policy.layout, actions[first:])).kpis
+
+    assert row["kpis"] == replayed(200) and row["kpis"] != replayed(0)   # the test months' own actions
+
+    # Run again: everything finished is re-read, nothing is trained again; the summary has the teacher's row.
     stamp = (out / "tiny" / "local" / "seed-1" / "final.pt").stat().st_mtime_ns
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0, again.output
     assert (out / "tiny" / "local" / "seed-1" / "final.pt").stat().st_mtime_ns == stamp
+    summary = json.loads((out / "protocol.json").read_text())
+    assert "cost_vs_charge_on_arrival" in summary["folds"]["tiny"]["teacher"]
+    assert f"| {TEACHER} | - |" in (tmp_path / "protocol.md").read_text()
+
+
+def test_an_arm_must_start_from_an_arm_trained_from_scratch(tmp_path):
+    config = tmp_path / "protocol.toml"
+    config.write_text('[folds.a]\ntest = [2000, 2100]\ntrain = [[0, 1000]]\n[arms.x]\nstart_from = "y"\n')
+    result = CliRunner().invoke(cli, ["protocol", "--config", str(config), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "start_from = 'y' must name an arm" in result.output
 
 
 def test_a_protocol_with_an_unknown_setting_fails_before_any_work(tmp_path):

@@ -96,6 +96,8 @@ class TrainConfig:
                                           # per-building cost and carbon shares; the peak shares stay with cloning)
     grad_clip: float = 1.0
     heldout_fraction: float = 0.1         # teacher transitions kept out of critic training, to measure its error
+    gradient_check_points: int = 16       # (step, battery) pairs where the critic's dQ/da is checked against the
+                                          # env's finite differences after the warm-up and each critic refit (0: off)
 
     # --- team reward ---------------------------------------------------------------------------------------------------
     reward: TeamRewardWeights = field(default_factory=TeamRewardWeights)

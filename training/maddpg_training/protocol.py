@@ -6,7 +6,9 @@ its final policy (chosen by the training months only) is then scored, determinis
 
 * on the env as published, and on ``env_seeds`` more (CityLearn re-seeds the drift of unconnected cars' charge with
   the env's random seed): how far the *same weights* move is the noise floor of a single score;
-* against charge on arrival on the same months (every car served, the fair reference for cost and carbon).
+* against charge on arrival on the same months (every car served, the fair reference for cost and carbon), and
+  beside the teacher's own actions on those months (the planner's cached full-year pass, replayed): how much of
+  what it was taught a policy keeps on months it never saw.
 
 Arms are compared in pairs, seed by seed (the same seed for both arms): an arm counts as better where its score is
 lower by more than the noise floor on at least ``wins_needed`` of the seeds. The score is the mean of the four
@@ -36,12 +38,17 @@ from maddpg_evaluation.episode import run_episode
 from maddpg_evaluation.kpis import HEADLINE_KPIS, headline_score
 from maddpg_evaluation.reference_controllers import ChargeOnArrivalPolicy
 
+from . import teacher_cache
+from .checkpoint import load_checkpoint
 from .config import TrainConfig, read_toml
 from .torch_policy import TorchPolicy
 
 log = logging.getLogger(__name__)
 
 HELDOUT_FILE = "heldout.json"
+REFERENCES_FILE = "references.json"
+TEACHER = "planner (the teacher), replayed"
+START_FROM = "start_from"   # an arm's setting that is not a training setting (see Protocol.start_from)
 MIN_GAP = 168  # hours between training and test data (a week)
 
 
@@ -63,7 +70,7 @@ class Fold:
 @dataclass(frozen=True)
 class Protocol:
     folds: tuple[Fold, ...]
-    arms: dict[str, dict[str, Any]]            # arm name -> TrainConfig settings over `common`
+    arms: dict[str, dict[str, Any]]            # arm name -> TrainConfig settings over `common` (and `start_from`)
     common: dict[str, Any] = field(default_factory=dict)
     seeds: tuple[int, ...] = (0, 1, 2)
     env_seeds: tuple[int, ...] = (1, 2)        # extra env random seeds for the noise floor
@@ -97,9 +104,21 @@ class Protocol:
                     raise MaddpgCitylearnError(f"comparison {a} vs {b}: no arm named {arm!r}")
         for arm in self.arms:
             self.config(arm, self.folds[0], self.seeds[0])   # every setting is checked before any work
+            base = self.start_from(arm)
+            if base is not None and (base not in self.arms or self.start_from(base) is not None):
+                raise MaddpgCitylearnError(
+                    f"arm {arm!r}: start_from = {base!r} must name an arm that starts from scratch "
+                    f"(the protocol has {', '.join(self.arms)})")
+
+    def start_from(self, arm: str) -> str | None:
+        """The arm whose trained run (same fold, same seed) this arm resumes, or None: it trains from scratch.
+
+        An arm that only adds fine-tuning episodes starts from the other arm's clone: the same weights on both
+        sides of the paired comparison, and the cloning is not paid twice."""
+        return self.arms[arm].get(START_FROM)
 
     def config(self, arm: str, fold: Fold, seed: int) -> TrainConfig:
-        settings = {**self.common, **self.arms[arm]}
+        settings = {**self.common, **{k: v for k, v in self.arms[arm].items() if k != START_FROM}}
         return TrainConfig.from_dict({**settings, "windows": [list(w) for w in fold.train], "start": None,
                                       "end": None, "eval_start": fold.test[0], "eval_end": fold.test[1],
                                       "seed": seed})
@@ -124,15 +143,28 @@ def run_protocol(protocol: Protocol, out: Path, *, folds: list[str] | None = Non
             if arm not in protocol.arms:
                 raise MaddpgCitylearnError(f"no arm named {arm!r} (the protocol has {', '.join(protocol.arms)})")
             for seed in seeds if seeds is not None else protocol.seeds:
-                directory = run_directory(out, fold.name, arm, seed)
-                if (directory / HELDOUT_FILE).is_file():
+                base = protocol.start_from(arm)
+                if base is not None and not _run(protocol, fold, base, seed, out, progress):
+                    log.info("protocol: %s waits for %s (seed %d), which another process is training; skipped",
+                             arm, base, seed)
                     continue
-                with _claim(directory) as claimed:
-                    if not claimed:
-                        log.info("protocol: %s is being trained by another process; skipped", directory)
-                        continue
-                    _train_and_score(protocol, fold, arm, seed, directory, progress)
+                _run(protocol, fold, arm, seed, out, progress)
     return summarise(protocol, out)
+
+
+def _run(protocol: Protocol, fold: Fold, arm: str, seed: int, out: Path, progress: bool) -> bool:
+    """Train and score one (fold, arm, seed) unless it is finished; False where another process holds it."""
+    directory = run_directory(out, fold.name, arm, seed)
+    if (directory / HELDOUT_FILE).is_file():
+        return True
+    with _claim(directory) as claimed:
+        if not claimed:
+            log.info("protocol: %s is being trained by another process; skipped", directory)
+            return False
+        base = protocol.start_from(arm)
+        resume = None if base is None else run_directory(out, fold.name, base, seed) / "last.pt"
+        _train_and_score(protocol, fold, arm, seed, directory, progress, resume=resume)
+    return True
 
 
 @contextlib.contextmanager
@@ -165,14 +197,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _train_and_score(protocol: Protocol, fold: Fold, arm: str, seed: int, directory: Path, progress: bool) -> None:
-    """Train one (fold, arm, seed) and score its final policy on the fold's test months."""
+def _train_and_score(protocol: Protocol, fold: Fold, arm: str, seed: int, directory: Path, progress: bool, *,
+                     resume: Path | None = None) -> None:
+    """Train one (fold, arm, seed) (``resume``: from another arm's run) and score its final policy on the fold's
+    test months."""
     from .trainer import train
 
     config = protocol.config(arm, fold, seed)
-    log.info("protocol: fold %s, arm %s, seed %d: training on %s, testing on %d..%d", fold.name, arm,
-             seed, [list(w) for w in fold.train], *fold.test)
-    result = train(config, directory, progress=progress, evaluate_every=0)
+    log.info("protocol: fold %s, arm %s, seed %d: training on %s%s, testing on %d..%d", fold.name, arm,
+             seed, [list(w) for w in fold.train], "" if resume is None else f" from {resume}", *fold.test)
+    result = train(config, directory, resume=resume, progress=progress, evaluate_every=0)
+    teacher_reference(fold, out=directory.parents[2], config=config, checkpoint=result.final_checkpoint,
+                      progress=progress)
     env_seeds = protocol.env_seeds if seed in protocol.env_seed_runs else ()
     # The run's final evaluation is the published env on the test months, on a new env; more env seeds
     # rescore the same weights.
@@ -204,7 +240,7 @@ def score_heldout(checkpoint: Path, dataset: str, fold: Fold, env_seeds: tuple[i
 
 def reference_scores(protocol: Protocol, fold: Fold, out: Path, *, progress: bool = False) -> dict:
     """Charge on arrival on the fold's test months (cached in OUT/<fold>/references.json)."""
-    path = out / fold.name / "references.json"
+    path = out / fold.name / REFERENCES_FILE
     if path.is_file():
         return json.loads(path.read_text())
     dataset = protocol.common.get("dataset", TrainConfig().dataset)
@@ -217,14 +253,54 @@ def reference_scores(protocol: Protocol, fold: Fold, out: Path, *, progress: boo
     return references
 
 
+def teacher_reference(fold: Fold, *, out: Path, config: TrainConfig, checkpoint: Path, progress: bool = False) -> None:
+    """The teacher's actions on the fold's test months, added once to OUT/<fold>/references.json.
+
+    They come from the cached full-year planner pass that labelled the fold (its key needs the trained policy's
+    layout and safety rules: hence after a run) and are replayed from the test months' first hour, so the first
+    hours start from the env's initial battery charge instead of the pass's: close to, not exactly, the teacher.
+    """
+    path = out / fold.name / REFERENCES_FILE
+    references = json.loads(path.read_text())
+    if TEACHER in references:
+        return
+    policy = load_checkpoint(checkpoint).build_policy()
+    spec = EnvSpec(schema=config.dataset, start=fold.test[0], end=fold.test[1])
+    cached = teacher_cache.cache_path(spec, policy, config, start=None, end=None)
+    if cached is None or not cached.is_file():
+        log.info("protocol: no cached full-year teacher pass for %s; the teacher's row is left out", fold.name)
+        return
+    whole = teacher_cache.load(cached)
+    actions = whole.record["actions"][fold.test[0] - whole.first_step:]
+    result = run_episode(spec.build(), ReplayedActions(policy.layout, actions), name="teacher replayed",
+                         progress=progress)
+    references[TEACHER] = {"kpis": result.kpis, "service": result.service, "score": headline_score(result.kpis),
+                           "source": f"{cached.name}, steps {fold.test[0]}..{fold.test[1]} replayed"}
+    _write_json(path, references)
+
+
+class ReplayedActions:
+    """A recorded action sequence behind the ``Policy`` interface: step ``t`` gets row ``t``."""
+
+    def __init__(self, layout, actions: np.ndarray):
+        self.layout, self.actions, self.step = layout, actions, 0
+
+    def act(self, observations: np.ndarray) -> np.ndarray:
+        actions = self.actions[self.step]
+        self.step += 1
+        return actions if np.ndim(observations) == 2 else actions[None]
+
+
 # --- the summary ----------------------------------------------------------------------------------------------------
 def summarise(protocol: Protocol, out: Path) -> dict:
     """Everything finished so far: per fold, each arm's held-out scores per seed, the noise floor, the paired
     comparisons and the bars against charge on arrival. Written to OUT/protocol.json."""
     summary: dict = {"folds": {}, "wins_needed": protocol.wins_needed}
     for fold in protocol.folds:
-        references_path = out / fold.name / "references.json"
-        coa = json.loads(references_path.read_text())["charge on arrival"] if references_path.is_file() else None
+        references_path = out / fold.name / REFERENCES_FILE
+        references = json.loads(references_path.read_text()) if references_path.is_file() else {}
+        coa = references.get("charge on arrival")
+        teacher = references.get(TEACHER)
         arms: dict[str, dict] = {}
         env_spreads = []
         for arm in protocol.arms:
@@ -256,8 +332,10 @@ def summarise(protocol: Protocol, out: Path) -> dict:
             if better in arms and than in arms:
                 comparisons.append(_paired(better, than, arms[better]["seeds"], arms[than]["seeds"], noise,
                                            protocol.wins_needed))
+        if teacher is not None and coa is not None:
+            teacher = {**teacher, **_against(teacher["kpis"], coa["kpis"])}
         summary["folds"][fold.name] = {"test": list(fold.test), "train": [list(w) for w in fold.train],
-                                       "charge_on_arrival": coa, "noise_floor": noise, "arms": arms,
+                                       "charge_on_arrival": coa, "teacher": teacher, "noise_floor": noise, "arms": arms,
                                        "comparisons": comparisons}
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "protocol.json", summary)
@@ -318,12 +396,14 @@ def markdown(summary: dict) -> str:
                   f"Noise floor (the same weights rescored over env seeds, largest spread): {fold['noise_floor']:.4f}",
                   "", "| arm | seed | score | cost | carbon | daily peak | all-time peak | EV ok | cost / CoA | "
                   "carbon / CoA |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
-        if coa is not None:
-            k = coa["kpis"]
-            lines.append(f"| charge on arrival | - | {coa['score']:.4f} | {k['cost_total']:.3f} | "
+        for label, reference in (("charge on arrival", coa), (TEACHER, fold.get("teacher"))):
+            if reference is None or coa is None:
+                continue
+            k, ratios = reference["kpis"], _against(reference["kpis"], coa["kpis"])
+            lines.append(f"| {label} | - | {reference['score']:.4f} | {k['cost_total']:.3f} | "
                          f"{k['carbon_emissions_total']:.3f} | {k['daily_peak_average']:.3f} | "
-                         f"{k['all_time_peak_average']:.3f} | {coa['service']['ev_departures_acceptable']:.3f} | "
-                         f"1.000 | 1.000 |")
+                         f"{k['all_time_peak_average']:.3f} | {reference['service']['ev_departures_acceptable']:.3f} | "
+                         f"{ratios['cost_vs_charge_on_arrival']:.3f} | {ratios['carbon_vs_charge_on_arrival']:.3f} |")
         for arm, data in fold["arms"].items():
             for seed, r in data["seeds"].items():
                 lines.append(f"| {arm} | {seed} | {r['score']:.4f} | {r['cost_total']:.3f} | "

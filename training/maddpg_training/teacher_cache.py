@@ -16,6 +16,7 @@ import torch
 
 from maddpg_core import files
 from maddpg_core.files import atomic_write
+from maddpg_evaluation.citylearn_env import EnvSpec
 
 from .config import TrainConfig
 from .networks import PolicyNetwork
@@ -29,12 +30,13 @@ def cache_root() -> Path:
     return files.cache_root() / "teacher-passes"
 
 
-def cache_path(window: Window, policy: PolicyNetwork, config: TrainConfig, *, start: int | None,
+def cache_path(spec: EnvSpec, policy: PolicyNetwork, config: TrainConfig, *, start: int | None,
                end: int | None) -> Path | None:
+    """Where the teacher's pass over ``start..end`` of ``spec``'s dataset is kept (None: not cached)."""
     if not config.cache_demonstration or config.teacher == "rule":
         return None  # the rule is instant: nothing to cache
     key = json.dumps({
-        "version": TEACHER_CACHE_VERSION, "schema": str(window.spec.resolve_schema()), "start": start, "end": end,
+        "version": TEACHER_CACHE_VERSION, "schema": str(spec.resolve_schema()), "start": start, "end": end,
         "teacher": config.teacher, "horizon": config.planner_horizon, "objective": config.planner_objective,
         "layout": policy.layout.to_json(),
         "safety": None if policy.safety_spec is None else policy.safety_spec.to_dict(), "rules": RULES_VERSION,
@@ -45,12 +47,12 @@ def cache_path(window: Window, policy: PolicyNetwork, config: TrainConfig, *, st
 
 def cached_teacher_pass(window: Window, policy: PolicyNetwork, config: TrainConfig) -> Pass | None:
     """The window's own cached pass, else the window cut from a cached pass over the whole dataset, else None."""
-    own = cache_path(window, policy, config, start=window.spec.start, end=window.spec.end)
+    own = cache_path(window.spec, policy, config, start=window.spec.start, end=window.spec.end)
     if own is None:
         return None
     if own.is_file():
         return load(own)
-    whole = cache_path(window, policy, config, start=None, end=None)
+    whole = cache_path(window.spec, policy, config, start=None, end=None)
     if whole.is_file():
         start = window.first_step
         end = window.spec.end if window.spec.end is not None else start + window.env.time_steps - 1

@@ -52,7 +52,7 @@ from maddpg_core.layout import PolicyLayout
 from maddpg_evaluation.citylearn_env import CityLearnAdapter, EnvSpec
 from maddpg_evaluation.kpis import headline_score
 
-from . import teacher_cache
+from . import critic_probe, teacher_cache
 from .bootstrap import fresh_policy, reference_sample, warmup, without_ev_discharge
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -249,7 +249,8 @@ def teacher_pass(run: Run, window: Window, episode_id: int) -> Pass:
 
         result = rollout(window, drive, driver=f"teacher {window.label}", label_every=1, record=True,
                          progress=run.progress)
-        path = teacher_cache.cache_path(window, run.policy, run.config, start=window.spec.start, end=window.spec.end)
+        path = teacher_cache.cache_path(window.spec, run.policy, run.config, start=window.spec.start,
+                                        end=window.spec.end)
         if path is not None:
             teacher_cache.save(path, result)
     elif not result.kpis:
@@ -299,7 +300,7 @@ def warm_up_critic(run: Run) -> dict:
             run.trace.write("update", phase="critic_warmup", update=run.learner.updates, **stats)
     check = heldout_check(run)
     run.trace.write("critic_check", episode=0, phase="critic_warmup", data="held-out teacher transitions", **check)
-    return check
+    return {**check, "gradient": gradient_check(run, episode=0, phase="critic_warmup")}
 
 
 def reteach(run: Run, resume: Path) -> None:
@@ -326,6 +327,18 @@ def reteach(run: Run, resume: Path) -> None:
                 run.write("best.pt", {"trained": True, "episode": run.state.episodes_done, "phase": "resumed"})
     run.trace.write("resume", episode=run.state.episodes_done, labelled_states=len(run.labelled),
                     replay=len(run.buffer))
+    if run.uses_critic and run.learner.updates == 0:
+        # A run trained without fine-tuning (the shipped recipe) never fitted its critic. The replay is not kept in
+        # checkpoints and passes cut from a longer cached one bring labels only, so the clone drives each window
+        # once as DAgger does (noise on the batteries, nothing labelled), then the critic warms up on that.
+        log.info("the resumed run's critic was never trained: the clone drives each window for its data, then "
+                 "the critic's warm-up")
+        for i, window in enumerate(run.windows):
+            result = rollout(window, lambda raw: run.learner.act(raw, run.config.dagger_noise, run.generator),
+                             driver="critic data", episode=500 + i, buffer=run.buffer, progress=run.progress)
+            run.state.env_steps += result.steps
+            run.trace.write("rollout", phase="critic data", window=window.label, **result.summary())
+        run.state.teaching = {**(run.state.teaching or {}), "heldout_check": warm_up_critic(run)}
 
 
 def evaluate(run: Run, episode: int, phase: str, result: Pass | None = None) -> dict:
@@ -369,8 +382,8 @@ def fine_tune(run: Run, evaluate_every: int) -> None:
     for episode in range(state.episodes_done, config.episodes):
         window = run.windows[episode % len(run.windows)]
         std = config.exploration_std(episode)
-        result, learning_seconds = finetune_episode(run, window, episode=episode, std=std,
-                                                    actor_steps=state.gate["actor_steps"])
+        result, learning_seconds, gradient = finetune_episode(run, window, episode=episode, std=std,
+                                                              actor_steps=state.gate["actor_steps"])
         check, passes = gate_check(run.windows, run.learner, progress=run.progress, buffer=run.buffer,
                                    replay_episode=2000 + episode)
         accepted = check["score"] < state.gate["best_score"] and check["ev_departures_acceptable"] >= EV_SERVICE_BAR
@@ -384,7 +397,8 @@ def fine_tune(run: Run, evaluate_every: int) -> None:
         run.trace.write("gate", episode=episode + 1, accepted=accepted, best_episode=state.gate["best_episode"],
                         next_actor_steps=state.gate["actor_steps"], **check)
         record = {"episode": episode + 1, "window": window.label, "exploration_std": std,
-                  "learning_seconds": learning_seconds, "gate": {"accepted": accepted, **check}, **result.summary()}
+                  "learning_seconds": learning_seconds, "gate": {"accepted": accepted, **check},
+                  "critic_gradient": gradient, **result.summary()}
         run.trace.write("rollout", phase="finetune", **record)
         if evaluate_every and (episode + 1) % evaluate_every == 0:
             record.update(evaluate(run, episode + 1, f"episode {episode + 1}",
@@ -399,9 +413,11 @@ def fine_tune(run: Run, evaluate_every: int) -> None:
         run.write("last.pt", {"trained": True, "episode": episode + 1})
 
 
-def finetune_episode(run: Run, window: Window, *, episode: int, std: float, actor_steps: int) -> tuple[Pass, float]:
+def finetune_episode(run: Run, window: Window, *, episode: int, std: float, actor_steps: int
+                     ) -> tuple[Pass, float, dict]:
     """Collect (the actors explore, the critic learns every step), then improve (critic refit, then `actor_steps`
-    actor updates), both on the whole replay. Returns the pass and the seconds spent learning."""
+    actor updates), both on the whole replay. Returns the pass, the seconds spent learning and the check of the
+    gradient the actor steps followed."""
     config, learner = run.config, run.learner
     learning_seconds = 0.0
 
@@ -427,10 +443,11 @@ def finetune_episode(run: Run, window: Window, *, episode: int, std: float, acto
     for _ in trange(config.critic_refit_steps, desc="critic refit", unit="update", disable=not run.progress,
                     leave=False):
         learn(stage="critic refit")
+    gradient = gradient_check(run, episode=episode + 1, phase="finetune (before the actor steps)")
     for _ in trange(actor_steps * config.policy_delay, desc="actor steps", unit="update", disable=not run.progress,
                     leave=False):
         learn(train_actors=True, stage="improve")
-    return result, learning_seconds
+    return result, learning_seconds, gradient
 
 
 def gate_check(windows: list[Window], learner: MADDPG, *, progress: bool = False, buffer: ReplayBuffer | None = None,
@@ -491,6 +508,19 @@ def heldout_check(run: Run) -> dict:
         _, stats = run.learner.critic_loss(batch)
     return {"heldout_td_error": stats["td_error"], "heldout_q": stats["q"], "heldout_target": stats["target"],
             "heldout_transitions": len(run.heldout)}
+
+
+def gradient_check(run: Run, *, episode: int, phase: str) -> dict:
+    """The sign of the critic's dQ/da on the batteries against finite differences in the env (critic_probe.py), on
+    the first training window; the pairs go to the trace, the agreement is returned."""
+    if not run.config.gradient_check_points:
+        return {}
+    found = critic_probe.probe(run.learner, run.windows[0], points=run.config.gradient_check_points,
+                               seed=run.config.seed + episode)
+    run.trace.write("critic_gradient", episode=episode, phase=phase, **found)
+    log.info("critic dQ/da on the batteries (%s): sign agrees with the env's finite differences at %d of %d points",
+             phase, round(found["sign_agreement"] * found["counted"]) if found["counted"] else 0, found["counted"])
+    return {k: v for k, v in found.items() if k != "pairs"}
 
 
 def critic_check(learner: MADDPG, result: Pass, gamma: float) -> dict:
