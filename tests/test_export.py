@@ -296,7 +296,8 @@ def test_an_export_killed_inside_the_commit_leaves_no_visible_version(tmp_path, 
 
 @pytest.fixture(scope="module")
 def district_checkpoint_path(tmp_path_factory, week_spec) -> Path:
-    """A policy whose actors also read the district signal, with the safety layer, on the real env layout."""
+    """A policy whose actors also read the district signal and leave the season out, with the safety layer, on the
+    real env layout."""
     from maddpg_training.bootstrap import fresh_policy, reference_sample, warmup, without_ev_discharge
     from maddpg_training.checkpoint import Checkpoint, save_checkpoint
     from maddpg_training.networks import ActorSpec
@@ -305,7 +306,7 @@ def district_checkpoint_path(tmp_path_factory, week_spec) -> Path:
     warm = warmup(week_spec)
     layout = without_ev_discharge(warm.layout)
     safety = safety_spec_from_env(week_spec.build(), layout)
-    spec = ActorSpec(hidden_sizes=(32, 32), features=("hour_cycle", "ev_slack", "district"))
+    spec = ActorSpec(hidden_sizes=(32, 32), features=("hour_cycle", "ev_slack", "district"), ignore=("season",))
     policy = fresh_policy(layout, warm.observations, spec, seed=3, safety=safety)
     path = tmp_path_factory.mktemp("district") / "district.pt"
     save_checkpoint(path, Checkpoint(layout=layout, actor_spec=spec, policy=policy.state_dict(), safety=safety,
@@ -330,6 +331,13 @@ def test_the_district_signal_is_inside_the_exported_graph(district_checkpoint_pa
     for value in (np.nan, np.inf, -1e30, 3.4e38):
         actions = session.run([OUTPUT_NAME], {INPUT_NAME: np.full((2, 17, 52), value, dtype=np.float32)})[0]
         assert np.isfinite(actions).all() and (actions >= low).all() and (actions <= high).all()
+    # The month and the weather, which the actors ignore, do not move the served actions.
+    names = checkpoint.layout.agents[0].observation_names
+    season = [i for i, name in enumerate(names) if name == "month" or name.startswith(("outdoor_", "diffuse_", "direct_"))]
+    assert len(season) == 17
+    moved = real.copy()
+    moved[..., season] -= 10.0
+    assert np.array_equal(session.run([OUTPUT_NAME], {INPUT_NAME: moved})[0], got)
     # One building's load moves every actor's district input: the actors are not decentralised any more.
     x = torch.from_numpy(real[:4].copy())
     before = policy.actor_inputs(x)

@@ -273,3 +273,27 @@ def test_actors_ascend_only_the_building_shares_when_asked():
         learner.update(buffer.sample(8, torch.Generator().manual_seed(0), n_step=3))
         moved[terms] = any(not torch.equal(b, p) for b, p in zip(before, learner.actors.parameters()))
     assert moved == {"all": True, "buildings": False}
+
+
+def test_observations_the_spec_ignores_do_not_reach_the_actors():
+    """``ignore = ("season",)``: the month and the weather (and their forecasts) read as their mean; the rest as
+    before. A new month's values then cannot move an action."""
+    names = ["month", "hour", "outdoor_dry_bulb_temperature", "outdoor_dry_bulb_temperature_predicted_1", "load"]
+    layout = layout_from_names(["A"], [names], [["electrical_storage"]], [[-1]], [[1]])
+    torch.manual_seed(0)
+    blind = PolicyNetwork(layout, ActorSpec((16,), ("hour_cycle",), ignore=("season",)))
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(6, 1, 5)).astype(np.float32))
+    before = blind(x).detach()
+    season = x.clone()
+    season[..., [0, 2, 3]] += torch.tensor([5.0, -20.0, -20.0])   # another month, much colder
+    assert torch.equal(blind(season).detach(), before)
+    load = x.clone()
+    load[..., 4] += 3.0
+    assert not torch.equal(blind(load).detach(), before)
+    # The same weights reading every observation do see the season.
+    seeing = PolicyNetwork(layout, ActorSpec((16,), ("hour_cycle",)))
+    seeing.load_state_dict({k: v for k, v in blind.state_dict().items() if k != "normaliser.mask"}, strict=False)
+    assert not torch.equal(seeing(season).detach(), seeing(x).detach())
+    assert ActorSpec.from_dict(blind.spec.to_dict()) == blind.spec
+    with pytest.raises(ValueError, match="unknown observation group"):
+        ActorSpec(ignore=("weather",))

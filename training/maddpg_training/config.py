@@ -45,6 +45,7 @@ class TrainConfig:
     actor_hidden: tuple[int, ...] = (256, 256)
     critic_hidden: tuple[int, ...] = (256, 256)
     features: tuple[str, ...] = ("hour_cycle", "ev_slack")  # computed in the graph from each building's own row
+    ignore: tuple[str, ...] = ()          # observation groups the actors do not read ("season": networks.py)
 
     # --- what the policy may do ----------------------------------------------------------------------------------------
     # False narrows every EV charger action to [0, 1]: the policy charges parked cars but never discharges them into
@@ -103,7 +104,7 @@ class TrainConfig:
     reward: TeamRewardWeights = field(default_factory=TeamRewardWeights)
 
     def __post_init__(self) -> None:
-        from .networks import FEATURES
+        from .networks import FEATURES, OBSERVATION_GROUPS
         from .teachers import TEACHERS
 
         problems = []
@@ -117,6 +118,8 @@ class TrainConfig:
             problems.append(f"actor_q_terms = {self.actor_q_terms!r} (choose {' or '.join(ACTOR_Q_TERMS)})")
         if set(self.features) - set(FEATURES):
             problems.append(f"features = {list(self.features)} (known: {', '.join(FEATURES)})")
+        if set(self.ignore) - set(OBSERVATION_GROUPS):
+            problems.append(f"ignore = {list(self.ignore)} (known: {', '.join(OBSERVATION_GROUPS)})")
         for name in ("n_step", "label_every", "batch_size", "policy_delay", "update_every", "planner_horizon"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} = {getattr(self, name)} (must be at least 1)")
@@ -150,6 +153,7 @@ class TrainConfig:
         data["actor_hidden"] = list(self.actor_hidden)
         data["critic_hidden"] = list(self.critic_hidden)
         data["features"] = list(self.features)
+        data["ignore"] = list(self.ignore)
         data["windows"] = [list(w) for w in self.windows]
         return data
 
@@ -163,8 +167,9 @@ class TrainConfig:
         for name in ("actor_hidden", "critic_hidden"):
             if name in values:
                 values[name] = tuple(int(h) for h in values[name])
-        if "features" in values:
-            values["features"] = tuple(str(f) for f in values["features"])
+        for name in ("features", "ignore"):
+            if name in values:
+                values[name] = tuple(str(f) for f in values[name])
         if "windows" in values:
             values["windows"] = tuple((int(a), int(b)) for a, b in values["windows"])
         if "reward" in values:
