@@ -16,7 +16,15 @@ from maddpg_evaluation.episode import run_episode
 from maddpg_ops.cli import cli
 from maddpg_training import teacher_cache
 from maddpg_training.checkpoint import load_checkpoint
-from maddpg_training.protocol import TEACHER, Fold, Protocol, ReplayedActions, _paired, teacher_reference
+from maddpg_training.protocol import (
+    HELDOUT_FILE,
+    TEACHER,
+    Fold,
+    Protocol,
+    ReplayedActions,
+    _paired,
+    teacher_reference,
+)
 
 TINY = """
 seeds = [0, 1]
@@ -98,6 +106,8 @@ def test_the_protocol_trains_scores_compares_and_resumes(tmp_path, schema_path, 
     kinds = [e["kind"] for e in events]
     assert "resume" in kinds and "gate" in kinds and "teach" not in {e.get("phase") for e in events}
     assert any(e["kind"] == "update" and e.get("phase") == "critic_warmup" for e in events)
+    (episode,) = json.loads((out / "tiny" / "local+maddpg" / "seed-0" / HELDOUT_FILE).read_text())["training"]["fine_tuning"]
+    assert episode["episode"] == 1 and isinstance(episode["kept"], bool) and episode["training_score"] > 0
     assert TEACHER not in json.loads((out / "tiny" / "references.json").read_text())   # the rule teacher: no cache
 
     # The teacher's row: the test months' actions of the cached full-year pass, replayed. A planner pass is too slow

@@ -20,6 +20,10 @@ from .learner import MADDPG, two_sided_slots
 from .rollout import Window
 
 
+class ProbeError(ValueError):
+    """The window cannot hold the probe (shorter than its horizon, or no battery)."""
+
+
 @dataclass(frozen=True)
 class GradientPoint:
     step: int
@@ -43,7 +47,7 @@ def probe(learner: MADDPG, window: Window, *, points: int = 16, horizon: int = 4
     bounds = learner.policy.layout.action_bounds()
     last = min(within, env.time_steps - 1 - horizon)
     if last <= 0 or not len(candidates):
-        raise ValueError(f"window {window.label} is too short for a {horizon}-step probe, or has no battery")
+        raise ProbeError(f"window {window.label} is too short for a {horizon}-step probe, or has no battery")
     at = dict(zip(sorted(rng.choice(last, size=min(points, last), replace=False).tolist()),
                   candidates[rng.integers(len(candidates), size=min(points, last))].tolist()))
 

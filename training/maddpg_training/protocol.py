@@ -163,7 +163,7 @@ def _run(protocol: Protocol, fold: Fold, arm: str, seed: int, out: Path, progres
             return False
         base = protocol.start_from(arm)
         resume = None if base is None else run_directory(out, fold.name, base, seed) / "last.pt"
-        _train_and_score(protocol, fold, arm, seed, directory, progress, resume=resume)
+        _train_and_score(protocol, fold, arm, seed, out, progress, resume=resume)
     return True
 
 
@@ -197,28 +197,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _train_and_score(protocol: Protocol, fold: Fold, arm: str, seed: int, directory: Path, progress: bool, *,
+def _train_and_score(protocol: Protocol, fold: Fold, arm: str, seed: int, out: Path, progress: bool, *,
                      resume: Path | None = None) -> None:
     """Train one (fold, arm, seed) (``resume``: from another arm's run) and score its final policy on the fold's
     test months."""
     from .trainer import train
 
     config = protocol.config(arm, fold, seed)
+    directory = run_directory(out, fold.name, arm, seed)
     log.info("protocol: fold %s, arm %s, seed %d: training on %s%s, testing on %d..%d", fold.name, arm,
              seed, [list(w) for w in fold.train], "" if resume is None else f" from {resume}", *fold.test)
     result = train(config, directory, resume=resume, progress=progress, evaluate_every=0)
-    teacher_reference(fold, out=directory.parents[2], config=config, checkpoint=result.final_checkpoint,
-                      progress=progress)
+    teacher_reference(fold, out=out, config=config, checkpoint=result.final_checkpoint, progress=progress)
     env_seeds = protocol.env_seeds if seed in protocol.env_seed_runs else ()
     # The run's final evaluation is the published env on the test months, on a new env; more env seeds
     # rescore the same weights.
     scores = score_heldout(result.final_checkpoint, config.dataset, fold, env_seeds, progress=progress,
                            published={"kpis": result.summary["evaluation"],
                                       "service": result.summary["evaluation_service"]})
-    scores["training"] = {"seconds": result.summary["training_seconds"],
-                          "env_steps": result.summary["env_steps"],
-                          "episodes": result.summary["episodes"],
-                          "teaching": _teaching_line(result.summary)}
+    scores["training"] = training_line(result.summary)
     _write_json(directory / HELDOUT_FILE, scores)
 
 
@@ -381,9 +378,16 @@ def _paired(better: str, than: str, a: dict, b: dict, noise: float, wins_needed:
             "wins": wins, "losses": losses, "verdict": verdict}
 
 
-def _teaching_line(summary: dict) -> dict:
+def training_line(summary: dict) -> dict:
+    """What a run's summary (final.pt) says about its training, for heldout.json: time, the clone's fit, and for
+    fine-tuning arms each episode's gate and the critic's dQ/da check (after the warm-up, before each actor step)."""
     teaching = summary.get("teaching") or {}
-    return {"labelled_states": teaching.get("labelled_states"), "clone_loss": teaching.get("clone_loss")}
+    return {"seconds": summary["training_seconds"], "env_steps": summary["env_steps"], "episodes": summary["episodes"],
+            "teaching": {"labelled_states": teaching.get("labelled_states"), "clone_loss": teaching.get("clone_loss")},
+            "critic_gradient_after_warmup": (teaching.get("heldout_check") or {}).get("gradient"),
+            "fine_tuning": [{"episode": h["episode"], "kept": h["gate"]["accepted"], "training_score": h["gate"]["score"],
+                             "critic_gradient": h.get("critic_gradient")} for h in summary.get("history", [])],
+            "fine_tuning_start_score": (summary.get("fine_tuning_start") or {}).get("score")}
 
 
 def markdown(summary: dict) -> str:
