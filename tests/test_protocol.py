@@ -177,3 +177,20 @@ def test_a_run_another_live_process_holds_is_skipped_and_a_dead_ones_lock_is_tak
     with _claim(run) as claimed:
         assert claimed and (run / ".running").read_text() == str(os.getpid())
     assert not (run / ".running").exists()
+
+
+def test_the_committed_protocol_and_training_configs_load():
+    """Every TOML under configs/ is a valid protocol or training config: a typo there fails here, not an hour into
+    a run."""
+    from pathlib import Path
+
+    from maddpg_training.config import TrainConfig
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    protocol = Protocol.load(configs / "protocol.toml")
+    assert {"local", "season-blind", "local+maddpg"} <= set(protocol.arms)
+    assert protocol.config("season-blind", protocol.folds[0], 0).ignore == ("season",)
+    recipes = [path for path in sorted(configs.glob("*.toml")) if path.name != "protocol.toml"]
+    assert recipes
+    for path in recipes:
+        TrainConfig.load(path)

@@ -26,8 +26,9 @@ def protocol(config_file, out_dir, folds, arms, seeds, summarise_only, markdown_
     For every fold (test months, training months around them with a week's gap), arm (a recipe: training settings
     over the shipped defaults) and seed, `train` runs on the training months and its final policy is scored,
     deterministically, on the test months: on the env as published and on more env seeds (the same weights
-    rescored: the noise floor), beside charge on arrival on the same months. Arms are compared seed by seed: one
-    is better where it wins on at least 2 of 3 seeds by more than the noise floor.
+    rescored: the noise floor), beside charge on arrival and the teacher's own actions on the same months. Arms
+    are compared seed by seed: one is better where it wins on at least 2 of 3 seeds by more than the noise floor.
+    An arm with `start_from = "ARM"` resumes that arm's run of the same seed (e.g. fine-tuning its clone).
 
     \b
     A full-year planner pass in the cache (a `train` run over the whole year writes it) labels every fold.
