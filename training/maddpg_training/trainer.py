@@ -9,7 +9,8 @@ The run, top to bottom (each phase is one function below, in this order)::
     clone        behaviour cloning: each actor fits the teacher's actions
     dagger x K   the clone drives (small noise on the batteries), the teacher labels the states the clone visits,
                  re-clone on every label
-    critic       n-step TD on the replay with the actors held still; held-out days measure its error
+    critic       n-step TD on the replay with the actors held still; held-out days measure its error, and its
+                 dQ/da on the batteries is checked against finite differences in the env (critic_probe.py)
     evaluate     the clone, deterministic, on the evaluation window (a new env): best.pt
     fine_tune    MADDPG, E episodes of: evaluate the policy with the critic, improve it a little, keep what measures
                  better (a trust region checked in the env):
@@ -22,7 +23,8 @@ The run, top to bottom (each phase is one function below, in this order)::
                    improve  `critic_refit_steps` critic updates on the whole replay (the deterministic checks'
                             passes included), then `actor_steps` actor updates on states of the whole replay:
                               minimise - alpha * Q1(o, mu(o), g) / mean|Q| + |mu(o_l) - teacher(o_l)|^2   (TD3+BC,
-                              the same loss and optimiser as cloning); Polyak-average the targets (rate tau)
+                              the same loss and optimiser as cloning); Polyak-average the targets (rate tau);
+                            before the actor steps, dQ/da is checked against the env again
                    check    the actors deterministic on the training window(s): kept if their mean headline KPI is
                             lower than the best so far (EV service held), else back to the best, half the steps
 
