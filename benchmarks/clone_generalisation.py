@@ -27,7 +27,7 @@ from maddpg_evaluation.citylearn_env import EnvSpec
 from maddpg_training import teacher_cache
 from maddpg_training.checkpoint import load_checkpoint
 from maddpg_training.config import TrainConfig
-from maddpg_training.learner import BC_TARGET_LIMIT, MADDPG
+from maddpg_training.learner import MADDPG
 from maddpg_training.networks import ActorSpec, PolicyNetwork
 from maddpg_training.protocol import Protocol
 from maddpg_training.replay import LabelledStates
@@ -41,11 +41,11 @@ VARIANTS = (  # (actor hidden sizes, observation groups ignored)
 )
 
 
-def masked_mse(policy: PolicyNetwork, observations: torch.Tensor, targets: torch.Tensor) -> float:
-    mask = policy.actors.action_mask
+def cloning_losses(learner: MADDPG, observations: torch.Tensor, targets: torch.Tensor, splits: dict) -> dict:
+    """The learner's cloning loss (the masked mean squared error of the deployed actions against the teacher's) on
+    each split of the labelled steps."""
     with torch.no_grad():
-        error = (policy(observations) - targets.clamp(-BC_TARGET_LIMIT, BC_TARGET_LIMIT) * mask) * mask
-    return float(error.pow(2).sum() / mask.sum() / len(observations))
+        return {name: learner.cloning_loss(observations[steps], targets[steps]).item() for name, steps in splits.items()}
 
 
 def main() -> None:
@@ -64,8 +64,8 @@ def main() -> None:
     fold = protocol.fold(args.fold)
     config = protocol.config("local", fold, args.seed)
     checkpoint = load_checkpoint(args.checkpoint)
-    spec = EnvSpec(schema=config.dataset)
-    cached = teacher_cache.cache_path(spec, checkpoint.build_policy(), config, start=None, end=None)
+    trained = MADDPG(checkpoint.build_policy(), TrainConfig(actor_hidden=checkpoint.actor_spec.hidden_sizes), shares=1)
+    cached = teacher_cache.cache_path(EnvSpec(schema=config.dataset), trained.policy, config, start=None, end=None)
     if cached is None or not cached.is_file():
         raise SystemExit(f"no cached full-year planner pass ({cached}): run `maddpg-citylearn train` over the year first")
     observations, targets = (torch.as_tensor(a) for a in teacher_cache.load(cached).labels)
@@ -79,12 +79,10 @@ def main() -> None:
 
     # The checkpoint itself, as the protocol trained it (every training month, DAgger's labels too): April is
     # in-sample for it, so its "validation" is not one.
-    policy = checkpoint.build_policy()
+    splits = {"training": train, "validation": validation, "test": test}
     rows = [{"hidden": list(checkpoint.actor_spec.hidden_sizes), "ignore": list(checkpoint.actor_spec.ignore),
              "source": f"{args.checkpoint} (April in its training data)",
-             "training": masked_mse(policy, observations[train], targets[train]),
-             "validation": masked_mse(policy, observations[validation], targets[validation]),
-             "test": masked_mse(policy, observations[test], targets[test]), "seconds": 0.0}]
+             **cloning_losses(trained, observations, targets, splits), "seconds": 0.0}]
     print(json.dumps(rows[0]), flush=True)
     for hidden, ignore in VARIANTS:
         torch.manual_seed(args.seed)
@@ -98,9 +96,7 @@ def main() -> None:
         started = time.perf_counter()
         learner.clone(labelled, steps=args.steps, generator=torch.Generator().manual_seed(args.seed))
         row = {"hidden": list(hidden), "ignore": list(ignore), "source": f"cloned here, {args.steps} steps",
-               "training": masked_mse(policy, observations[train], targets[train]),
-               "validation": masked_mse(policy, observations[validation], targets[validation]),
-               "test": masked_mse(policy, observations[test], targets[test]),
+               **cloning_losses(learner, observations, targets, splits),
                "seconds": round(time.perf_counter() - started, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
