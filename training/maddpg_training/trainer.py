@@ -273,19 +273,27 @@ def teacher_pass(run: Run, window: Window, episode_id: int) -> Pass:
 
 def dagger(run: Run, round_: int) -> list[dict]:
     """The clone drives every window (noise on the batteries), the teacher labels every ``label_every``-th state."""
-    config, passes = run.config, []
-    for window in run.windows:
-        result = rollout(window, lambda raw: run.learner.act(raw, config.dagger_noise, run.generator),
-                         driver=f"DAgger {round_ + 1}",
-                         episode=len(run.windows) * (round_ + 1) + run.windows.index(window), buffer=run.buffer,
-                         label_every=config.label_every, progress=run.progress)
-        run.labelled.extend(*result.labels)
+    phase = f"dagger {round_ + 1}"
+    results = clone_drives(run, driver=f"DAgger {round_ + 1}", phase=phase,
+                           first_episode=len(run.windows) * (round_ + 1), label_every=run.config.label_every)
+    return [{"phase": phase, "window": window.label, **result.summary()} for window, result in zip(run.windows, results)]
+
+
+def clone_drives(run: Run, *, driver: str, phase: str, first_episode: int, label_every: int = 0) -> list[Pass]:
+    """One pass per window with the clone driving (DAgger's noise on the batteries), its transitions into the
+    replay; with ``label_every``, the teacher labels every that many visited states."""
+    results = []
+    for i, window in enumerate(run.windows):
+        result = rollout(window, lambda raw: run.learner.act(raw, run.config.dagger_noise, run.generator),
+                         driver=driver, episode=first_episode + i, buffer=run.buffer, label_every=label_every,
+                         progress=run.progress)
+        if result.labels is not None:
+            run.labelled.extend(*result.labels)
         run.state.env_steps += result.steps
-        run.trace.write("rollout", phase=f"dagger {round_ + 1}", window=window.label, **result.summary())
-        passes.append({"phase": f"dagger {round_ + 1}", "window": window.label, **result.summary()})
-        log.info("DAgger %d (%s), the clone driving: %s", round_ + 1, window.label,
-                 _kpi_line(result.kpis, result.service))
-    return passes
+        run.trace.write("rollout", phase=phase, window=window.label, **result.summary())
+        log.info("%s (%s), the clone driving: %s", driver, window.label, _kpi_line(result.kpis, result.service))
+        results.append(result)
+    return results
 
 
 def warm_up_critic(run: Run) -> dict:
@@ -335,11 +343,7 @@ def reteach(run: Run, resume: Path) -> None:
         # once as DAgger does (noise on the batteries, nothing labelled), then the critic warms up on that.
         log.info("the resumed run's critic was never trained: the clone drives each window for its data, then "
                  "the critic's warm-up")
-        for i, window in enumerate(run.windows):
-            result = rollout(window, lambda raw: run.learner.act(raw, run.config.dagger_noise, run.generator),
-                             driver="critic data", episode=500 + i, buffer=run.buffer, progress=run.progress)
-            run.state.env_steps += result.steps
-            run.trace.write("rollout", phase="critic data", window=window.label, **result.summary())
+        clone_drives(run, driver="critic data", phase="critic data", first_episode=500)
         run.state.teaching = {**(run.state.teaching or {}), "heldout_check": warm_up_critic(run)}
 
 
