@@ -153,6 +153,25 @@ def test_cloning_moves_the_deployed_policy_towards_the_teacher():
     assert all(torch.equal(a, b) for a, b in zip(learner.target_actors.parameters(), learner.actors.parameters()))
 
 
+def test_a_charger_below_the_teachers_action_costs_undercharge_weight_times_more():
+    """A car charged later than the teacher charged it meets the safety floor in its last hours, with every other
+    car's floor: ``undercharge_weight`` makes the clone err on the side of charging (an upper expectile)."""
+    layout, policy, plain = two_agents()
+    eager = MADDPG(policy, TrainConfig(undercharge_weight=3.0), SHARES)
+    x = observations(16, seed=7)
+    with torch.no_grad():
+        predicted = policy(x)
+    assert predicted[:, 0, 1].max() < 0.8             # the teacher's +0.1 stays inside the cloning clamp
+    for shift, ratio in ((0.1, 3.0), (-0.1, 1.0)):   # the teacher charged more / less than the clone
+        teacher = predicted.clone()
+        teacher[:, 0, 1] += shift
+        assert eager.cloning_loss(x, teacher).item() == pytest.approx(ratio * plain.cloning_loss(x, teacher).item(),
+                                                                      rel=1e-5)
+    teacher = predicted.clone()
+    teacher[:, 0, 0] += 0.1                           # a battery below the teacher's: no extra weight
+    assert eager.cloning_loss(x, teacher).item() == pytest.approx(plain.cloning_loss(x, teacher).item(), rel=1e-5)
+
+
 def test_fine_tuning_at_alpha_zero_optimises_exactly_the_cloning_loss():
     """Review defect 4: fine-tuning must not change the loss the clone was fitted with (a pre-activation penalty in
     the actor step alone pulled full-power labels from 0.98 towards 0.92)."""

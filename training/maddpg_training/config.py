@@ -64,6 +64,9 @@ class TrainConfig:
     dagger_noise: float = 0.05            # exploration of the driving clone in DAgger passes (unit action scale)
     clone_steps: int = 8_000              # behaviour-cloning steps per cloning
     clone_lr: float = 1e-3
+    undercharge_weight: float = 1.0       # cloning: a charger's action below the teacher's counts this many times
+                                          # (>1 fits an upper expectile: a car charged late meets the safety floor
+                                          # in its last hours, where every car's floor lands at once: the peaks)
     cache_demonstration: bool = True      # keep the teacher's own pass on disk (runs/.cache): seeds share it
 
     # --- MADDPG fine-tuning (TD3-style, centralised critic, n-step returns) --------------------------------------------
@@ -123,6 +126,8 @@ class TrainConfig:
         for name in ("n_step", "label_every", "batch_size", "policy_delay", "update_every", "planner_horizon"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} = {getattr(self, name)} (must be at least 1)")
+        if self.undercharge_weight < 1:
+            problems.append(f"undercharge_weight = {self.undercharge_weight} (must be at least 1: 1 is plain cloning)")
         if not 0 <= self.heldout_fraction < 1:
             problems.append(f"heldout_fraction = {self.heldout_fraction} (must be in [0, 1))")
         for window in self.windows:

@@ -34,6 +34,14 @@ def two_sided_slots(policy: PolicyNetwork) -> torch.Tensor:
     return torch.as_tensor((np.asarray(low) < 0) & (np.asarray(high) > 0), dtype=torch.float32)
 
 
+def charger_slots(policy: PolicyNetwork) -> torch.Tensor:
+    """``[agents, action_width]``: 1 on the EV chargers' action slots (those the safety layer guards), else 0."""
+    slots = torch.zeros(policy.layout.action_shape)
+    for charger in policy.safety_spec.chargers if policy.safety_spec is not None else ():
+        slots[charger.agent, charger.action] = 1.0
+    return slots
+
+
 class MADDPG:
     def __init__(self, policy: PolicyNetwork, config: TrainConfig, shares: int):
         self.config = config
@@ -47,6 +55,7 @@ class MADDPG:
         self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr)
         self.mask = self.actors.action_mask
         self.noise_mask = self.mask * (two_sided_slots(policy) if config.noise_slots == "two-sided" else 1.0)
+        self.undercharge_extra = (config.undercharge_weight - 1.0) * charger_slots(policy) * self.mask
         self.updates = 0
 
     # --- acting ---------------------------------------------------------------------------------------------------
@@ -103,10 +112,11 @@ class MADDPG:
 
     # --- the actors -----------------------------------------------------------------------------------------------
     def cloning_loss(self, observations: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean squared distance between the deployed policy's actions (safety layer included) and the teacher's."""
-        predicted = self.policy(observations)
-        target = targets.clamp(-BC_TARGET_LIMIT, BC_TARGET_LIMIT) * self.mask
-        return ((predicted - target) * self.mask).pow(2).sum() / self.mask.sum() / len(observations)
+        """Mean squared distance between the deployed policy's actions (safety layer included) and the teacher's; a
+        charger below the teacher's action weighs ``undercharge_weight`` times (1: the plain mean squared error)."""
+        error = (self.policy(observations) - targets.clamp(-BC_TARGET_LIMIT, BC_TARGET_LIMIT) * self.mask) * self.mask
+        weight = 1.0 + self.undercharge_extra * (error < 0)
+        return (weight * error.pow(2)).sum() / self.mask.sum() / len(observations)
 
     def team_q_of_actors(self, observations: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """``[batch]``: the first critic's team Q of the current actors' (deterministic) actions."""
