@@ -10,7 +10,8 @@ replayed from the cached full-year pass). This splits the gap between them, in t
   forced it (the floor raised the actor's action there);
 * **daily profile**: the mean kW by hour of the day of net load, EV charging and batteries, policy and teacher.
 
-    python benchmarks/heldout_gap.py --checkpoint runs/protocol/nov-jan/season-blind/seed-0/final.pt --out docs
+    python benchmarks/heldout_gap.py --checkpoint runs/protocol/nov-jan/season-blind/seed-0/final.pt \
+        --out docs/heldout-gap/nov-jan
 
 The test months default to the checkpoint's fold in configs/protocol.toml; the full-year planner pass must be in the
 cache (a `train` run over the year writes it). Four passes over the months: about five minutes for three months.
@@ -100,7 +101,8 @@ def main() -> None:
     parser.add_argument("--protocol", type=Path, default=Path("configs/protocol.toml"))
     parser.add_argument("--fold", default=None, help="the fold whose test months to use (default: the checkpoint's "
                                                      "directory names it, e.g. runs/protocol/nov-jan/...)")
-    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--out", type=Path, default=None, help="where heldout-gap.{json,md} go "
+                                                                  "(default: docs/heldout-gap/<fold>)")
     args = parser.parse_args()
 
     protocol = Protocol.load(args.protocol)
@@ -108,6 +110,7 @@ def main() -> None:
     if fold_name is None:
         raise SystemExit(f"--fold: none of {[f.name for f in protocol.folds]} in {args.checkpoint}; name the fold")
     fold = protocol.fold(fold_name)
+    out_dir = args.out or Path("docs/heldout-gap") / fold.name
     config = protocol.config("local", fold, 0)
     policy = load_checkpoint(args.checkpoint).build_policy().eval()
     spec = EnvSpec(schema=config.dataset, start=fold.test[0], end=fold.test[1])
@@ -145,8 +148,8 @@ def main() -> None:
             print(json.dumps({label: details[label]["daily_peaks"]}), flush=True)
 
     out = {"checkpoint": str(args.checkpoint), "fold": fold.name, "test": list(fold.test), "runs": runs, **details}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "heldout-gap.json").write_text(json.dumps(out, indent=2) + "\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "heldout-gap.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [f"Held-out gap, fold {fold.name} (steps {fold.test[0]}..{fold.test[1]}), {args.checkpoint}:", "",
              "| run | score | cost | carbon | daily peak | all-time peak | EV acceptable |", "|---|--:|--:|--:|--:|--:|--:|"]
     lines += [f"| {r['run']} | {r['score']:.4f} | {r['cost_total']:.3f} | {r['carbon_emissions_total']:.3f} | "
@@ -160,13 +163,13 @@ def main() -> None:
         lines.append(f"| {label} | {p['peak_kw']:.1f} | {p['base_kw']:.1f} | {p['battery_kw']:.1f} | {p['ev_kw']:.1f} | "
                      f"{p['peaks_with_ev_charging']:.2f} | {p.get('peaks_with_a_forced_charger', '-')} |")
     lines += [f"\nOf all the policy's charging (actions summed over the months), the safety floor forced "
-              f"{details['policy']['forced_share_of_charging']:.1%}: the actors had charged less than the car needed."]
+              f"{details['policy']['forced_share_of_charging']:.1%}: charging the actors had put off until the floor required it."]
     lines += ["", "Mean kW by hour of the day (00:00 first):", "", "| run | load | " +
               " | ".join(f"{h:02d}" for h in range(24)) + " |", "|---|---|" + "--:|" * 24]
     for label, d in details.items():
         for part, values in d["profile_kw"].items():
             lines.append(f"| {label} | {part} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
-    (args.out / "heldout-gap.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "heldout-gap.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
