@@ -32,6 +32,7 @@ from maddpg_evaluation.episode import run_episode
 from maddpg_evaluation.kpis import headline_score
 from maddpg_training import teacher_cache
 from maddpg_training.checkpoint import load_checkpoint
+from maddpg_training.learner import charger_slots
 from maddpg_training.networks import PolicyNetwork
 from maddpg_training.protocol import Protocol, ReplayedActions
 
@@ -57,15 +58,11 @@ class Mixed:
 
 
 def action_groups(policy: PolicyNetwork) -> dict[str, np.ndarray]:
-    """``[agents, action_width]`` masks of the charger and battery slots."""
-    groups = {"chargers": np.zeros(policy.layout.action_shape, bool), "batteries": np.zeros(policy.layout.action_shape, bool)}
-    for i, agent in enumerate(policy.layout.agents):
-        for j, name in enumerate(agent.action_names or ()):
-            if name == names.BATTERY_ACTION:
-                groups["batteries"][i, j] = True
-            elif name.startswith(names.CHARGER_ACTION_PREFIX):
-                groups["chargers"][i, j] = True
-    return groups
+    """``[agents, action_width]`` masks of the charger slots (those the safety layer guards) and the battery slots."""
+    batteries = np.array([[name == names.BATTERY_ACTION for name in agent.action_names or ()]
+                          + [False] * (policy.layout.action_width - len(agent.action_names or ()))
+                          for agent in policy.layout.agents])
+    return {"chargers": charger_slots(policy).bool().numpy(), "batteries": batteries}
 
 
 def loads(env) -> dict[str, np.ndarray]:
@@ -120,7 +117,6 @@ def main() -> None:
     whole = teacher_cache.load(cached)
     teacher = whole.record["actions"][fold.test[0] - whole.first_step:]
     groups = action_groups(policy)
-    first_hour = int(spec.build().buildings[0].energy_simulation.hour[0]) % 24   # CityLearn's hour 24 is 00:00
 
     runs, details = [], {}
     for label, swapped in (("policy", ()), ("policy, the teacher's chargers", ("chargers",)),
@@ -139,6 +135,7 @@ def main() -> None:
                      "ev_departures_acceptable": round(result.service["ev_departures_acceptable"], 4)})
         print(json.dumps(runs[-1]), flush=True)
         if label in ("policy", "teacher replayed"):
+            first_hour = int(env.buildings[0].energy_simulation.hour[0]) % 24   # CityLearn's hour 24 is 00:00
             parts = loads(env)
             forced = None if swapped is None else np.asarray(driver.forced)[:len(parts["net"])]
             details[label] = {"daily_peaks": daily_peaks(parts, forced, first_hour),
