@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from maddpg_evaluation.episode import run_episode
 from maddpg_ops.cli import cli
 from maddpg_training import teacher_cache
 from maddpg_training.checkpoint import load_checkpoint
+from maddpg_training.config import TrainConfig
 from maddpg_training.protocol import (
     HELDOUT_FILE,
     TEACHER,
@@ -182,10 +184,6 @@ def test_a_run_another_live_process_holds_is_skipped_and_a_dead_ones_lock_is_tak
 def test_the_committed_protocol_and_training_configs_load():
     """Every TOML under configs/ is a valid protocol or training config: a typo there fails here, not an hour into
     a run."""
-    from pathlib import Path
-
-    from maddpg_training.config import TrainConfig
-
     configs = Path(__file__).resolve().parents[1] / "configs"
     protocol = Protocol.load(configs / "protocol.toml")
     assert {"local", "season-blind", "local+maddpg"} <= set(protocol.arms)
