@@ -221,8 +221,9 @@ def test_a_car_that_stays_on_past_a_scored_departure_keeps_its_energy_in_the_pla
         assert after == pytest.approx(before + s.gain * plan.charger[s.charger, s.arrival], abs=1e-4), s
 
 
-def _floor_excess(spec: EnvSpec, rule) -> list[float]:
-    """How far the EV rule's floor lies above the planner's charger actions at every parked step of ``spec``."""
+def _floor_excess(spec: EnvSpec, rule, reference=None) -> list[float]:
+    """How far the EV rule's floor (``reference``, else ``rule``, else the default rule) lies above the charger
+    actions of a planner kept inside ``rule`` at every parked step of ``spec``."""
     from maddpg_evaluation.citylearn_env import CityLearnAdapter
     from maddpg_evaluation.ev_service import EvServiceRule
 
@@ -230,7 +231,7 @@ def _floor_excess(spec: EnvSpec, rule) -> list[float]:
     layout = layout_from_env(env)
     adapter = CityLearnAdapter(layout, env)
     planner = Planner(env, horizon=48, ev=True, ev_rule=rule)
-    reference = EvServiceRule()
+    reference = reference or rule or EvServiceRule()
     slots = []
     for i, agent in enumerate(layout.agents):
         names = list(agent.observation_names)
@@ -268,3 +269,16 @@ def test_given_the_policys_ev_rule_the_planner_plans_what_the_safety_layer_allow
     assert (unaware > 0.3).sum() >= 5                   # unaware plans leave cars the rule must charge at once
     assert (inside > 0.2).sum() == 0                    # aware ones: at most the deadband's rounding
     assert (inside > 1e-3).mean() < 0.5 * (unaware > 1e-3).mean()
+
+
+def test_a_planner_inside_a_paced_rule_charges_as_early_as_the_rule_asks(schema_path):
+    """A paced floor (``pace`` 0.5) asks for charging hours before the unpaced one: the planner must plan it, or its
+    demonstrations are overruled where the peaks are."""
+    from maddpg_evaluation.ev_service import EvServiceRule
+
+    window = EnvSpec(schema=str(schema_path), start=6552, end=6599)  # 1-2 May: cars charged late when the rule allows
+    paced = EvServiceRule(pace=0.5)
+    unpaced_plans = np.asarray(_floor_excess(window, EvServiceRule(), reference=paced))
+    paced_plans = np.asarray(_floor_excess(window, paced))
+    assert (unpaced_plans > 0.2).sum() >= 5             # 13 measured: the paced floor would overrule them
+    assert (paced_plans > 0.2).sum() == 0

@@ -19,7 +19,7 @@ APPLIANCE = ["deferrable_appliance_d_pending", "deferrable_appliance_d_can_start
              "deferrable_appliance_d_hours_until_latest_start"]
 
 
-def guarded_layout():
+def guarded_layout(pace: float = 1.0):
     layout = layout_from_names(
         ["A", "B"], [["hour", *CAR, *APPLIANCE], ["hour"]],
         [["electrical_storage", "electric_vehicle_storage_c", "deferrable_appliance_d"], ["electrical_storage"]],
@@ -28,7 +28,7 @@ def guarded_layout():
                                             battery_capacity=5, max_power_kw=11.0, min_power_kw=1.4),),
                       appliances=(ApplianceSlot(agent=0, action=2, pending=6, can_start=7,
                                                 hours_until_latest_start=8),),
-                      ev_rule=EvServiceRule(margin=0.02, efficiency=0.8))
+                      ev_rule=EvServiceRule(margin=0.02, efficiency=0.8, pace=pace))
     return layout, spec
 
 
@@ -38,8 +38,8 @@ def row(connected=1.0, departure=10.0, required=0.9, soc=0.9, capacity=60.0, pen
     return torch.from_numpy(x)
 
 
-def guard(observations, actions=None):
-    layout, spec = guarded_layout()
+def guard(observations, actions=None, pace: float = 1.0):
+    layout, spec = guarded_layout(pace)
     layer = SafetyLayer(layout, spec)
     actions = torch.zeros((len(observations), 2, 3)) if actions is None else actions
     return layer(observations, actions)
@@ -125,8 +125,9 @@ def test_a_stay_without_a_departure_time_is_charged_steadily_within_a_day():
     assert guard(row(departure=-1.0, soc=0.9, required=0.87))[0, 0, 1] == 0.0
 
 
-def test_the_graphs_floor_is_the_reference_rule():
-    layout, spec = guarded_layout()
+@pytest.mark.parametrize("pace", [1.0, 0.5])
+def test_the_graphs_floor_is_the_reference_rule(pace):
+    layout, spec = guarded_layout(pace)
     rng = np.random.default_rng(0)
     x = np.zeros((4000, 2, 9), dtype=np.float32)
     x[:, 0, 1] = rng.integers(0, 2, 4000)
@@ -134,10 +135,32 @@ def test_the_graphs_floor_is_the_reference_rule():
     x[:, 0, 3:5] = rng.uniform(0, 1, (4000, 2))
     x[:, 0, 5] = rng.choice([40.0, 60.0, 100.0], 4000)
     x[:, 0, 4][rng.uniform(size=4000) < 0.05] = np.nan
-    out = guard(torch.from_numpy(x))[:, 0, 1].numpy()
+    out = guard(torch.from_numpy(x), pace=pace)[:, 0, 1].numpy()
     slot = spec.chargers[0]
     expected = spec.ev_rule.floor(connected=x[:, 0, 1], departure_time=x[:, 0, 2], required_soc=x[:, 0, 3],
                                   soc=x[:, 0, 4], capacity=x[:, 0, 5], max_power_kw=slot.max_power_kw,
                                   min_power_kw=slot.min_power_kw)
     assert np.abs(out - expected).max() < 1e-5
     assert (expected > 0).mean() > 0.1  # the comparison covers binding floors (13% here), not just zeros
+
+
+def test_a_paced_floor_starts_earlier_at_its_pace_and_delivers_the_same_energy():
+    # 0.87 * 60 - 0.5 * 60 = 22.2 kWh short, 8.8 kWh per full-power step, departure in 5 h (6 steps left).
+    late, paced = [], []
+    for pace, out in ((1.0, late), (0.5, paced)):
+        soc = 0.5
+        for hours_left in range(5, -1, -1):
+            fraction = float(guard(row(departure=float(hours_left), soc=soc, required=0.92), pace=pace)[0, 0, 1])
+            out.append(fraction)
+            soc += fraction * 8.8 / 60.0
+        assert soc >= 0.87 - 1e-6, (pace, out)     # both reach the rule's target by the departure
+    assert late[:3] == [0.0, 0.0, 0.0] and late[-1] == pytest.approx(1.0)   # at 1, full power at the last moment
+    assert paced[0] > 0 and max(paced) < 0.6                                # at 0.5, from now, at about half
+
+
+def test_a_rule_at_full_pace_writes_what_it_wrote_before_pacing_existed():
+    """Checkpoints and cached teacher passes are keyed by the rule's dict: an unpaced rule must keep its old key."""
+    assert "pace" not in EvServiceRule().to_dict()
+    paced = SafetySpec(ev_rule=EvServiceRule(pace=0.5))
+    assert SafetySpec.from_dict(paced.to_dict()).ev_rule.pace == 0.5
+    assert SafetySpec.from_dict(SafetySpec().to_dict()).ev_rule == EvServiceRule()

@@ -53,6 +53,8 @@ class TrainConfig:
     allow_ev_discharge: bool = False
     safety: bool = True                   # the in-graph safety layer: cars leave charged, appliance cycles run
     ev_margin: float = 0.02               # the safety layer charges cars to required SOC - 0.05 + this
+    ev_pace: float = 1.0                  # ... counting on this share of full power for the hours left (ev_service.py:
+                                          # below 1 the floor starts earlier, at lower power, than the last moment)
 
     # --- the teacher (learning from demonstrations, then DAgger) -------------------------------------------------------
     teacher: str = "planner"              # planner | rule (see teachers.py)
@@ -128,6 +130,8 @@ class TrainConfig:
                 problems.append(f"{name} = {getattr(self, name)} (must be at least 1)")
         if self.undercharge_weight < 1:
             problems.append(f"undercharge_weight = {self.undercharge_weight} (must be at least 1: 1 is plain cloning)")
+        if not 0 < self.ev_pace <= 1:
+            problems.append(f"ev_pace = {self.ev_pace} (must be in (0, 1]: 1 charges late cars at full power)")
         if not 0 <= self.heldout_fraction < 1:
             problems.append(f"heldout_fraction = {self.heldout_fraction} (must be in [0, 1))")
         for window in self.windows:

@@ -48,6 +48,11 @@ log = logging.getLogger(__name__)
 HELDOUT_FILE = "heldout.json"
 REFERENCES_FILE = "references.json"
 TEACHER = "planner (the teacher), replayed"
+
+
+def teacher_label(config: TrainConfig) -> str:
+    """The teacher's row in references.json: one per EV rule, since the planner plans inside the rule it teaches."""
+    return TEACHER if config.ev_pace == 1.0 else f"planner (the teacher, EV floor paced {config.ev_pace:g}), replayed"
 START_FROM = "start_from"   # an arm's setting that is not a training setting (see Protocol.start_from)
 MIN_GAP = 168  # hours between training and test data (a week)
 
@@ -259,7 +264,8 @@ def teacher_reference(fold: Fold, *, out: Path, config: TrainConfig, checkpoint:
     """
     path = out / fold.name / REFERENCES_FILE
     references = json.loads(path.read_text())
-    if TEACHER in references:
+    label = teacher_label(config)
+    if label in references:
         return
     policy = load_checkpoint(checkpoint).build_policy()
     spec = EnvSpec(schema=config.dataset, start=fold.test[0], end=fold.test[1])
@@ -271,7 +277,7 @@ def teacher_reference(fold: Fold, *, out: Path, config: TrainConfig, checkpoint:
     actions = whole.record["actions"][fold.test[0] - whole.first_step:]
     result = run_episode(spec.build(), ReplayedActions(policy.layout, actions), name="teacher replayed",
                          progress=progress)
-    references[TEACHER] = {"kpis": result.kpis, "service": result.service, "score": headline_score(result.kpis),
+    references[label] = {"kpis": result.kpis, "service": result.service, "score": headline_score(result.kpis),
                            "source": f"{cached.name}, steps {fold.test[0]}..{fold.test[1]} replayed"}
     _write_json(path, references)
 
@@ -297,7 +303,7 @@ def summarise(protocol: Protocol, out: Path) -> dict:
         references_path = out / fold.name / REFERENCES_FILE
         references = json.loads(references_path.read_text()) if references_path.is_file() else {}
         coa = references.get("charge on arrival")
-        teacher = references.get(TEACHER)
+        teachers = {label: row for label, row in references.items() if label.startswith("planner (the teacher")}
         arms: dict[str, dict] = {}
         env_spreads = []
         for arm in protocol.arms:
@@ -329,10 +335,11 @@ def summarise(protocol: Protocol, out: Path) -> dict:
             if better in arms and than in arms:
                 comparisons.append(_paired(better, than, arms[better]["seeds"], arms[than]["seeds"], noise,
                                            protocol.wins_needed))
-        if teacher is not None and coa is not None:
-            teacher = {**teacher, **_against(teacher["kpis"], coa["kpis"])}
+        if coa is not None:
+            teachers = {label: {**row, **_against(row["kpis"], coa["kpis"])} for label, row in teachers.items()}
         summary["folds"][fold.name] = {"test": list(fold.test), "train": [list(w) for w in fold.train],
-                                       "charge_on_arrival": coa, "teacher": teacher, "noise_floor": noise, "arms": arms,
+                                       "charge_on_arrival": coa, "teacher": teachers.get(TEACHER),
+                                       "teachers": teachers, "noise_floor": noise, "arms": arms,
                                        "comparisons": comparisons}
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "protocol.json", summary)
@@ -400,7 +407,7 @@ def markdown(summary: dict) -> str:
                   f"Noise floor (the same weights rescored over env seeds, largest spread): {fold['noise_floor']:.4f}",
                   "", "| arm | seed | score | cost | carbon | daily peak | all-time peak | EV ok | cost / CoA | "
                   "carbon / CoA |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
-        for label, reference in (("charge on arrival", coa), (TEACHER, fold.get("teacher"))):
+        for label, reference in (("charge on arrival", coa), *fold["teachers"].items()):
             if reference is None or coa is None:
                 continue
             k, ratios = reference["kpis"], _against(reference["kpis"], coa["kpis"])

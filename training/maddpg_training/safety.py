@@ -71,7 +71,7 @@ class SafetySpec:
                    ev_rule=EvServiceRule(**data.get("ev_rule", {})))
 
 
-def safety_spec_from_env(env, layout: PolicyLayout, *, ev_margin: float = 0.02) -> SafetySpec:
+def safety_spec_from_env(env, layout: PolicyLayout, *, ev_margin: float = 0.02, ev_pace: float = 1.0) -> SafetySpec:
     """Find every charger and appliance in ``layout`` and read the chargers' power limits from the CityLearn env."""
     powers = {}
     for building in env.buildings:
@@ -96,7 +96,7 @@ def safety_spec_from_env(env, layout: PolicyLayout, *, ev_margin: float = 0.02) 
                     pending=obs.index(names.appliance_observation(match["id"], "pending")), can_start=obs.index(name),
                     hours_until_latest_start=obs.index(names.appliance_observation(match["id"],
                                                                                    "hours_until_latest_start"))))
-    rule = EvServiceRule(margin=ev_margin, hours_per_step=float(env.seconds_per_time_step) / 3600.0)
+    rule = EvServiceRule(margin=ev_margin, hours_per_step=float(env.seconds_per_time_step) / 3600.0, pace=ev_pace)
     return SafetySpec(chargers=tuple(chargers), appliances=tuple(appliances), ev_rule=rule)
 
 
@@ -145,6 +145,7 @@ class SafetyLayer(nn.Module):
         constant("guarded", guarded)
         self.active = bool(guarded.any())  # a plain bool: the exported graph has no data-dependent branch
         self.target_offset = rule.target_offset
+        self.pace = rule.pace
         self.unknown_spread_steps = rule.unknown_spread_hours / rule.hours_per_step
 
     def ev_floor(self, flat_obs: torch.Tensor) -> torch.Tensor:
@@ -159,7 +160,7 @@ class SafetyLayer(nn.Module):
         soc = torch.clamp(x[..., 3], 0.0, 1.0)
         capacity = torch.clamp(x[..., 4], 0.0, 1e3)
         needed_kwh = torch.clamp(target - soc, min=0.0) * capacity
-        least_laxity = (needed_kwh - steps_after_this * self.ev_step_kwh) / self.ev_step_kwh
+        least_laxity = (needed_kwh - steps_after_this * self.pace * self.ev_step_kwh) / self.ev_step_kwh
         spread = needed_kwh / (self.unknown_spread_steps * self.ev_step_kwh)
         fraction = torch.clamp(torch.where(known, least_laxity, spread), 0.0, 1.0)
         fraction = torch.where(fraction > 0, torch.maximum(fraction, self.ev_min_fraction), fraction)

@@ -192,7 +192,8 @@ def prepare(config: TrainConfig, out_dir: Path, *, resume: str | Path | None, ev
     observations = np.concatenate([w.observations for w in warms])
     layout = warms[0].layout if config.allow_ev_discharge else without_ev_discharge(warms[0].layout)
     first_env = specs[0].build()
-    safety = safety_spec_from_env(first_env, layout, ev_margin=config.ev_margin) if config.safety else None
+    safety = safety_spec_from_env(first_env, layout, ev_margin=config.ev_margin,
+                                  ev_pace=config.ev_pace) if config.safety else None
     actor_spec = ActorSpec(hidden_sizes=config.actor_hidden, features=config.features, ignore=config.ignore)
     if checkpoint is not None:
         layout.require_compatible(checkpoint.layout, what=f"checkpoint {resume}")

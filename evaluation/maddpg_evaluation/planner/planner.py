@@ -431,10 +431,10 @@ def _rule_floor(lp: LinearProgram, d: District, k0: int, k1: int, steps: np.ndar
     """``draw[k] >= max_power * floor(state before step k)`` at every parked step, linearly.
 
     The floor (:meth:`EvServiceRule.floor`) with ``E = max_power * efficiency`` per step and ``e`` the car's energy
-    before the step (``car[k] - gain[k] draw[k]``): known departure in ``c`` hours, ``draw >= (T cap - e - c E) /
-    efficiency``; unknown, ``draw >= (T cap - e) / (spread * efficiency)``. Both are linear in (draw, car). The
-    deadband (a floor raised to the charger's minimum power) is not linear and is left out: it adds at most that
-    minimum for an hour. A slack with the shortfall's penalty keeps a car that arrives too empty feasible.
+    before the step (``car[k] - gain[k] draw[k]``): known departure in ``c`` hours, ``draw >= (T cap - e - c p E) /
+    efficiency`` (``p`` the rule's pace); unknown, ``draw >= (T cap - e) / (spread * efficiency)``. Both are linear
+    in (draw, car). The deadband (a floor raised to the charger's minimum power) is not linear and is left out: it
+    adds at most that minimum for an hour. A slack with the shortfall's penalty keeps a car that arrives too empty feasible.
     """
     C, n = len(d.chargers), k1 - k0
     parked = cap > 0
@@ -448,7 +448,7 @@ def _rule_floor(lp: LinearProgram, d: District, k0: int, k1: int, steps: np.ndar
     spread = rule.unknown_spread_hours / rule.hours_per_step
     # draw * eff_factor + e >= rhs, with e = car - gain * draw (energy before the step)
     eff_factor = np.where(known, rule.efficiency, spread * rule.efficiency)
-    rhs = np.where(known, target - np.clip(np.nan_to_num(countdown), 0.0, 1e4) * step_energy, target)
+    rhs = np.where(known, target - np.clip(np.nan_to_num(countdown), 0.0, 1e4) * rule.pace * step_energy, target)
     rows = parked & (rhs > 0)
     if not rows.any():
         return
