@@ -25,6 +25,7 @@ from maddpg_training.protocol import (
     Protocol,
     ReplayedActions,
     _paired,
+    teacher_label,
     teacher_reference,
 )
 
@@ -110,7 +111,8 @@ def test_the_protocol_trains_scores_compares_and_resumes(tmp_path, schema_path, 
     assert any(e["kind"] == "update" and e.get("phase") == "critic_warmup" for e in events)
     (episode,) = json.loads((out / "tiny" / "local+maddpg" / "seed-0" / HELDOUT_FILE).read_text())["training"]["fine_tuning"]
     assert episode["episode"] == 1 and isinstance(episode["kept"], bool) and episode["training_score"] > 0
-    assert TEACHER not in json.loads((out / "tiny" / "references.json").read_text())   # the rule teacher: no cache
+    references = json.loads((out / "tiny" / "references.json").read_text())
+    assert not any(label.startswith("planner") for label in references)   # the rule teacher: no cache
 
     # The teacher's row: the test months' actions of the cached full-year pass, replayed. A planner pass is too slow
     # for a test, so a recorded pass of varied actions stands in for it at the planner's cache key.
@@ -129,7 +131,9 @@ def test_the_protocol_trains_scores_compares_and_resumes(tmp_path, schema_path, 
                             "service": {}, "seconds": 0.0}, "first_step": 0, "labels": [],
                 "record": {"actions": torch.from_numpy(actions)}}, path)
     teacher_reference(fold, out=out, config=planner_config, checkpoint=checkpoint)
-    row = json.loads((out / "tiny" / "references.json").read_text())[TEACHER]
+    label = teacher_label(planner_config)     # one teacher row per EV rule: the planner plans inside the rule
+    assert label != TEACHER and "paced 0.5" in label
+    row = json.loads((out / "tiny" / "references.json").read_text())[label]
 
     def replayed(first: int) -> dict:
         return run_episode(spec.build(), ReplayedActions(policy.layout, actions[first:])).kpis
@@ -142,8 +146,8 @@ def test_the_protocol_trains_scores_compares_and_resumes(tmp_path, schema_path, 
     assert again.exit_code == 0, again.output
     assert (out / "tiny" / "local" / "seed-1" / "final.pt").stat().st_mtime_ns == stamp
     summary = json.loads((out / "protocol.json").read_text())
-    assert "cost_vs_charge_on_arrival" in summary["folds"]["tiny"]["teacher"]
-    assert f"| {TEACHER} | - |" in (tmp_path / "protocol.md").read_text()
+    assert "cost_vs_charge_on_arrival" in summary["folds"]["tiny"]["teachers"][label]
+    assert f"| {label} | - |" in (tmp_path / "protocol.md").read_text()
 
 
 def test_an_arm_must_start_from_an_arm_trained_from_scratch(tmp_path):

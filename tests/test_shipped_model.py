@@ -45,16 +45,15 @@ def test_the_shipped_configs_are_what_the_served_settings_render():
 def test_the_shipped_policy_charges_the_cars_for_less_than_charge_on_arrival(week_spec):
     from maddpg_client.local_policy import LocalPolicy
     from maddpg_evaluation.episode import run_episode
-    from maddpg_evaluation.reference_controllers import ChargeOnArrivalPolicy, ZeroPolicy
+    from maddpg_evaluation.reference_controllers import ChargeOnArrivalPolicy
 
     policy = LocalPolicy(SHIPPED)
     result = run_episode(week_spec.build(), policy)  # refuses an env whose names differ from the shipped layout
     env = week_spec.build()
     charge_on_arrival = run_episode(env, ChargeOnArrivalPolicy(env, policy.layout))
-    zero = run_episode(week_spec.build(), ZeroPolicy(policy.layout))
     assert result.service["ev_departures_acceptable"] >= 0.95, "the safety layer sends every car away charged"
     assert result.service["appliance_service_level"] == 1.0
-    for kpi in ("cost_total", "carbon_emissions_total"):  # against the reference that serves the cars too
+    # Against the reference that serves the cars too (no control never charges them), as the held-out bars judge.
+    for kpi in ("cost_total", "carbon_emissions_total", "daily_peak_average", "all_time_peak_average"):
         assert result.kpis[kpi] < charge_on_arrival.kpis[kpi], \
             f"{kpi}: {result.kpis[kpi]:.3f} vs {charge_on_arrival.kpis[kpi]:.3f} charging on arrival"
-    assert result.kpis["daily_peak_average"] < zero.kpis["daily_peak_average"]
