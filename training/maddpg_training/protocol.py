@@ -48,13 +48,17 @@ log = logging.getLogger(__name__)
 HELDOUT_FILE = "heldout.json"
 REFERENCES_FILE = "references.json"
 TEACHER = "planner (the teacher), replayed"
+START_FROM = "start_from"   # an arm's setting that is not a training setting (see Protocol.start_from)
+MIN_GAP = 168  # hours between training and test data (a week)
 
 
 def teacher_label(config: TrainConfig) -> str:
     """The teacher's row in references.json: one per EV rule, since the planner plans inside the rule it teaches."""
     return TEACHER if config.ev_pace == 1.0 else f"planner (the teacher, EV floor paced {config.ev_pace:g}), replayed"
-START_FROM = "start_from"   # an arm's setting that is not a training setting (see Protocol.start_from)
-MIN_GAP = 168  # hours between training and test data (a week)
+
+
+def is_teacher_row(label: str) -> bool:
+    return label == TEACHER or label.startswith("planner (the teacher, ")
 
 
 @dataclass(frozen=True)
@@ -278,7 +282,7 @@ def teacher_reference(fold: Fold, *, out: Path, config: TrainConfig, checkpoint:
     result = run_episode(spec.build(), ReplayedActions(policy.layout, actions), name="teacher replayed",
                          progress=progress)
     references[label] = {"kpis": result.kpis, "service": result.service, "score": headline_score(result.kpis),
-                           "source": f"{cached.name}, steps {fold.test[0]}..{fold.test[1]} replayed"}
+                         "source": f"{cached.name}, steps {fold.test[0]}..{fold.test[1]} replayed"}
     _write_json(path, references)
 
 
@@ -303,7 +307,7 @@ def summarise(protocol: Protocol, out: Path) -> dict:
         references_path = out / fold.name / REFERENCES_FILE
         references = json.loads(references_path.read_text()) if references_path.is_file() else {}
         coa = references.get("charge on arrival")
-        teachers = {label: row for label, row in references.items() if label.startswith("planner (the teacher")}
+        teachers = {label: row for label, row in references.items() if is_teacher_row(label)}
         arms: dict[str, dict] = {}
         env_spreads = []
         for arm in protocol.arms:
