@@ -342,8 +342,8 @@ def summarise(protocol: Protocol, out: Path) -> dict:
         if coa is not None:
             teachers = {label: {**row, **_against(row["kpis"], coa["kpis"])} for label, row in teachers.items()}
         summary["folds"][fold.name] = {"test": list(fold.test), "train": [list(w) for w in fold.train],
-                                       "charge_on_arrival": coa, "teacher": teachers.get(TEACHER),
-                                       "teachers": teachers, "noise_floor": noise, "arms": arms,
+                                       "charge_on_arrival": coa, "teachers": teachers, "noise_floor": noise,
+                                       "arms": arms,
                                        "comparisons": comparisons}
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "protocol.json", summary)

@@ -434,7 +434,8 @@ def _rule_floor(lp: LinearProgram, d: District, k0: int, k1: int, steps: np.ndar
     before the step (``car[k] - gain[k] draw[k]``): known departure in ``c`` hours, ``draw >= (T cap - e - c p E) /
     efficiency`` (``p`` the rule's pace); unknown, ``draw >= (T cap - e) / (spread * efficiency)``. Both are linear
     in (draw, car). The deadband (a floor raised to the charger's minimum power) is not linear and is left out: it
-    adds at most that minimum for an hour. A slack with the shortfall's penalty keeps a car that arrives too empty feasible.
+    adds at most that minimum for an hour. A slack with the shortfall's penalty keeps a car that arrives too empty
+    feasible.
     """
     C, n = len(d.chargers), k1 - k0
     parked = cap > 0
