@@ -153,6 +153,50 @@ def test_cloning_moves_the_deployed_policy_towards_the_teacher():
     assert all(torch.equal(a, b) for a, b in zip(learner.target_actors.parameters(), learner.actors.parameters()))
 
 
+def ensemble_of_two(seed: int = 0) -> tuple[PolicyNetwork, MADDPG]:
+    layout, _, _ = two_agents()
+    torch.manual_seed(seed)
+    policy = PolicyNetwork(layout, ActorSpec((16,), ("hour_cycle",), ensemble=2))
+    return policy, MADDPG(policy, TrainConfig(batch_size=8), SHARES)
+
+
+def test_an_ensembles_action_is_the_mean_of_its_members_each_reading_its_own_building():
+    policy, _ = ensemble_of_two()
+    x = observations(5)
+    z = policy.actor_inputs(x)
+    members = policy.actors.members(z.unsqueeze(0).expand(2, *z.shape))
+    assert not torch.allclose(members[0], members[1])                   # two actors per building, apart
+    assert torch.allclose(policy(x), policy.scaler(members.mean(dim=0)), atol=1e-6)
+    changed = x.clone()
+    changed[:, 1, :2] += 3.0
+    assert torch.equal(policy(changed)[:, 0], policy(x)[:, 0])          # still decentralised
+    assert ActorSpec.from_dict(policy.spec.to_dict()) == policy.spec
+    assert "ensemble" not in ActorSpec((16,)).to_dict()                 # one actor: the dict checkpoints always had
+
+
+def test_each_member_of_an_ensemble_is_fitted_to_the_teacher_not_only_their_mean():
+    """Members whose errors cancel in the mean still cost their own errors: averaging members fitted apart is what
+    lowers a clone's variance; fitting the mean would let them drift apart anywhere the mean stays put."""
+    policy, learner = ensemble_of_two()
+    last = policy.actors.mlp.layers[-1]
+    with torch.no_grad():
+        for layer in policy.actors.mlp.layers[:-1]:       # member 1 = member 0 with its output negated
+            layer.weight[2:] = layer.weight[:2]
+            layer.bias[2:] = layer.bias[:2]
+        last.weight[:2] = torch.randn_like(last.weight[:2])
+        last.weight[2:], last.bias[2:] = -last.weight[:2], -last.bias[:2]
+    x = observations(16, seed=5)
+    x[:, 0, 2] = 0.0                                      # no car: the chargers' slots stay at 0
+    teacher = torch.zeros((16, 2, 2))
+    with torch.no_grad():
+        assert policy(x).abs().max() < 1e-6               # the mean is the teacher's action exactly ...
+        assert learner.cloning_loss(torch.cat([x, x]), torch.cat([teacher, teacher])).item() > 1e-3   # ... not each
+    labelled = LabelledStates(policy.layout.observation_shape, policy.layout.action_shape)
+    labelled.extend(x, teacher)
+    learner.clone(labelled, steps=1, generator=torch.Generator().manual_seed(0))
+    assert learner.label_batch() == 16                    # a batch for each member
+
+
 def test_a_charger_below_the_teachers_action_costs_undercharge_weight_times_more():
     """A car charged later than the teacher charged it meets the safety floor in its last hours, with every other
     car's floor: ``undercharge_weight`` makes the clone err on the side of charging (an upper expectile)."""

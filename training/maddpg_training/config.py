@@ -43,6 +43,7 @@ class TrainConfig:
 
     # --- networks ----------------------------------------------------------------------------------------------------
     actor_hidden: tuple[int, ...] = (64, 64)   # small actors generalise to months training never showed (the protocol)
+    ensemble: int = 1                     # actors per building, each cloned on its own minibatches, actions averaged
     critic_hidden: tuple[int, ...] = (256, 256)
     features: tuple[str, ...] = ("hour_cycle", "ev_slack")  # computed in the graph from each building's own row
     ignore: tuple[str, ...] = ("season",) # observation groups the actors do not read (networks.py): no month or
@@ -127,7 +128,7 @@ class TrainConfig:
             problems.append(f"features = {list(self.features)} (known: {', '.join(FEATURES)})")
         if set(self.ignore) - set(OBSERVATION_GROUPS):
             problems.append(f"ignore = {list(self.ignore)} (known: {', '.join(OBSERVATION_GROUPS)})")
-        for name in ("n_step", "label_every", "batch_size", "policy_delay", "update_every", "planner_horizon"):
+        for name in ("ensemble", "n_step", "label_every", "batch_size", "policy_delay", "update_every", "planner_horizon"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} = {getattr(self, name)} (must be at least 1)")
         if self.undercharge_weight < 1:

@@ -113,10 +113,19 @@ class MADDPG:
     # --- the actors -----------------------------------------------------------------------------------------------
     def cloning_loss(self, observations: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean squared distance between the deployed policy's actions (safety layer included) and the teacher's; a
-        charger below the teacher's action weighs ``undercharge_weight`` times (1: the plain mean squared error)."""
-        error = (self.policy(observations) - targets.clamp(-BC_TARGET_LIMIT, BC_TARGET_LIMIT) * self.mask) * self.mask
+        charger below the teacher's action weighs ``undercharge_weight`` times (1: the plain mean squared error).
+        An ensemble's members each fit their own slice of the batch (``label_batch``), not their mean: averaging
+        members fitted apart is what lowers the variance of the clone."""
+        k = self.actors.ensemble
+        inputs = self.policy.actor_inputs(observations)
+        unit = self.actors.members(inputs.reshape(k, -1, *inputs.shape[1:])).reshape(len(observations), *self.mask.shape)
+        error = (self.env_actions(observations, unit) - targets.clamp(-BC_TARGET_LIMIT, BC_TARGET_LIMIT) * self.mask) * self.mask
         weight = 1.0 + self.undercharge_extra * (error < 0)
         return (weight * error.pow(2)).sum() / self.mask.sum() / len(observations)
+
+    def label_batch(self) -> int:
+        """Labelled states per actor step: a batch for each member of an ensemble."""
+        return self.config.batch_size * self.actors.ensemble
 
     def team_q_of_actors(self, observations: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """``[batch]``: the first critic's team Q of the current actors' (deterministic) actions."""
@@ -154,7 +163,7 @@ class MADDPG:
 
         if train_actors and self.updates % cfg.policy_delay == 0:
             self.critic.requires_grad_(False)  # the actor step must leave no gradient on the critic
-            sample = labelled.sample(cfg.batch_size, generator) if labelled is not None and len(labelled) else None
+            sample = labelled.sample(self.label_batch(), generator) if labelled is not None and len(labelled) else None
             actor_loss, actor_stats = self.actor_loss(batch, sample)
             if actor_loss.requires_grad:  # alpha 0 and no labels: nothing moves the actors
                 self.actor_optimizer.zero_grad(set_to_none=True)
@@ -181,7 +190,7 @@ class MADDPG:
                                                               eta_min=min(cfg.actor_lr, cfg.clone_lr))
         loss = torch.tensor(math.nan)
         for step in trange(steps, desc="behaviour cloning", unit="update", disable=not progress, leave=False):
-            loss, _ = self.actor_loss(None, labelled.sample(cfg.batch_size, generator))
+            loss, _ = self.actor_loss(None, labelled.sample(self.label_batch(), generator))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -63,8 +63,11 @@ class ActorSpec:
     hidden_sizes: tuple[int, ...] = (256, 256)
     features: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()          # groups of OBSERVATION_GROUPS the actors do not read (set to their mean)
+    ensemble: int = 1                     # actors per building, each fitted on its own, their actions averaged
 
     def __post_init__(self) -> None:
+        if self.ensemble < 1:
+            raise ValueError(f"ensemble = {self.ensemble}: a building needs at least one actor")
         unknown = sorted(set(self.features) - set(FEATURES))
         if unknown:
             raise ValueError(f"unknown actor feature(s) {unknown}; this version computes {list(FEATURES)}")
@@ -83,13 +86,16 @@ class ActorSpec:
                    for group in self.ignore for base in OBSERVATION_GROUPS[group])
 
     def to_dict(self) -> dict:
-        return {"hidden_sizes": list(self.hidden_sizes), "features": list(self.features), "ignore": list(self.ignore)}
+        data = {"hidden_sizes": list(self.hidden_sizes), "features": list(self.features), "ignore": list(self.ignore)}
+        if self.ensemble != 1:  # one actor per building writes what checkpoints before ensembles wrote
+            data["ensemble"] = self.ensemble
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "ActorSpec":
         return cls(hidden_sizes=tuple(int(h) for h in data["hidden_sizes"]),
                    features=tuple(str(f) for f in data.get("features", ())),
-                   ignore=tuple(str(g) for g in data.get("ignore", ())))
+                   ignore=tuple(str(g) for g in data.get("ignore", ())), ensemble=int(data.get("ensemble", 1)))
 
 
 class StackedLinear(nn.Module):
@@ -286,25 +292,37 @@ class ObservationFeatures(nn.Module):
 
 
 class StackedActors(nn.Module):
-    """One deterministic actor per building: normalised own observation (+ features) -> tanh action per slot."""
+    """One deterministic actor per building: normalised own observation (+ features) -> tanh action per slot.
+
+    With ``spec.ensemble = K`` each building has K actors, stacked member-major (member k of agent i is MLP
+    ``k * agents + i``), fitted each on its own minibatches (``members``); the policy's action is their mean. Every
+    member reads building i's row only, so the mean is as decentralised as one actor.
+    """
 
     def __init__(self, layout: PolicyLayout, spec: ActorSpec, in_features: int | None = None):
         super().__init__()
         width = layout.obs_width if in_features is None else in_features
-        self.mlp = StackedMLP(layout.n_agents, width, spec.hidden_sizes, layout.action_width)
+        self.ensemble = spec.ensemble
+        self.mlp = StackedMLP(layout.n_agents * spec.ensemble, width, spec.hidden_sizes, layout.action_width)
         self.register_buffer("action_mask", torch.as_tensor(layout.action_mask(), dtype=torch.float32))
         # Start near action 0 (DDPG's small final layer): no agent begins pinned at a bound.
         with torch.no_grad():
             self.mlp.layers[-1].weight.uniform_(-3e-3, 3e-3)
             self.mlp.layers[-1].bias.uniform_(-3e-3, 3e-3)
 
-    def preactivation(self, z: torch.Tensor) -> torch.Tensor:
-        """Actions before the tanh squashing, ``[batch, agents, action_width]``."""
-        return self.mlp(z.transpose(0, 1)).transpose(0, 1)
+    def members(self, z: torch.Tensor) -> torch.Tensor:
+        """``z``: ``[members, batch, agents, width]`` (member k reads ``z[k]``) -> each member's actions
+        ``[members, batch, agents, action_width]`` in [-1, 1], padding 0."""
+        k, batch, agents, width = z.shape
+        x = z.permute(0, 2, 1, 3).reshape(k * agents, batch, width)
+        out = self.mlp(x).reshape(k, agents, batch, -1).permute(0, 2, 1, 3)
+        return torch.tanh(out) * self.action_mask
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """``z``: ``[batch, agents, obs_width]`` normalised -> ``[batch, agents, action_width]`` in [-1, 1], padding 0."""
-        return torch.tanh(self.preactivation(z)) * self.action_mask
+        if self.ensemble == 1:  # the graph of one actor per building, as versions 1-3 were exported
+            return torch.tanh(self.mlp(z.transpose(0, 1)).transpose(0, 1)) * self.action_mask
+        return self.members(z.unsqueeze(0).expand(self.ensemble, *z.shape)).mean(dim=0)
 
 
 class ActionScaler(nn.Module):

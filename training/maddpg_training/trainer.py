@@ -194,7 +194,8 @@ def prepare(config: TrainConfig, out_dir: Path, *, resume: str | Path | None, ev
     first_env = specs[0].build()
     safety = safety_spec_from_env(first_env, layout, ev_margin=config.ev_margin,
                                   ev_pace=config.ev_pace) if config.safety else None
-    actor_spec = ActorSpec(hidden_sizes=config.actor_hidden, features=config.features, ignore=config.ignore)
+    actor_spec = ActorSpec(hidden_sizes=config.actor_hidden, features=config.features, ignore=config.ignore,
+                           ensemble=config.ensemble)
     if checkpoint is not None:
         layout.require_compatible(checkpoint.layout, what=f"checkpoint {resume}")
         layout, safety, actor_spec = checkpoint.layout, checkpoint.safety, checkpoint.actor_spec
