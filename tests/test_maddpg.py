@@ -195,6 +195,8 @@ def test_each_member_of_an_ensemble_is_fitted_to_the_teacher_not_only_their_mean
     labelled.extend(x, teacher)
     learner.clone(labelled, steps=1, generator=torch.Generator().manual_seed(0))
     assert learner.label_batch() == 16                    # a batch for each member
+    with pytest.raises(ValueError, match="multiple of 2"):
+        learner.cloning_loss(x[:3], teacher[:3])
 
 
 def test_a_charger_below_the_teachers_action_costs_undercharge_weight_times_more():

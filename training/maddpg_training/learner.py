@@ -117,9 +117,14 @@ class MADDPG:
         An ensemble's members each fit their own slice of the batch (``label_batch``), not their mean: averaging
         members fitted apart is what lowers the variance of the clone."""
         k = self.actors.ensemble
+        if len(observations) % k:
+            raise ValueError(f"{len(observations)} labelled states cannot be split evenly among an ensemble of {k} "
+                             f"actors per building: pass a multiple of {k} (label_batch() is one)")
         inputs = self.policy.actor_inputs(observations)
-        unit = self.actors.members(inputs.reshape(k, -1, *inputs.shape[1:])).reshape(len(observations), *self.mask.shape)
-        error = (self.env_actions(observations, unit) - targets.clamp(-BC_TARGET_LIMIT, BC_TARGET_LIMIT) * self.mask) * self.mask
+        unit = self.actors.members(inputs.reshape(k, -1, *inputs.shape[1:])).reshape(observations.shape[0],
+                                                                                     *self.mask.shape)
+        target = targets.clamp(-BC_TARGET_LIMIT, BC_TARGET_LIMIT) * self.mask
+        error = (self.env_actions(observations, unit) - target) * self.mask
         weight = 1.0 + self.undercharge_extra * (error < 0)
         return (weight * error.pow(2)).sum() / self.mask.sum() / len(observations)
 
