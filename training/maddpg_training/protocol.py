@@ -52,13 +52,16 @@ START_FROM = "start_from"   # an arm's setting that is not a training setting (s
 MIN_GAP = 168  # hours between training and test data (a week)
 
 
+PACED_TEACHER = "planner (the teacher, EV floor paced "   # + the pace, "), replayed"
+
+
 def teacher_label(config: TrainConfig) -> str:
     """The teacher's row in references.json: one per EV rule, since the planner plans inside the rule it teaches."""
-    return TEACHER if config.ev_pace == 1.0 else f"planner (the teacher, EV floor paced {config.ev_pace:g}), replayed"
+    return TEACHER if config.ev_pace == 1.0 else f"{PACED_TEACHER}{config.ev_pace:g}), replayed"
 
 
 def is_teacher_row(label: str) -> bool:
-    return label == TEACHER or label.startswith("planner (the teacher, ")
+    return label == TEACHER or label.startswith(PACED_TEACHER)
 
 
 @dataclass(frozen=True)
