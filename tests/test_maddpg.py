@@ -83,6 +83,36 @@ def test_the_district_signal_is_the_same_district_aggregates_for_every_actor():
     assert not ActorSpec(features=("district",)).decentralised and ActorSpec(features=("ev_slack",)).decentralised
 
 
+def test_the_cars_district_signal_reads_the_cars_of_every_row_and_nothing_that_follows_the_season():
+    """With `district_ev`, every actor reads the district cars' need, how many are connected and the least slack,
+    computed from all rows; the loads and the batteries' charge, which follow the season, move no action."""
+    layout = layout_from_names(["A", "B"], [["hour", "non_shiftable_load", "solar_generation",
+                                             "net_electricity_consumption", "electrical_storage_soc", *CAR],
+                                            ["non_shiftable_load", "solar_generation", "net_electricity_consumption",
+                                             "electrical_storage_soc"]],
+                               [["electrical_storage", "electric_vehicle_storage_c"], ["electrical_storage"]],
+                               [[-1, 0], [-1]], [[1, 1], [1]])
+    safety = SafetySpec(chargers=(ChargerSlot(0, 1, 5, 6, 7, 8, 9, max_power_kw=7.0, min_power_kw=0.0),))
+    torch.manual_seed(0)
+    policy = PolicyNetwork(layout, ActorSpec((8,), ("district_ev",)), safety)
+    x = torch.zeros((1, 2, 10))
+    x[0, 0, :10] = torch.tensor([3.0, 5.0, 1.0, 4.5, 0.5, 1.0, 10.0, 0.9, 0.5, 40.0])
+    x[0, 1, :4] = torch.tensor([2.0, 0.5, 1.2, 0.3])
+    need = (0.9 - 0.05 + 0.02 - 0.5) * 40.0
+    assert torch.allclose(policy.features.district_signals(x)[0, :2], torch.tensor([need, 1.0]), atol=1e-5)
+    assert policy.features.width == 3
+    before = policy(x).detach()
+    seasonal = x.clone()
+    seasonal[0, 1, :4] += torch.tensor([20.0, -3.0, 15.0, 0.6])   # B's load, solar, net load and battery charge ...
+    assert torch.equal(policy(seasonal).detach()[:, 0], before[:, 0])  # ... do not reach A's actor
+    car = x.clone()
+    car[0, 0, 8] = 0.1                                               # A's car needs more: B's actor sees it too
+    assert not torch.equal(policy(car).detach()[:, 1], before[:, 1])
+    assert not ActorSpec(features=("district_ev",)).decentralised
+    with pytest.raises(ValueError, match="one district signal"):
+        ActorSpec(features=("district", "district_ev"))
+
+
 def test_the_critic_sees_every_agent():
     layout, policy, learner = two_agents()
     x = observations(4)

@@ -36,7 +36,7 @@ OBSERVATION_CLIP = 5.0
 MIN_STD = 1e-3
 
 
-FEATURES = ("hour_cycle", "ev_slack", "district")
+FEATURES = ("hour_cycle", "ev_slack", "district", "district_ev")
 # Observations that name the season rather than the situation: the month, the weather and its forecasts. Held-out
 # months bring values of these the training months never had (measured: a clone reading them fitted its training
 # labels to a mean squared error of 0.0008 and November-January's to 0.047). ``ActorSpec.ignore = ("season",)``
@@ -49,6 +49,11 @@ OBSERVATION_GROUPS = {
 # building does not. Computed in the graph from all rows, the same numbers broadcast to every actor.
 DISTRICT_SIGNALS = ("base_load_kw", "net_load_kw", "ev_need_kwh", "cars_connected", "least_ev_slack_days",
                     "battery_soc")
+# Feature ``district_ev``: the district's cars only. Loads and charge follow the season (held-out winter loads are
+# values the training months rarely show); the cars' energy need, how many are parked and the least slack do not.
+DISTRICT_EV_SIGNALS = ("ev_need_kwh", "cars_connected", "least_ev_slack_days")
+# Which district signals each district feature broadcasts (at most one of them per actor).
+DISTRICT_FEATURES = {"district": DISTRICT_SIGNALS, "district_ev": DISTRICT_EV_SIGNALS}
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ class ActorSpec:
 
     ``features`` are computed inside the graph from the raw observations and appended to each building's
     normalised row (see :class:`ObservationFeatures`); () is the plain architecture of format-1 checkpoints.
-    ``hour_cycle`` and ``ev_slack`` read the building's own row only; ``district`` reads every row.
+    ``hour_cycle`` and ``ev_slack`` read the building's own row only; ``district`` and ``district_ev`` read every row.
     """
 
     hidden_sizes: tuple[int, ...] = (256, 256)
@@ -71,6 +76,8 @@ class ActorSpec:
         unknown = sorted(set(self.features) - set(FEATURES))
         if unknown:
             raise ValueError(f"unknown actor feature(s) {unknown}; this version computes {list(FEATURES)}")
+        if len(set(self.features) & set(DISTRICT_FEATURES)) > 1:
+            raise ValueError(f"features {list(self.features)}: choose one district signal of {list(DISTRICT_FEATURES)}")
         unknown = sorted(set(self.ignore) - set(OBSERVATION_GROUPS))
         if unknown:
             raise ValueError(f"unknown observation group(s) to ignore {unknown}; choose from {list(OBSERVATION_GROUPS)}")
@@ -78,7 +85,7 @@ class ActorSpec:
     @property
     def decentralised(self) -> bool:
         """Whether actor ``i`` reads building ``i``'s row only."""
-        return "district" not in self.features
+        return not set(self.features) & set(DISTRICT_FEATURES)
 
     def ignored(self, name: str) -> bool:
         """Whether the actors leave observation ``name`` out (a group's names and their ``_predicted_k``)."""
@@ -182,7 +189,9 @@ class ObservationFeatures(nn.Module):
       solar) and net load, the energy the connected cars still need, how many are connected, the least EV slack in
       the district, the batteries' mean state of charge (``DISTRICT_SIGNALS``), standardised with statistics of the
       warm-up pass (stored with the weights). A building cannot see that every other car is charging too; with this
-      it can.
+      it can;
+    * ``district_ev`` (every row, the same for every actor): the cars' three of those signals only
+      (``DISTRICT_EV_SIGNALS``), the ones that do not follow the season.
 
     Agent-major widths: every agent gets the same number of columns (chargers padded with zeros).
     """
@@ -195,7 +204,8 @@ class ObservationFeatures(nn.Module):
         self.register_buffer("has_hour", torch.tensor(has_hour), persistent=False)
         chargers = list(safety.chargers) if safety is not None else []
         per_agent = max([sum(1 for c in chargers if c.agent == i) for i in range(layout.n_agents)], default=0)
-        self.charger_columns = per_agent if {"ev_slack", "district"} & set(names) else 0
+        district = [name for name in names if name in DISTRICT_FEATURES]
+        self.charger_columns = per_agent if {"ev_slack", *district} & set(names) else 0
         self.ev_columns = per_agent if "ev_slack" in names else 0
         # [agents, charger_columns, 5] observation slots (-1: no charger in that column) and energy per step.
         slots = torch.full((layout.n_agents, max(self.charger_columns, 1), 5), -1, dtype=torch.long)
@@ -210,7 +220,12 @@ class ObservationFeatures(nn.Module):
         self.register_buffer("ev_present", (slots[..., 0] >= 0).float(), persistent=False)
         self.register_buffer("ev_step_kwh", energy, persistent=False)
         self.target_offset = (safety.ev_rule if safety is not None else EvServiceRule()).target_offset
-        self.district = "district" in names
+        self.district = bool(district)
+        # Which of the DISTRICT_SIGNALS the actors read (indices), none without a district feature.
+        self.district_signals_read = DISTRICT_FEATURES[district[0]] if district else ()
+        self.register_buffer("district_index", torch.tensor([DISTRICT_SIGNALS.index(signal)
+                                                             for signal in self.district_signals_read],
+                                                            dtype=torch.long), persistent=False)
         if self.district:
             for name, observation in (("load", NON_SHIFTABLE_LOAD), ("solar", SOLAR_GENERATION),
                                       ("net", NET_ELECTRICITY_CONSUMPTION), ("soc", BATTERY_SOC)):
@@ -218,9 +233,9 @@ class ObservationFeatures(nn.Module):
                 self.register_buffer(f"{name}_slot", torch.tensor(slot), persistent=False)
                 self.register_buffer(f"has_{name}", torch.tensor(present), persistent=False)
             # Standardisation of the district signals, fitted on the warm-up pass (set_district_statistics).
-            self.register_buffer("district_mean", torch.zeros(len(DISTRICT_SIGNALS)))
-            self.register_buffer("district_std", torch.ones(len(DISTRICT_SIGNALS)))
-        self.width = (2 if "hour_cycle" in names else 0) + self.ev_columns + (len(DISTRICT_SIGNALS) if self.district else 0)
+            self.register_buffer("district_mean", torch.zeros(len(self.district_signals_read)))
+            self.register_buffer("district_std", torch.ones(len(self.district_signals_read)))
+        self.width = (2 if "hour_cycle" in names else 0) + self.ev_columns + len(self.district_signals_read)
 
     def _column(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """``[batch, agents]``: each agent's observation ``name`` (0 where it has none), bounded."""
@@ -242,12 +257,12 @@ class ObservationFeatures(nn.Module):
         return connected, torch.where(connected, needed, torch.zeros_like(needed)), slack
 
     def district_signals(self, observations: torch.Tensor) -> torch.Tensor:
-        """``[batch, len(DISTRICT_SIGNALS)]`` in physical units, before standardisation."""
+        """``[batch, signals read]`` in physical units, before standardisation."""
         x = torch.where(torch.isnan(observations), torch.zeros_like(observations), observations)
         return self._district(x, self._chargers(x) if self.charger_columns else None)
 
     def _district(self, x: torch.Tensor, chargers: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
-        """The district signals of sanitised observations, given their chargers (see _chargers)."""
+        """The district signals the actors read, of sanitised observations, given their chargers (see _chargers)."""
         base = (self._column(x, "load") - self._column(x, "solar")).sum(dim=1)
         net = self._column(x, "net").sum(dim=1)
         soc = self._column(x, "soc").sum(dim=1) / self.has_soc.sum().clamp_min(1.0)
@@ -259,7 +274,7 @@ class ObservationFeatures(nn.Module):
         else:
             need = cars = torch.zeros_like(base)
             least = torch.full_like(base, 2.0)
-        return torch.stack([base, net, need, cars, least, soc], dim=-1)
+        return torch.stack([base, net, need, cars, least, soc], dim=-1).index_select(-1, self.district_index)
 
     @torch.no_grad()
     def set_district_statistics(self, observations: np.ndarray) -> None:
