@@ -229,6 +229,33 @@ def test_each_member_of_an_ensemble_is_fitted_to_the_teacher_not_only_their_mean
         learner.cloning_loss(x[:3], teacher[:3])
 
 
+def test_a_charger_output_below_its_bound_still_learns_a_charging_label_when_cloned_through_the_bounds():
+    """The applied charger action is the output clipped to [0, 1]: below 0 the clip is flat, so a label that charges
+    sends no gradient and the clone stays dead there (measured: in 54 % of the states where the planner charged, the
+    full-year clone's output sat below 0). `clone_through_bounds` passes the error straight through to the output
+    and pulls outputs beyond their bounds back inside."""
+    layout, policy, _ = two_agents()
+    x = observations(8, seed=3)
+    x[:, 0, 3] = 30.0                                   # the car leaves in 30 h: the safety floor does not bind
+    with torch.no_grad():
+        policy.actors.mlp.layers[-1].bias[0, 0, 1] = -3.0   # A's charger output far below 0: clipped to 0
+        assert (policy(x)[:, 0, 1] == 0).all()
+    teacher = torch.zeros((8, 2, 2))
+    teacher[:, 0, 1] = 0.6                              # the teacher charges
+    raised = {}
+    for through in (False, True):
+        learner = MADDPG(policy, TrainConfig(clone_through_bounds=through), SHARES)
+        policy.zero_grad()
+        learner.cloning_loss(x, teacher).backward()
+        raised[through] = -policy.actors.mlp.layers[-1].bias.grad[0, 0, 1].item()   # descent raises the output
+    assert raised[False] == 0.0 and raised[True] > 0.0
+    at_rest = torch.zeros((8, 2, 2))                    # a label of 0 with the output below it: pulled back to 0
+    learner = MADDPG(policy, TrainConfig(clone_through_bounds=True), SHARES)
+    policy.zero_grad()
+    learner.cloning_loss(x, at_rest).backward()
+    assert policy.actors.mlp.layers[-1].bias.grad[0, 0, 1].item() < 0.0
+
+
 def test_a_charger_below_the_teachers_action_costs_undercharge_weight_times_more():
     """A car charged later than the teacher charged it meets the safety floor in its last hours, with every other
     car's floor: ``undercharge_weight`` makes the clone err on the side of charging (an upper expectile)."""

@@ -74,6 +74,11 @@ class TrainConfig:
     undercharge_weight: float = 1.0       # cloning: a charger's action below the teacher's counts this many times
                                           # (>1 fits an upper expectile: a car charged late meets the safety floor
                                           # in its last hours, where every car's floor lands at once: the peaks)
+    clone_through_bounds: bool = False    # cloning: the error of the applied action reaches the actor's own output
+                                          # even where the bounds or the safety floor overrode it (straight through),
+                                          # and outputs beyond a slot's bounds are pulled back inside. False: a
+                                          # charger output below 0 is clipped to 0 with no gradient, so a clone that
+                                          # once undershoots a charging label never learns it back (learner.py)
     cache_demonstration: bool = True      # keep the teacher's own pass on disk (runs/.cache): seeds share it
 
     # --- MADDPG fine-tuning (TD3-style, centralised critic, n-step returns) --------------------------------------------

@@ -115,7 +115,13 @@ class MADDPG:
         """Mean squared distance between the deployed policy's actions (safety layer included) and the teacher's; a
         charger below the teacher's action weighs ``undercharge_weight`` times (1: the plain mean squared error).
         An ensemble's members each fit their own slice of the batch (``label_batch``), not their mean: averaging
-        members fitted apart is what lowers the variance of the clone."""
+        members fitted apart is what lowers the variance of the clone.
+
+        The applied action is the actor's output clipped to the slot's bounds, then raised to the safety floor; both
+        are flat where they bind, so a charger output below 0 gets no gradient from a label that charges. With
+        ``clone_through_bounds`` the applied action's error is passed straight through to the output, and an
+        output beyond its bounds is pulled back to them (so that members averaged before the clip, as the graph
+        does, agree with the members fitted after it)."""
         k = self.actors.ensemble
         if len(observations) % k:
             raise ValueError(f"{len(observations)} labelled states cannot be split evenly among an ensemble of {k} "
@@ -124,9 +130,14 @@ class MADDPG:
         unit = self.actors.members(inputs.reshape(k, -1, *inputs.shape[1:])).reshape(observations.shape[0],
                                                                                      *self.mask.shape)
         target = targets.clamp(-BC_TARGET_LIMIT, BC_TARGET_LIMIT) * self.mask
-        error = (self.env_actions(observations, unit) - target) * self.mask
+        applied = self.env_actions(observations, unit)
+        outside = torch.zeros(())
+        if self.config.clone_through_bounds:
+            applied = unit + (applied - unit).detach()
+            outside = (unit - self.policy.scaler(unit)).mul(self.mask).pow(2).sum()
+        error = (applied - target) * self.mask
         weight = 1.0 + self.undercharge_extra * (error < 0)
-        return (weight * error.pow(2)).sum() / self.mask.sum() / len(observations)
+        return ((weight * error.pow(2)).sum() + outside) / self.mask.sum() / len(observations)
 
     def label_batch(self) -> int:
         """Labelled states per actor step: a batch for each member of an ensemble."""
