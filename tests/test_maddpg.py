@@ -397,6 +397,24 @@ def test_actors_ascend_only_the_building_shares_when_asked():
     assert moved == {"all": True, "buildings": False}
 
 
+def test_ignoring_own_actions_hides_the_net_consumption_that_echoes_the_last_action():
+    """``ignore = ("own_actions",)``: the building's net consumption (which carries its battery's and chargers' last
+    actions) reads as its mean; the load it is made of still moves the action."""
+    names = ["hour", "non_shiftable_load", "net_electricity_consumption", "electrical_storage_soc"]
+    layout = layout_from_names(["A"], [names], [["electrical_storage"]], [[-1]], [[1]])
+    torch.manual_seed(0)
+    policy = PolicyNetwork(layout, ActorSpec((16,), ("hour_cycle",), ignore=("season", "own_actions")))
+    x = torch.from_numpy(np.random.default_rng(1).normal(size=(6, 1, 4)).astype(np.float32))
+    before = policy(x).detach()
+    echoed = x.clone()
+    echoed[..., 2] += 4.0                          # last step's battery drew 4 kW more
+    assert torch.equal(policy(echoed).detach(), before)
+    for column in (1, 3):                          # the load and the battery's charge are still read
+        moved = x.clone()
+        moved[..., column] += 3.0
+        assert not torch.equal(policy(moved).detach(), before)
+
+
 def test_observations_the_spec_ignores_do_not_reach_the_actors():
     """``ignore = ("season",)``: the month and the weather (and their forecasts) read as their mean; the rest as
     before. A new month's values then cannot move an action."""

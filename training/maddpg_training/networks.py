@@ -44,6 +44,11 @@ FEATURES = ("hour_cycle", "ev_slack", "district", "district_ev")
 OBSERVATION_GROUPS = {
     "season": ("month", "outdoor_dry_bulb_temperature", "outdoor_relative_humidity", "diffuse_solar_irradiance",
                "direct_solar_irradiance"),
+    # The building's net consumption of the last step includes what its own battery and chargers did then: an echo
+    # of the actor's previous action. A clone that reads it can copy the teacher's last action instead of learning
+    # why (the copycat problem of behaviour cloning), and on its own trajectory it copies its own errors. The loads
+    # and solar generation it is made of stay.
+    "own_actions": (NET_ELECTRICITY_CONSUMPTION,),
 }
 # The district signal (feature ``district``): what the planner knows about the rest of the district now and a
 # building does not. Computed in the graph from all rows, the same numbers broadcast to every actor.
