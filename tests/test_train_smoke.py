@@ -106,20 +106,25 @@ def test_training_leaves_a_trace_of_every_update_pass_and_evaluation(smoke_run):
     warmup = [r for r in updates if r["phase"] == "critic_warmup"]
     finetune = [r for r in updates if r["phase"] == "finetune"]
     assert len(warmup) == 5  # every 10th warm-up update
-    # Per episode: a critic update at each of the 199 steps, 20 critic refits, 10 actor steps (every 2nd of 20).
+    # Per episode: a critic update at each of the 199 steps, 20 critic refits, and the actor steps the gate before it
+    # set (10 for the first; half as many after a rejected episode), each every 2nd update of the improve stage.
+    gates = [r for r in records if r["kind"] == "gate"]
+    planned = [g["next_actor_steps"] for g in gates[:-1]]
+    assert planned[0] == 10
     stages = [r["stage"] for r in finetune]
-    assert (stages.count("collect"), stages.count("critic refit"), stages.count("improve")) == (2 * 199, 2 * 20, 2 * 20)
+    assert (stages.count("collect"), stages.count("critic refit"), stages.count("improve")) == (2 * 199, 2 * 20,
+                                                                                              2 * sum(planned))
     assert all({"critic_loss", "td_error", "q", "target"} <= set(r) for r in updates)
     actor_steps = [r for r in finetune if "actor_loss" in r]
-    assert len(actor_steps) == 2 * 10 and all(r["stage"] == "improve" for r in actor_steps)
+    assert len(actor_steps) == sum(planned) and all(r["stage"] == "improve" for r in actor_steps)
     assert all({"cloning_loss", "actor_q", "q_scale"} <= set(r) for r in actor_steps)
     assert [r["phase"] for r in records if r["kind"] == "rollout"] == ["teach", "dagger 1", "finetune", "finetune"]
     assert [r["episode"] for r in records if r["kind"] == "evaluation"] == [0, 1, 2]
-    gates = [r for r in records if r["kind"] == "gate"]
     assert [g["episode"] for g in gates] == [0, 1, 2]  # 0: the clone's score, where fine-tuning starts
     best = gates[0]["score"]
-    for gate in gates[1:]:  # kept only if better than the best so far; else back to it with half the actor steps
-        assert gate["accepted"] == (gate["score"] < best)
+    for before, gate in zip(gates, gates[1:]):  # kept only if better than the best so far; else back to it with
+        assert gate["accepted"] == (gate["score"] < best)  # half the actor steps
+        assert gate["next_actor_steps"] == before["next_actor_steps"] // (1 if gate["accepted"] else 2)
         best = min(best, gate["score"])
     assert any(r["kind"] == "clone" for r in records)
     picture = CliRunner().invoke(cli, ["plot-training", str(out)])
@@ -139,7 +144,11 @@ def test_the_policy_charges_parked_cars_but_never_discharges_them(smoke_run):
     assert (actions[:, :, 0] < 0).any(), "batteries may still discharge"
 
 
-def test_fine_tuning_moved_the_actors_away_from_the_clone(smoke_run, tmp_path, schema_path):
+def test_fine_tuning_keeps_moved_actors_only_when_the_gate_accepts_them(smoke_run, tmp_path, schema_path):
+    """The final actors are the clone's moved by the fine-tuning episodes the gate accepted, or, where it accepted
+    none, exactly the clone's (whether an episode of a short smoke run helps is the run's outcome, not a given)."""
+    from maddpg_training.trace import read_trace
+
     out, _ = smoke_run
     clone_only = tmp_path / "clone-only"
     assert train("--dataset", schema_path, "--episodes", "0", "--out", clone_only).exit_code == 0
@@ -147,7 +156,8 @@ def test_fine_tuning_moved_the_actors_away_from_the_clone(smoke_run, tmp_path, s
     after = load_checkpoint(out / "final.pt").policy
     assert torch.equal(before["normaliser.mean"], after["normaliser.mean"])  # same warm-up statistics
     changed = [k for k in before if k.startswith("actors.") and not torch.equal(before[k], after[k])]
-    assert changed, "two episodes of MADDPG updates must move the actor weights away from the clone"
+    accepted = [g["episode"] for g in read_trace(out) if g["kind"] == "gate" and g["episode"] > 0 and g["accepted"]]
+    assert bool(changed) == bool(accepted), (changed, accepted)
 
 
 def test_resume_continues_from_the_last_checkpoint(smoke_run, tmp_path, schema_path, caplog):
