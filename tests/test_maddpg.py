@@ -60,9 +60,8 @@ def test_each_actor_reads_only_its_own_buildings_row():
     assert not torch.equal(after[:, 1], before[:, 1])
 
 
-def test_the_district_signal_is_the_same_district_aggregates_for_every_actor():
-    """With the `district` feature, every actor reads the district's base load, net load, the cars' need, how many
-    are connected, the least slack and the batteries' charge: the same numbers for all, computed from all rows."""
+def district_policy(feature: str) -> tuple[PolicyNetwork, torch.Tensor]:
+    """Two buildings (A with a car that needs 0.42 * 40 kWh, B without a charger) and actors reading ``feature``."""
     layout = layout_from_names(["A", "B"], [["hour", "non_shiftable_load", "solar_generation",
                                              "net_electricity_consumption", "electrical_storage_soc", *CAR],
                                             ["non_shiftable_load", "solar_generation", "net_electricity_consumption",
@@ -70,10 +69,17 @@ def test_the_district_signal_is_the_same_district_aggregates_for_every_actor():
                                [["electrical_storage", "electric_vehicle_storage_c"], ["electrical_storage"]],
                                [[-1, 0], [-1]], [[1, 1], [1]])
     safety = SafetySpec(chargers=(ChargerSlot(0, 1, 5, 6, 7, 8, 9, max_power_kw=7.0, min_power_kw=0.0),))
-    policy = PolicyNetwork(layout, ActorSpec((8,), ("district",)), safety)
+    policy = PolicyNetwork(layout, ActorSpec((8,), (feature,)), safety)
     x = torch.zeros((1, 2, 10))
-    x[0, 0, :10] = torch.tensor([3.0, 5.0, 1.0, 4.5, 0.5, 1.0, 10.0, 0.9, 0.5, 40.0])   # A: a car needs 0.42 * 40
+    x[0, 0, :10] = torch.tensor([3.0, 5.0, 1.0, 4.5, 0.5, 1.0, 10.0, 0.9, 0.5, 40.0])
     x[0, 1, :4] = torch.tensor([2.0, 0.5, 1.2, 0.3])
+    return policy, x
+
+
+def test_the_district_signal_is_the_same_district_aggregates_for_every_actor():
+    """With the `district` feature, every actor reads the district's base load, net load, the cars' need, how many
+    are connected, the least slack and the batteries' charge: the same numbers for all, computed from all rows."""
+    policy, x = district_policy("district")
     signals = policy.features.district_signals(x)[0]
     need = (0.9 - 0.05 + 0.02 - 0.5) * 40.0
     assert torch.allclose(signals[:4], torch.tensor([5.0 - 1.0 + 2.0 - 0.5, 4.5 + 1.2, need, 1.0]), atol=1e-5)
@@ -86,18 +92,8 @@ def test_the_district_signal_is_the_same_district_aggregates_for_every_actor():
 def test_the_cars_district_signal_reads_the_cars_of_every_row_and_nothing_that_follows_the_season():
     """With `district_ev`, every actor reads the district cars' need, how many are connected and the least slack,
     computed from all rows; the loads and the batteries' charge, which follow the season, move no action."""
-    layout = layout_from_names(["A", "B"], [["hour", "non_shiftable_load", "solar_generation",
-                                             "net_electricity_consumption", "electrical_storage_soc", *CAR],
-                                            ["non_shiftable_load", "solar_generation", "net_electricity_consumption",
-                                             "electrical_storage_soc"]],
-                               [["electrical_storage", "electric_vehicle_storage_c"], ["electrical_storage"]],
-                               [[-1, 0], [-1]], [[1, 1], [1]])
-    safety = SafetySpec(chargers=(ChargerSlot(0, 1, 5, 6, 7, 8, 9, max_power_kw=7.0, min_power_kw=0.0),))
     torch.manual_seed(0)
-    policy = PolicyNetwork(layout, ActorSpec((8,), ("district_ev",)), safety)
-    x = torch.zeros((1, 2, 10))
-    x[0, 0, :10] = torch.tensor([3.0, 5.0, 1.0, 4.5, 0.5, 1.0, 10.0, 0.9, 0.5, 40.0])
-    x[0, 1, :4] = torch.tensor([2.0, 0.5, 1.2, 0.3])
+    policy, x = district_policy("district_ev")
     need = (0.9 - 0.05 + 0.02 - 0.5) * 40.0
     assert torch.allclose(policy.features.district_signals(x)[0, :2], torch.tensor([need, 1.0]), atol=1e-5)
     assert policy.features.width == 3

@@ -210,7 +210,7 @@ class ObservationFeatures(nn.Module):
         chargers = list(safety.chargers) if safety is not None else []
         per_agent = max([sum(1 for c in chargers if c.agent == i) for i in range(layout.n_agents)], default=0)
         district = [name for name in names if name in DISTRICT_FEATURES]
-        self.charger_columns = per_agent if {"ev_slack", *district} & set(names) else 0
+        self.charger_columns = per_agent if "ev_slack" in names or district else 0
         self.ev_columns = per_agent if "ev_slack" in names else 0
         # [agents, charger_columns, 5] observation slots (-1: no charger in that column) and energy per step.
         slots = torch.full((layout.n_agents, max(self.charger_columns, 1), 5), -1, dtype=torch.long)
