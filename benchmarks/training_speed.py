@@ -49,7 +49,7 @@ def training_rate(spec: EnvSpec, learning: bool, out: Path) -> float:
     phases keep the rest short; they are not what is measured."""
     steps = spec.end - spec.start
     config = TrainConfig(dataset=spec.schema, start=spec.start, end=spec.end, episodes=1, teacher="rule",
-                         dagger_rounds=0, clone_steps=10, critic_warmup_steps=10,
+                         dagger_rounds=0, clone_steps=10, critic_warmup_steps=10, model_episodes=0,
                          update_every=1 if learning else steps + 1)
     evaluation = EnvSpec(schema=spec.schema, start=spec.start, end=spec.start + 24)
     result = train(config, out, progress=False, evaluation=evaluation, evaluate_every=0)

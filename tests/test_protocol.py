@@ -50,6 +50,7 @@ clone_steps = 20
 dagger_rounds = 1
 label_every = 4
 buffer_size = 500
+model_episodes = 0
 
 [arms.local]
 features = ["hour_cycle", "ev_slack"]

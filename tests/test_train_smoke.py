@@ -160,6 +160,32 @@ def test_fine_tuning_keeps_moved_actors_only_when_the_gate_accepts_them(smoke_ru
     assert bool(changed) == bool(accepted), (changed, accepted)
 
 
+def test_tuning_through_the_district_model_is_gated_traced_and_kept_only_when_accepted(smoke_run, tmp_path,
+                                                                                      schema_path):
+    """After the teacher phases, episodes of updates through the district model: every update traced with the
+    terms it lowered, every episode gated in the env, and the final actors moved exactly when one was accepted."""
+    from maddpg_training.trace import read_trace
+
+    out = tmp_path / "model"
+    result = train("--dataset", schema_path, "--episodes", "0", "--model-episodes", "2", "--out", out)
+    assert result.exit_code == 0, result.output
+    trace = [r for r in read_trace(out) if r.get("phase") == "model"]
+    updates = [r for r in trace if r["kind"] == "update"]
+    gates = [r for r in trace if r["kind"] == "gate"]
+    assert updates and all({"cost", "carbon", "daily_peak", "all_time_peak", "debt", "clone"} <= set(r) for r in updates)
+    assert [g["episode"] for g in gates] == [1, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    tuning = summary["model_tuning"]
+    assert [h["accepted"] for h in tuning["history"]] == [g["accepted"] for g in gates]
+    # The final evaluation is the tuned actors', not the clone's.
+    assert summary["evaluation"] != summary["teaching"]["evaluation_kpis"] or not any(g["accepted"] for g in gates)
+    clone = tmp_path / "clone-only"
+    assert train("--dataset", schema_path, "--episodes", "0", "--out", clone).exit_code == 0
+    before, after = load_checkpoint(clone / "final.pt").policy, load_checkpoint(out / "final.pt").policy
+    changed = [k for k in before if k.startswith("actors.") and not torch.equal(before[k], after[k])]
+    assert bool(changed) == any(g["accepted"] for g in gates), (changed, gates)
+
+
 def test_resume_continues_from_the_last_checkpoint(smoke_run, tmp_path, schema_path, caplog):
     out, _ = smoke_run
     resumed = tmp_path / "resumed"

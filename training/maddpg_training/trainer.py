@@ -12,6 +12,14 @@ The run, top to bottom (each phase is one function below, in this order)::
     critic       n-step TD on the replay with the actors held still; held-out days measure its error, and its
                  dQ/da on the batteries is checked against finite differences in the env (critic_probe.py)
     evaluate     the clone, deterministic, on the evaluation window (a new env): best.pt
+    model_tune   M episodes of (model_tuning.py, district_model.py):
+                   improve  `model_updates` actor updates, each on runs of `model_horizon` hours where the actors
+                            drive a differentiable model of the district from states of their own last pass:
+                              minimise  KPIs(those hours) + debt(energy left short at the end)
+                                        + w * |mu(o_l) - teacher(o_l)|^2
+                            (the gradient runs through every hour's state of charge back to every actor)
+                   check    the actors deterministic on the training window(s) in the env: kept if they score
+                            better (EV service held), else back to the best, half the updates
     fine_tune    MADDPG, E episodes of: evaluate the policy with the critic, improve it a little, keep what measures
                  better (a trust region checked in the env):
                    collect  a_t^i = mu_i(x_t^i) + N(0, sigma) on the batteries, then the safety layer
@@ -41,7 +49,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +62,7 @@ from maddpg_core.layout import PolicyLayout
 from maddpg_evaluation.citylearn_env import CityLearnAdapter, EnvSpec
 from maddpg_evaluation.kpis import headline_score
 
-from . import critic_probe, teacher_cache
+from . import critic_probe, model_tuning, teacher_cache
 from .bootstrap import fresh_policy, reference_sample, warmup, without_ev_discharge
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -86,6 +94,7 @@ class Progress:
     history: list[dict] = field(default_factory=list)
     teaching: dict | None = None
     gate: dict | None = None          # fine-tuning's trust region: best training-window score, its episode, steps
+    model_tuning: dict | None = None  # fine-tuning through the district model: its gate, episodes, evaluation
     best_score: float = math.inf
     best_episode: int | None = None
 
@@ -110,6 +119,7 @@ class Run:
     state: Progress
     progress: bool
     evaluation_window: Window | None = None
+    teacher_records: dict[int, dict] = field(default_factory=dict)   # window index -> the teacher's recorded pass
 
     @property
     def uses_critic(self) -> bool:
@@ -159,6 +169,7 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: str | Path | None
         run.write("last.pt", {"trained": True, "episode": 0})
     else:
         reteach(run, Path(resume))
+    model_tune(run)
     fine_tune(run, evaluate_every)
     return finish(run)
 
@@ -245,6 +256,8 @@ def teacher_pass(run: Run, window: Window, episode_id: int) -> Pass:
     """One teacher pass (its actions through the safety layer), every state labelled; from the cache when it holds
     the window. Whole days of the pass go to the held-out set that measures the critic's error."""
     result = teacher_cache.cached_teacher_pass(window, run.policy, run.config)
+    if result is not None:
+        run.teacher_records[episode_id] = result.record
     if result is None:
         def drive(raw: np.ndarray) -> np.ndarray:
             teacher_actions = window.teacher.actions(window.env, raw)
@@ -257,6 +270,7 @@ def teacher_pass(run: Run, window: Window, episode_id: int) -> Pass:
                                         end=window.spec.end)
         if path is not None:
             teacher_cache.save(path, result)
+        run.teacher_records[episode_id] = result.record
     elif not result.kpis:
         # Cut from a longer pass: its rewards were scaled to that pass's episode, not this window's. Its labels
         # teach the actors; the critic learns from this run's own passes.
@@ -373,6 +387,69 @@ def evaluate(run: Run, episode: int, phase: str, result: Pass | None = None) -> 
             "evaluation_return": result.team_return, "critic_check": check}
 
 
+def model_tune(run: Run) -> None:
+    """Fine-tuning through the district model (model_tuning.py): episodes of actor updates on imagined runs from the
+    actors' own states, each kept only if the actors, deterministic, score better on the training window(s) in the
+    env (EV service held), else back to the best with half the updates (the same trust region as fine_tune's)."""
+    config, state = run.config, run.state
+    tuning = state.model_tuning or {}
+    if config.model_episodes <= 0 or tuning.get("episodes_done", 0) >= config.model_episodes:
+        return
+    if run.safety is None:
+        raise CheckpointError("fine-tuning through the district model needs the safety layer (safety = true): the "
+                              "model finds the chargers through it")
+    actors = run.learner.actors
+    check, passes = gate_check(run.windows, run.learner, progress=run.progress)
+    if not tuning:
+        tuning = {"start": check, "best_score": check["score"], "best_episode": 0, "updates": config.model_updates,
+                  "episodes_done": 0, "history": []}
+        log.info("district-model fine-tuning starts from the training-window score %.4f", check["score"])
+    rollouts = [model_tuning.window_rollouts(w.env, run.teacher_records[i], p.record, run.policy)
+                for i, (w, p) in enumerate(zip(run.windows, passes))]
+    weights = torch.tensor([float(r.model.steps) for r in rollouts])
+    optimizer = torch.optim.Adam(actors.parameters(), lr=config.model_lr)
+    best = (copy.deepcopy(actors.state_dict()), copy.deepcopy(optimizer.state_dict()))
+    for episode in range(tuning["episodes_done"], config.model_episodes):
+        started = time.perf_counter()
+        for update in trange(tuning["updates"], desc=f"district model {episode + 1}/{config.model_episodes}",
+                             unit="update", disable=not run.progress, leave=False):
+            which = int(torch.multinomial(weights, 1, generator=run.generator))
+            imagined, terms = model_tuning.loss(run.policy, rollouts[which], batch=config.model_batch,
+                                                horizon=config.model_horizon, generator=run.generator)
+            clone = run.learner.cloning_loss(*run.labelled.sample(run.learner.label_batch(), run.generator))
+            optimizer.zero_grad(set_to_none=True)
+            (imagined + config.model_clone_weight * clone).backward()
+            torch.nn.utils.clip_grad_norm_(actors.parameters(), config.grad_clip)
+            optimizer.step()
+            if update % 10 == 0:
+                run.trace.write("update", phase="model", episode=episode + 1, update=update, loss=imagined.item(),
+                                clone=clone.item(), **terms)
+        seconds = time.perf_counter() - started
+        check, passes = gate_check(run.windows, run.learner, progress=run.progress)
+        accepted = check["score"] < tuning["best_score"] and check["ev_departures_acceptable"] >= EV_SERVICE_BAR
+        if accepted:
+            tuning.update(best_score=check["score"], best_episode=episode + 1)
+            best = (copy.deepcopy(actors.state_dict()), copy.deepcopy(optimizer.state_dict()))
+            rollouts = [replace(r, rows=model_tuning.pass_rows(p.record)) for r, p in zip(rollouts, passes)]
+        else:
+            actors.load_state_dict(best[0])
+            optimizer.load_state_dict(best[1])
+            tuning["updates"] = max(1, tuning["updates"] // 2)
+        run.learner.target_actors.load_state_dict(actors.state_dict())
+        tuning["history"].append({"episode": episode + 1, "accepted": accepted, "score": check["score"],
+                                  "ev_departures_acceptable": check["ev_departures_acceptable"],
+                                  "kpis": check["kpis"], "learning_seconds": round(seconds, 1)})
+        tuning["episodes_done"] = episode + 1
+        state.model_tuning = tuning
+        run.trace.write("gate", phase="model", episode=episode + 1, accepted=accepted,
+                        best_episode=tuning["best_episode"], next_updates=tuning["updates"], **check)
+        log.info("district model, episode %d: training-window score %.4f -> %s", episode + 1, check["score"],
+                 "kept" if accepted else f"back to episode {tuning['best_episode']}")
+        run.write("last.pt", {"trained": True, "episode": state.episodes_done, "model_episodes": episode + 1})
+    tuning.update(evaluate(run, state.episodes_done, "district-model fine-tuning done"))
+    state.model_tuning = tuning
+
+
 def fine_tune(run: Run, evaluate_every: int) -> None:
     """MADDPG episodes, each kept only if the deterministic training-window score drops (a trust region)."""
     config, state = run.config, run.state
@@ -476,6 +553,8 @@ def gate_check(windows: list[Window], learner: MADDPG, *, progress: bool = False
 def finish(run: Run) -> TrainResult:
     state = run.state
     final_evaluation = state.history[-1] if state.history and "evaluation_kpis" in state.history[-1] else None
+    if final_evaluation is None and not state.history and state.model_tuning and "evaluation_kpis" in state.model_tuning:
+        final_evaluation = state.model_tuning   # tuned through the district model, not fine-tuned after
     if final_evaluation is None and not state.history and state.teaching and "evaluation_kpis" in state.teaching:
         final_evaluation = state.teaching   # no fine-tuning: the clone's evaluation is the final one
     if final_evaluation is None:
@@ -496,6 +575,8 @@ def finish(run: Run) -> TrainResult:
         "teaching": state.teaching,
         # The policy fine-tuning started from (the clone), scored like every fine-tuning check: on new envs.
         "fine_tuning_start": (state.gate or {}).get("start"),
+        "model_tuning": None if state.model_tuning is None else {
+            k: v for k, v in state.model_tuning.items() if k not in ("evaluation_kpis", "evaluation_service")},
         "history": state.history,
         "best_episode": state.best_episode,
         "best_score": state.best_score,

@@ -13,6 +13,9 @@ import click
                    "Options below override it.")
 @click.option("--episodes", type=click.IntRange(min=0), default=None,
               help="MADDPG fine-tuning passes over the training window. 0: the teacher phases only (the clone).")
+@click.option("--model-episodes", type=click.IntRange(min=0), default=None,
+              help="Fine-tuning episodes through the differentiable model of the district after the teacher "
+                   "phases (each kept only if the training window's score in the env drops). 0: none.")
 @click.option("--start", type=click.IntRange(min=0), default=None, help="First time step of the training window.")
 @click.option("--end", type=click.IntRange(min=0), default=None, help="Last time step of the training window (inclusive).")
 @click.option("--dataset", metavar="NAME|PATH", default=None,
@@ -38,13 +41,15 @@ import click
               help="Evaluate deterministically every N fine-tuning episodes (0: only at the end); the teacher-taught "
                    "policy is always evaluated; the best is kept as best.pt.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars.")
-def train(config_file, episodes, start, end, dataset, seed, teacher, bc_alpha, device, out_dir, resume, eval_start, eval_end,
+def train(config_file, episodes, model_episodes, start, end, dataset, seed, teacher, bc_alpha, device, out_dir, resume, eval_start, eval_end,
           evaluate_every, progress):
     """Train one actor per building with a centralised twin critic on the cooperative team reward.
 
     \b
     A teacher (the perfect-foresight planner, every car charged) drives first and labels what it sees; the actors
-    are cloned from it and refined by DAgger (the clone drives, the teacher labels); with --episodes N the critic
+    are cloned from it and refined by DAgger (the clone drives, the teacher labels); with --model-episodes N they
+    are tuned on the headline KPIs of two-day runs through a differentiable model of the district; with
+    --episodes N the critic
     is warmed up on that data and MADDPG fine-tunes the actors against the team reward (the headline KPIs, per
     step), kept near the teacher by TD3+BC. Each actor sees its own building's row (and, with the `district`
     feature, six district aggregates computed in the graph); the centralised critic sees every building's
@@ -64,7 +69,7 @@ def train(config_file, episodes, start, end, dataset, seed, teacher, bc_alpha, d
     from maddpg_training.trainer import train as run_training
 
     config = TrainConfig.load(config_file) if config_file else TrainConfig()
-    config = config.override(episodes=episodes, start=start, end=end, dataset=dataset, seed=seed, teacher=teacher,
+    config = config.override(episodes=episodes, model_episodes=model_episodes, start=start, end=end, dataset=dataset, seed=seed, teacher=teacher,
                              bc_alpha=bc_alpha, device=device, eval_start=eval_start, eval_end=eval_end)
     result = run_training(config, out_dir, resume=resume, progress=progress, evaluate_every=evaluate_every)
     (result.out_dir / "summary.json").write_text(json.dumps(result.summary, indent=2))

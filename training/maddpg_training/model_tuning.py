@@ -1,0 +1,128 @@
+"""Fine-tuning the clone on the district's KPIs through the district model (district_model.py).
+
+Each update: ``batch`` start steps drawn from a training window; the district starts where the actors' own
+deterministic pass was at those steps; the actors drive the model for ``horizon`` hours; the loss is the headline
+KPIs of those hours (the team's objective, as env.evaluate() computes them on the window, scaled to the horizon),
+plus what the end state owes (energy left in the batteries and cars against the own pass's at the same step, at the
+window's mean price and carbon), plus the cloning loss on the teacher's labels, which keeps the actors where the
+teacher's data can still correct them. The gradient flows through every step back to every actor: the battery's
+evening discharge pays for the 06:00 peak it leaves uncovered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .district_model import DAY, DistrictModel
+
+
+@dataclass
+class Imagined:
+    steps: torch.Tensor       # [B, H] the window's steps driven
+    net: torch.Tensor         # [B, H, buildings] kWh
+    end: dict                 # the model's state after the last step
+
+
+def imagine(model: DistrictModel, policy, starts: torch.Tensor, rows: torch.Tensor, horizon: int) -> Imagined:
+    """The policy drives the model from ``starts`` ``[B]``, starting from ``rows`` ``[B, agents, width]``."""
+    state = model.start(starts, rows)
+    steps, nets = [], []
+    for _ in range(horizon):
+        actions = policy(model.observe(state))
+        steps.append(state["t"])
+        state, net = model.step(state, actions)
+        nets.append(net)
+    return Imagined(steps=torch.stack(steps, 1), net=torch.stack(nets, 1), end=state)
+
+
+class DistrictObjective:
+    """The headline KPIs of imagined hours, each on env.evaluate()'s scale for the window (1 = no storage)."""
+
+    def __init__(self, model: DistrictModel):
+        baseline = model.baseline
+        decisions = model.steps - 1
+        building = torch.as_tensor(baseline.cost, dtype=torch.float32)
+        self.counted = building > 0
+        self.cost_per_step = building.clamp_min(1e-9) / decisions
+        self.carbon_per_step = torch.as_tensor(baseline.carbon, dtype=torch.float32).clamp_min(1e-9) / decisions
+        self.daily_peak = float(baseline.daily_peak)
+        self.all_time_peak = float(baseline.all_time_peak)
+        self.model = model
+        # What a kWh left in storage at the end is worth: the window's mean price and carbon, per building.
+        self.price_mean = model.price[:decisions].mean(0)
+        self.carbon_mean = model.carbon[:decisions].mean(0)
+
+    def terms(self, run: Imagined, reference_end: dict) -> dict[str, torch.Tensor]:
+        """Per start ``[B]``: cost, carbon, daily peak, all-time peak, and the end state's debt."""
+        m, t, net = self.model, run.steps, run.net
+        horizon = t.shape[1]
+        imports = net.clamp_min(0.0)
+        per_building = lambda series, per_step: (imports * series[t]).sum(1) / (per_step * horizon)  # noqa: E731
+        cost = per_building(m.price, self.cost_per_step)[:, self.counted].mean(1)
+        carbon = per_building(m.carbon, self.carbon_per_step)[:, self.counted].mean(1)
+        district = net.sum(-1)
+        day = torch.div(t, DAY, rounding_mode="floor")
+        day = day - day[:, :1]
+        maxima, present = [], []
+        for k in range(int(day.max()) + 1):
+            inside = day == k
+            maxima.append(torch.where(inside, district, torch.full_like(district, -1e9)).max(1).values)
+            present.append(inside.any(1).float())
+        maxima, present = torch.stack(maxima, 1), torch.stack(present, 1)
+        daily = (maxima * present).sum(1) / present.sum(1) / self.daily_peak
+        peak = district.max(1).values / self.all_time_peak
+        # Energy the run leaves short against the reference (the own pass at the same step), bought later: a
+        # battery's either way (what it holds serves the next hours), a car's only where it is short (a car leaves
+        # with its surplus, which no KPI pays back).
+        short = reference_end["battery"] - run.end["battery"]
+        cars = (reference_end["car"] - run.end["car"]).clamp_min(0.0)
+        short = short.index_add(1, m.charger_agent, cars)
+        debt = ((short * self.price_mean / (self.cost_per_step * horizon))[:, self.counted].mean(1)
+                + (short * self.carbon_mean / (self.carbon_per_step * horizon))[:, self.counted].mean(1))
+        return {"cost": cost, "carbon": carbon, "daily_peak": daily, "all_time_peak": peak, "debt": debt}
+
+
+@dataclass
+class Rollouts:
+    """Where imagined runs start: one window's model, its own pass's rows, and that pass's state at every step."""
+
+    model: DistrictModel
+    objective: DistrictObjective
+    rows: torch.Tensor        # [T, agents, width] the actors' own deterministic pass over the window
+
+    def sample(self, batch: int, horizon: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """``batch`` start steps, and the own pass's state ``horizon`` hours after each (what the debt is
+        measured against)."""
+        last = self.model.steps - 1 - horizon
+        starts = torch.randint(0, max(1, last), (batch,), generator=generator)
+        reference = self.model.start(starts + horizon, self.rows[starts + horizon])
+        return starts, reference
+
+
+def loss(policy, rollouts: Rollouts, *, batch: int, horizon: int, generator: torch.Generator
+         ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The imagined runs' objective (the sum of its terms' means, to minimise) and each term's mean. A window
+    shorter than ``horizon`` is run whole."""
+    horizon = min(horizon, rollouts.model.steps - 1)
+    starts, reference = rollouts.sample(batch, horizon, generator)
+    run = imagine(rollouts.model, policy, starts, rollouts.rows[starts], horizon)
+    terms = rollouts.objective.terms(run, reference)
+    total = sum(v.mean() for v in terms.values())
+    return total, {k: float(v.detach().mean()) for k, v in terms.items()}
+
+
+def pass_rows(record: dict[str, np.ndarray]) -> torch.Tensor:
+    """``[T + 1, agents, width]``: a recorded pass's observations of every step and the last next one."""
+    return torch.as_tensor(np.concatenate([record["observations"], record["next_observations"][-1:]]),
+                           dtype=torch.float32)
+
+
+def window_rollouts(env, teacher_record: dict[str, np.ndarray], own_record: dict[str, np.ndarray], policy
+                    ) -> Rollouts:
+    """A window's model (its data from the teacher's pass) with runs starting on the actors' own pass."""
+    rows = pass_rows(teacher_record)
+    model = DistrictModel.from_env(env, rows.numpy(), teacher_record["actions"], policy.layout, policy.safety_spec)
+    return Rollouts(model=model, objective=DistrictObjective(model), rows=pass_rows(own_record))
