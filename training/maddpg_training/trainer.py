@@ -399,6 +399,7 @@ def model_tune(run: Run) -> None:
         raise CheckpointError("fine-tuning through the district model needs the safety layer (safety = true): the "
                               "model finds the chargers through it")
     actors = run.learner.actors
+    phase_started = time.perf_counter()
     check, passes = gate_check(run.windows, run.learner, progress=run.progress)
     if not tuning:
         tuning = {"start": check, "best_score": check["score"], "best_episode": 0, "updates": config.model_updates,
@@ -425,6 +426,7 @@ def model_tune(run: Run) -> None:
                 run.trace.write("update", phase="model", episode=episode + 1, update=update, loss=imagined.item(),
                                 clone=clone.item(), **terms)
         seconds = time.perf_counter() - started
+        state.learning_seconds += seconds
         check, passes = gate_check(run.windows, run.learner, progress=run.progress)
         accepted = check["score"] < tuning["best_score"] and check["ev_departures_acceptable"] >= EV_SERVICE_BAR
         if accepted:
@@ -446,6 +448,7 @@ def model_tune(run: Run) -> None:
         log.info("district model, episode %d: training-window score %.4f -> %s", episode + 1, check["score"],
                  "kept" if accepted else f"back to episode {tuning['best_episode']}")
         run.write("last.pt", {"trained": True, "episode": state.episodes_done, "model_episodes": episode + 1})
+    state.seconds += time.perf_counter() - phase_started
     tuning.update(evaluate(run, state.episodes_done, "district-model fine-tuning done"))
     state.model_tuning = tuning
 
