@@ -131,9 +131,9 @@ class DistrictModel:
         self.baseline = district.baseline
 
         chargers = list(safety.chargers)
-        by_id = {c.charger_id: c for c in district.chargers}
-        if len(by_id) != len(chargers):
-            raise MaddpgCitylearnError("the safety layer and the district disagree on the chargers")
+        if len(district.chargers) != len(chargers):
+            raise MaddpgCitylearnError(f"the safety layer guards {len(chargers)} chargers, the district has "
+                                       f"{len(district.chargers)}: train and build the model on the same dataset")
         self.charger_agent = torch.tensor([c.agent for c in chargers], dtype=torch.long)
         self.charger_action = torch.tensor([c.action for c in chargers], dtype=torch.long)
         self.charger_soc = torch.tensor([c.soc for c in chargers], dtype=torch.long)
@@ -189,6 +189,7 @@ class DistrictModel:
         return torch.where(connected, after, energy), drawn
 
     def _usable_capacity(self, observations: np.ndarray, layout: PolicyLayout, loss: list[float]) -> torch.Tensor:
+        """``[T, buildings]`` kWh: each battery's degraded capacity along the recorded pass (Battery.degrade)."""
         agents, slots = _slots(layout, BATTERY_SOC)
         capacity = self.batteries.capacity.double().numpy()
         soc = np.zeros((observations.shape[0], len(capacity)))
