@@ -3,8 +3,8 @@
 Each update: ``batch`` start steps drawn from a training window; the district starts where the actors' own
 deterministic pass was at those steps; the actors drive the model for ``horizon`` hours; the loss is the headline
 KPIs of those hours (the team's objective, as env.evaluate() computes them on the window, scaled to the horizon),
-plus what the end state owes (energy left in the batteries and cars against the own pass's at the same step, at the
-window's mean price and carbon), plus the cloning loss on the teacher's labels, which keeps the actors where the
+plus what the end state owes (the energy the batteries hold less than the own pass's at the same step, and what the
+cars lack against it, at the window's mean price and carbon), plus the cloning loss on the teacher's labels, which keeps the actors where the
 teacher's data can still correct them. The gradient flows through every step back to every actor: the battery's
 evening discharge pays for the 06:00 peak it leaves uncovered.
 """
