@@ -394,14 +394,18 @@ def _paired(better: str, than: str, a: dict, b: dict, noise: float, wins_needed:
 
 def training_line(summary: dict) -> dict:
     """What a run's summary (final.pt) says about its training, for heldout.json: time, the clone's fit, and for
-    fine-tuning arms each episode's gate and the critic's dQ/da check (after the warm-up, before each actor step)."""
+    fine-tuning arms each episode's gate and the critic's dQ/da check (after the warm-up, before each actor step), for
+    arms tuned through the district model each episode's gate."""
     teaching = summary.get("teaching") or {}
     return {"seconds": summary["training_seconds"], "env_steps": summary["env_steps"], "episodes": summary["episodes"],
             "teaching": {"labelled_states": teaching.get("labelled_states"), "clone_loss": teaching.get("clone_loss")},
             "critic_gradient_after_warmup": (teaching.get("heldout_check") or {}).get("gradient"),
             "fine_tuning": [{"episode": h["episode"], "kept": h["gate"]["accepted"], "training_score": h["gate"]["score"],
                              "critic_gradient": h.get("critic_gradient")} for h in summary.get("history", [])],
-            "fine_tuning_start_score": (summary.get("fine_tuning_start") or {}).get("score")}
+            "fine_tuning_start_score": (summary.get("fine_tuning_start") or {}).get("score"),
+            "model_tuning": [{"episode": h["episode"], "kept": h["accepted"], "training_score": h["score"]}
+                             for h in (summary.get("model_tuning") or {}).get("history", [])],
+            "model_tuning_start_score": ((summary.get("model_tuning") or {}).get("start") or {}).get("score")}
 
 
 def markdown(summary: dict) -> str:
