@@ -256,8 +256,6 @@ def teacher_pass(run: Run, window: Window, episode_id: int) -> Pass:
     """One teacher pass (its actions through the safety layer), every state labelled; from the cache when it holds
     the window. Whole days of the pass go to the held-out set that measures the critic's error."""
     result = teacher_cache.cached_teacher_pass(window, run.policy, run.config)
-    if result is not None:
-        run.teacher_records[episode_id] = result.record
     if result is None:
         def drive(raw: np.ndarray) -> np.ndarray:
             teacher_actions = window.teacher.actions(window.env, raw)
@@ -270,10 +268,10 @@ def teacher_pass(run: Run, window: Window, episode_id: int) -> Pass:
                                         end=window.spec.end)
         if path is not None:
             teacher_cache.save(path, result)
-        run.teacher_records[episode_id] = result.record
-    elif not result.kpis:
+    run.teacher_records[episode_id] = result.record   # the district model reads its data off it
+    if not result.kpis:
         # Cut from a longer pass: its rewards were scaled to that pass's episode, not this window's. Its labels
-        # teach the actors; the critic learns from this run's own passes.
+        # teach the actors (and its data the district model); the critic learns from this run's own passes.
         log.info("teacher: %s cut from the cached pass over the whole dataset (labels only)", window.label)
         return result
     rec = result.record
