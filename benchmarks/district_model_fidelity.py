@@ -18,29 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maddpg_evaluation.citylearn_env import DEFAULT_DATASET, CityLearnAdapter, EnvSpec
-from maddpg_evaluation.kpis import district_kpis
+from maddpg_evaluation.citylearn_env import DEFAULT_DATASET, EnvSpec
 from maddpg_training.checkpoint import load_checkpoint
-from maddpg_training.district_model import DistrictModel, fidelity, replay
-from maddpg_training.model_tuning import DistrictObjective, Imagined, pass_rows
+from maddpg_training.district_model import DistrictModel, fidelity, record_pass, with_appliances_started
+from maddpg_training.model_tuning import pass_rows, replayed_terms
 
 TERMS = {"cost": "cost_total", "carbon": "carbon_emissions_total", "daily_peak": "daily_peak_average",
          "all_time_peak": "all_time_peak_average"}
-
-
-def drive(spec: EnvSpec, layout, act) -> tuple[dict, dict]:
-    """One pass of a new env: ``act(raw)`` -> env actions; the recorded arrays and env.evaluate()'s KPIs."""
-    env = spec.build()
-    adapter = CityLearnAdapter(layout, env, what="the fidelity check")
-    observations, actions = [], []
-    raw, _ = env.reset()
-    while not env.terminated:
-        observations.append(adapter.observations_to_array(raw))
-        actions.append(act(observations[-1]))
-        raw, *_ = env.step(adapter.actions_to_lists(actions[-1]))
-    observations.append(adapter.observations_to_array(raw))
-    return ({"observations": np.stack(observations[:-1]), "next_observations": np.stack(observations[1:]),
-             "actions": np.stack(actions)}, district_kpis(env))
 
 
 def main() -> None:
@@ -54,19 +38,14 @@ def main() -> None:
 
     policy = load_checkpoint(args.checkpoint).build_policy().eval()
     spec = EnvSpec(schema=args.dataset, start=args.start, end=args.end)
-    appliance = np.zeros(policy.layout.action_shape, dtype=bool)
-    for i, agent in enumerate(policy.layout.agents):
-        for j, name in enumerate(agent.action_names or ()):
-            appliance[i, j] = name.startswith("deferrable_appliance")
-    idle, _ = drive(spec, policy.layout, lambda raw: np.where(appliance, 1.0, 0.0).astype(np.float32))
+    idle, _ = record_pass(spec, policy.layout, lambda t, raw: with_appliances_started(
+        np.zeros(policy.layout.action_shape), policy.safety_spec))
     with torch.no_grad():
-        driven, kpis = drive(spec, policy.layout, lambda raw: policy(torch.from_numpy(raw)[None])[0].numpy())
+        driven, kpis = record_pass(spec, policy.layout, lambda t, raw: policy(torch.from_numpy(raw)[None])[0].numpy())
     model = DistrictModel.from_env(spec.build(), pass_rows(idle).numpy(), idle["actions"], policy.layout,
                                    policy.safety_spec)
     found = fidelity(model, driven)
-    out = replay(model, driven)
-    whole = Imagined(steps=torch.arange(len(out["net"]))[None], net=out["net"][None], end=out["end"])
-    terms = DistrictObjective(model).terms(whole, out["end"])
+    terms = replayed_terms(model, driven)
     result = {"checkpoint": str(args.checkpoint), "window": [args.start, args.end], **found,
               "objective_vs_env": {kpi: {"model": float(terms[term][0]), "env": kpis[kpi]}
                                    for term, kpi in TERMS.items()}}

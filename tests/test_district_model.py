@@ -7,31 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from maddpg_evaluation.citylearn_env import CityLearnAdapter, EnvSpec, layout_from_env
-from maddpg_evaluation.kpis import district_kpis
+from maddpg_evaluation.citylearn_env import EnvSpec, layout_from_env
 from maddpg_training.bootstrap import fresh_policy, without_ev_discharge
-from maddpg_training.district_model import DistrictModel, fidelity, replay
-from maddpg_training.model_tuning import DistrictObjective, Imagined, imagine, pass_rows
+from maddpg_training.district_model import DistrictModel, fidelity, record_pass, with_appliances_started
+from maddpg_training.model_tuning import DistrictObjective, imagine, pass_rows, replayed_terms
 from maddpg_training.networks import ActorSpec
 from maddpg_training.safety import safety_spec_from_env
 
 # Three days in November with cars arriving, charging and leaving at several chargers.
 WINDOW = (3990, 4062)
-
-
-def _drive(spec: EnvSpec, layout, actions_for) -> tuple[dict, dict]:
-    env = spec.build()
-    adapter = CityLearnAdapter(layout, env, what="the test's actions")
-    observations, actions = [], []
-    raw, _ = env.reset()
-    while not env.terminated:
-        observations.append(adapter.observations_to_array(raw))
-        action = actions_for(len(actions))
-        actions.append(action)
-        raw, *_ = env.step(adapter.actions_to_lists(action))
-    observations.append(adapter.observations_to_array(raw))
-    return ({"observations": np.stack(observations[:-1]), "next_observations": np.stack(observations[1:]),
-             "actions": np.stack(actions)}, district_kpis(env))
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +28,10 @@ def recorded(schema_path):
     layout = without_ev_discharge(layout_from_env(env))
     safety = safety_spec_from_env(env, layout)
     low, high = layout.action_bounds()
-    appliance = np.zeros(layout.action_shape, dtype=bool)
-    for i, agent in enumerate(layout.agents):
-        for j, name in enumerate(agent.action_names or ()):
-            appliance[i, j] = name.startswith("deferrable_appliance")
     rng = np.random.default_rng(3)
     varied = [np.clip(rng.uniform(-1.0, 1.0, layout.action_shape), low, high) for _ in range(WINDOW[1] - WINDOW[0])]
-    idle, _ = _drive(spec, layout, lambda t: np.where(appliance, 1.0, 0.0).astype(np.float32))
-    driven, kpis = _drive(spec, layout, lambda t: np.where(appliance, 1.0, varied[t]).astype(np.float32))
+    idle, _ = record_pass(spec, layout, lambda t, raw: with_appliances_started(np.zeros(layout.action_shape), safety))
+    driven, kpis = record_pass(spec, layout, lambda t, raw: with_appliances_started(varied[t], safety))
     model = DistrictModel.from_env(env, pass_rows(idle).numpy(), idle["actions"], layout, safety)
     return {"record": driven, "model": model, "kpis": kpis, "layout": layout, "safety": safety}
 
@@ -66,9 +46,7 @@ def test_the_same_actions_give_the_envs_charges_and_net_loads(recorded):
 
 def test_the_objective_over_a_whole_pass_is_the_envs_evaluation(recorded):
     model, record, kpis = recorded["model"], recorded["record"], recorded["kpis"]
-    out = replay(model, record)
-    whole = Imagined(steps=torch.arange(len(out["net"]))[None], net=out["net"][None], end=out["end"])
-    terms = DistrictObjective(model).terms(whole, out["end"])
+    terms = replayed_terms(model, record)
     for term, kpi in (("cost", "cost_total"), ("carbon", "carbon_emissions_total"),
                       ("daily_peak", "daily_peak_average"), ("all_time_peak", "all_time_peak_average")):
         assert float(terms[term][0]) == pytest.approx(kpis[kpi], abs=0.01), term

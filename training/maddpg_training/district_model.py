@@ -23,7 +23,9 @@ import torch
 
 from maddpg_core.errors import MaddpgCitylearnError
 from maddpg_core.layout import PolicyLayout
+from maddpg_evaluation.citylearn_env import CityLearnAdapter
 from maddpg_evaluation.citylearn_names import BATTERY_SOC, NET_ELECTRICITY_CONSUMPTION
+from maddpg_evaluation.kpis import district_kpis
 from maddpg_evaluation.planner.district import BatterySpec, District, battery_spec, read_district
 
 from .safety import SafetySpec
@@ -117,11 +119,11 @@ class DistrictModel:
         self.observations = torch.as_tensor(observations, dtype=torch.float32)
         self.batteries = Storage.of(district.batteries)
         self.battery_agents = torch.arange(district.n_buildings)
-        # A battery's usable capacity shrinks with the energy it moves (Battery.degrade); the model reads it at each
-        # step off the recorded pass's throughput, which differs little from one controller's to another's.
-        self.usable = self._usable_capacity(observations, layout, capacity_loss or [0.0] * district.n_buildings)
         self.battery_action = torch.tensor(district.battery_action, dtype=torch.long)
         self.soc_agents, self.soc_slots = _slots(layout, BATTERY_SOC)
+        # A battery's usable capacity shrinks with the energy it moves (Battery.degrade); the model reads it at each
+        # step off the recorded pass's throughput, which differs little from one controller's to another's.
+        self.usable = self._usable_capacity(observations, capacity_loss or [0.0] * district.n_buildings)
         self.net_agents, self.net_slots = _slots(layout, NET_ELECTRICITY_CONSUMPTION)
         # Everything but batteries and chargers, per building and step (kWh): loads - solar + the appliance.
         self.other_load = torch.as_tensor((district.base_load + district.appliance_load)[:, :steps].T,
@@ -188,9 +190,9 @@ class DistrictModel:
         drawn = torch.where(connected, balance / self.charger_efficiency, torch.zeros_like(balance))
         return torch.where(connected, after, energy), drawn
 
-    def _usable_capacity(self, observations: np.ndarray, layout: PolicyLayout, loss: list[float]) -> torch.Tensor:
+    def _usable_capacity(self, observations: np.ndarray, loss: list[float]) -> torch.Tensor:
         """``[T, buildings]`` kWh: each battery's degraded capacity along the recorded pass (Battery.degrade)."""
-        agents, slots = _slots(layout, BATTERY_SOC)
+        agents, slots = self.soc_agents, self.soc_slots
         capacity = self.batteries.capacity.double().numpy()
         soc = np.zeros((observations.shape[0], len(capacity)))
         soc[:, agents.numpy()] = np.nan_to_num(observations[:, agents.numpy(), slots.numpy()].astype(np.float64))
@@ -257,6 +259,32 @@ class DistrictModel:
         net = net.index_add(1, self.charger_agent, charger_grid)
         next_net = net[:, self.net_agents]
         return {"t": t + 1, "battery": battery, "car": car, "net": next_net}, net
+
+
+def record_pass(spec, layout: PolicyLayout, act) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """One pass of a new env over ``spec``'s window, ``act(step, raw observations)`` -> env actions: the recorded
+    ``observations``, ``next_observations`` and ``actions`` a model is built from or checked against, and
+    env.evaluate()'s KPIs."""
+    env = spec.build()
+    adapter = CityLearnAdapter(layout, env, what="the district model's check")
+    observations, actions = [], []
+    raw, _ = env.reset()
+    while not env.terminated:
+        observations.append(adapter.observations_to_array(raw))
+        actions.append(act(len(actions), observations[-1]))
+        raw, *_ = env.step(adapter.actions_to_lists(actions[-1]))
+    observations.append(adapter.observations_to_array(raw))
+    return ({"observations": np.stack(observations[:-1]), "next_observations": np.stack(observations[1:]),
+             "actions": np.stack(actions)}, district_kpis(env))
+
+
+def with_appliances_started(actions: np.ndarray, safety: SafetySpec) -> np.ndarray:
+    """``actions`` with every deferrable appliance's slot at 1.0: each cycle at its earliest start, the schedule the
+    model assumes (the planner's)."""
+    out = np.array(actions, dtype=np.float32)
+    for appliance in safety.appliances:
+        out[appliance.agent, appliance.action] = 1.0
+    return out
 
 
 def replay(model: DistrictModel, record: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

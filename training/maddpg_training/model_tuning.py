@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .district_model import DAY, DistrictModel
+from .district_model import DAY, DistrictModel, replay
 
 
 @dataclass
@@ -126,3 +126,11 @@ def window_rollouts(env, teacher_record: dict[str, np.ndarray], own_record: dict
     rows = pass_rows(teacher_record)
     model = DistrictModel.from_env(env, rows.numpy(), teacher_record["actions"], policy.layout, policy.safety_spec)
     return Rollouts(model=model, objective=DistrictObjective(model), rows=pass_rows(own_record))
+
+
+def replayed_terms(model: DistrictModel, record: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The objective's terms over a whole recorded pass replayed through the model (``replay``): what it says of a
+    pass env.evaluate() has scored."""
+    out = replay(model, record)
+    whole = Imagined(steps=torch.arange(len(out["net"]))[None], net=out["net"][None], end=out["end"])
+    return DistrictObjective(model).terms(whole, out["end"])

@@ -408,6 +408,7 @@ def model_tune(run: Run) -> None:
     weights = torch.tensor([float(r.model.steps) for r in rollouts])
     optimizer = torch.optim.Adam(actors.parameters(), lr=config.model_lr)
     best = (copy.deepcopy(actors.state_dict()), copy.deepcopy(optimizer.state_dict()))
+    best_passes = passes
     for episode in range(tuning["episodes_done"], config.model_episodes):
         started = time.perf_counter()
         for update in trange(tuning["updates"], desc=f"district model {episode + 1}/{config.model_episodes}",
@@ -430,6 +431,7 @@ def model_tune(run: Run) -> None:
         if accepted:
             tuning.update(best_score=check["score"], best_episode=episode + 1)
             best = (copy.deepcopy(actors.state_dict()), copy.deepcopy(optimizer.state_dict()))
+            best_passes = passes
             rollouts = [replace(r, rows=model_tuning.pass_rows(p.record)) for r, p in zip(rollouts, passes)]
         else:
             actors.load_state_dict(best[0])
@@ -447,7 +449,10 @@ def model_tune(run: Run) -> None:
                  "kept" if accepted else f"back to episode {tuning['best_episode']}")
         run.write("last.pt", {"trained": True, "episode": state.episodes_done, "model_episodes": episode + 1})
     state.seconds += time.perf_counter() - phase_started
-    tuning.update(evaluate(run, state.episodes_done, "district-model fine-tuning done"))
+    # With one training window that is also the evaluation window, the best actors' check is the evaluation's pass.
+    same_window = len(run.windows) == 1 and run.evaluation_window is run.windows[0]
+    tuning.update(evaluate(run, state.episodes_done, "district-model fine-tuning done",
+                           result=best_passes[0] if same_window else None))
     state.model_tuning = tuning
 
 
