@@ -74,3 +74,46 @@ def test_an_early_battery_action_reaches_later_inputs_and_the_actors_get_a_gradi
     grads = [p.grad for p in policy.actors.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+class _FixedOutputs(torch.nn.Module):
+    """Actors that output the same unit actions ``[agents, action_width]`` at every state (a parameter)."""
+
+    def __init__(self, unit: torch.Tensor, action_mask: torch.Tensor):
+        super().__init__()
+        self.unit = torch.nn.Parameter(unit)
+        self.register_buffer("action_mask", action_mask)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return (self.unit * self.action_mask).expand(inputs.shape[0], *self.unit.shape)
+
+
+@pytest.mark.parametrize("held", ["below the clip", "under the minimum power"])
+def test_a_charger_the_bounds_hold_learns_from_the_districts_kpis_only_through_them(recorded, held):
+    model, layout, safety = recorded["model"], recorded["layout"], recorded["safety"]
+    policy = fresh_policy(layout, recorded["record"]["observations"], ActorSpec(hidden_sizes=(16,)), seed=0,
+                          safety=safety)
+    # Every charger's output below 0, or the chargers with a minimum power just above 0 (a request under it gives
+    # nothing) and the others below 0.
+    below = held == "below the clip"
+    watched = torch.ones(len(model.max_power), dtype=torch.bool) if below else model.min_power > 0
+    output = torch.full(watched.shape, -0.3)
+    if not below:
+        output[watched] = 0.05
+    assert watched.any() and (output[watched] * model.max_power[watched] < model.min_power[watched]).all()
+    unit = torch.zeros(layout.action_shape)
+    unit[model.charger_agent, model.charger_action] = output
+    policy.actors = _FixedOutputs(unit, policy.actors.action_mask)
+    starts = torch.tensor([0, 24])
+    reference = model.start(starts + 24, model.observations[starts + 24])
+    found = {}
+    for through in (False, True):
+        policy.actors.unit.grad = None
+        run = imagine(model, policy, starts, model.observations[starts], horizon=24, through_bounds=through)
+        sum(v.mean() for v in DistrictObjective(model).terms(run, reference).values()).backward()
+        found[through] = (run, policy.actors.unit.grad[model.charger_agent, model.charger_action].clone())
+    (flat_run, flat), (through_run, through) = found[False], found[True]
+    assert torch.equal(flat_run.net, through_run.net), "passing the gradient through must not change what is applied"
+    assert float(flat.abs().sum()) == 0.0
+    assert float(through[watched].abs().sum()) > 0.0
+    assert (through_run.outside > 0).all(), "outputs below 0 are pulled back by the outside term"

@@ -94,6 +94,11 @@ class TrainConfig:
     model_batch: int = 16
     model_lr: float = 1e-4
     model_clone_weight: float = 1.0
+    model_through_bounds: bool = False    # the model's gradient passes the flat parts of action -> energy straight
+                                          # through: the clip to a slot's bounds and a charger's minimum power (an
+                                          # output outside its bounds is pulled back inside). False: a charger whose
+                                          # output sits below 0, or under its minimum power, learns nothing from the
+                                          # district's KPIs (the safety floor's max stays exact either way)
 
     # --- MADDPG fine-tuning (TD3-style, centralised critic, n-step returns) --------------------------------------------
     # Each episode: the actors drive (exploring) while the critic learns every step; then `critic_refit_steps` more

@@ -174,13 +174,17 @@ class DistrictModel:
         same_car = self.arrival[:steps] & self.connected[1:] & ~self.arrival[1:]
         return torch.where(same_car, (next_seen - (after - seen)).clamp_min(0.0), seen)
 
-    def _charge_cars(self, energy: torch.Tensor, actions: torch.Tensor, t: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _charge_cars(self, energy: torch.Tensor, actions: torch.Tensor, t: torch.Tensor, *,
+                     straight_through: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The connected cars charged by the chargers' actions at steps ``t``: (their charge after, the chargers'
-        draw from the building, kWh). A request under a charger's minimum power gives nothing, as in the env."""
+        draw from the building, kWh). A request under a charger's minimum power gives nothing, as in the env; with
+        ``straight_through`` its gradient is the requested power's, as if the minimum were not there."""
         connected = self.connected[t]
-        power = actions[:, self.charger_agent, self.charger_action].clamp(0.0, 1.0) * self.max_power
-        power = torch.where((power >= self.min_power) & connected, power, torch.zeros_like(power))
+        requested = actions[:, self.charger_agent, self.charger_action].clamp(0.0, 1.0) * self.max_power
+        power = torch.where(requested >= self.min_power, requested, torch.zeros_like(requested))
+        if straight_through:
+            power = requested + (power - requested).detach()
+        power = torch.where(connected, power, torch.zeros_like(power))
         capacity = self.car_capacity[t]
         cars = Storage(capacity=capacity, usable=capacity, nominal=self.car.nominal, min_energy=torch.zeros_like(energy),
                        efficiency_x=self.car.efficiency_x, efficiency_y=self.car.efficiency_y,
@@ -245,16 +249,17 @@ class DistrictModel:
                                                                    rows[:, self.charger_agent, self.charger_soc])
         return rows
 
-    def step(self, state: dict[str, torch.Tensor], actions: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def step(self, state: dict[str, torch.Tensor], actions: torch.Tensor, *, straight_through: bool = False
+             ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Apply env ``actions`` ``[B, agents, action_width]`` at the state's steps -> (next state, per-building net
-        consumption of the step ``[B, buildings]``, kWh)."""
+        consumption of the step ``[B, buildings]``, kWh). ``straight_through``: see ``_charge_cars``."""
         t = state["t"]
         battery_request = actions[:, self.battery_agents, self.battery_action] * self.batteries.nominal
         batteries = Storage(**{**self.batteries.__dict__, "usable": self.usable[t]})
         battery, battery_grid = batteries.step(state["battery"], battery_request)
         # The car's charge before this step: on its arrival step the env's own (see _arrival_energy).
         car_before = torch.where(self.arrival[t], self.arrival_energy[t], state["car"])
-        car, charger_grid = self._charge_cars(car_before, actions, t)
+        car, charger_grid = self._charge_cars(car_before, actions, t, straight_through=straight_through)
         net = self.other_load[t] + battery_grid
         net = net.index_add(1, self.charger_agent, charger_grid)
         next_net = net[:, self.net_agents]

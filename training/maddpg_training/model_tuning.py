@@ -24,18 +24,35 @@ class Imagined:
     steps: torch.Tensor       # [B, H] the window's steps driven
     net: torch.Tensor         # [B, H, buildings] kWh
     end: dict                 # the model's state after the last step
+    outside: torch.Tensor | None = None   # [B] how far the actors' outputs went beyond their bounds (through_bounds)
 
 
-def imagine(model: DistrictModel, policy, starts: torch.Tensor, rows: torch.Tensor, horizon: int) -> Imagined:
-    """The policy drives the model from ``starts`` ``[B]``, starting from ``rows`` ``[B, agents, width]``."""
+def imagine(model: DistrictModel, policy, starts: torch.Tensor, rows: torch.Tensor, horizon: int, *,
+            through_bounds: bool = False) -> Imagined:
+    """The policy drives the model from ``starts`` ``[B]``, starting from ``rows`` ``[B, agents, width]``.
+
+    ``through_bounds``: the applied actions are the deployed ones, but their gradient reaches an actor's output
+    through the clip to its bounds and a charger's minimum power (straight through); the safety floor's max stays
+    exact, so a charger the floor overrides still learns only through the charge the floor reads. Without it a
+    charger output below 0 is flat: the district's KPIs cannot teach it to charge earlier. The squared distance of
+    the outputs beyond their bounds is returned (``outside``, per valid slot and step) to pull them back inside."""
     state = model.start(starts, rows)
-    steps, nets = [], []
+    steps, nets, outside = [], [], []
     for _ in range(horizon):
-        actions = policy(model.observe(state))
+        observations = model.observe(state)
+        if through_bounds:
+            unit = policy.actors(policy.actor_inputs(observations))
+            clipped = policy.scaler(unit)
+            actions = policy.guard(observations, unit + (clipped - unit).detach())
+            outside.append((unit - clipped).pow(2).sum((1, 2)))
+        else:
+            actions = policy(observations)
         steps.append(state["t"])
-        state, net = model.step(state, actions)
+        state, net = model.step(state, actions, straight_through=through_bounds)
         nets.append(net)
-    return Imagined(steps=torch.stack(steps, 1), net=torch.stack(nets, 1), end=state)
+    slots = policy.actors.action_mask.sum() if through_bounds else None
+    return Imagined(steps=torch.stack(steps, 1), net=torch.stack(nets, 1), end=state,
+                    outside=torch.stack(outside, 1).mean(1) / slots if through_bounds else None)
 
 
 class DistrictObjective:
@@ -102,14 +119,16 @@ class Rollouts:
         return starts, reference
 
 
-def loss(policy, rollouts: Rollouts, *, batch: int, horizon: int, generator: torch.Generator
-         ) -> tuple[torch.Tensor, dict[str, float]]:
+def loss(policy, rollouts: Rollouts, *, batch: int, horizon: int, generator: torch.Generator,
+         through_bounds: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """The imagined runs' objective (the sum of its terms' means, to minimise) and each term's mean. A window
-    shorter than ``horizon`` is run whole."""
+    shorter than ``horizon`` is run whole. ``through_bounds``: see ``imagine``; adds the ``outside`` term."""
     horizon = min(horizon, rollouts.model.steps - 1)
     starts, reference = rollouts.sample(batch, horizon, generator)
-    run = imagine(rollouts.model, policy, starts, rollouts.rows[starts], horizon)
+    run = imagine(rollouts.model, policy, starts, rollouts.rows[starts], horizon, through_bounds=through_bounds)
     terms = rollouts.objective.terms(run, reference)
+    if run.outside is not None:
+        terms["outside"] = run.outside
     total = sum(v.mean() for v in terms.values())
     return total, {k: float(v.detach().mean()) for k, v in terms.items()}
 
