@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 from maddpg_evaluation.citylearn_env import EnvSpec
 from maddpg_evaluation.episode import run_episode
 from maddpg_ops.cli import cli
+from maddpg_training import teacher_cache
 from maddpg_training.checkpoint import load_checkpoint
 from maddpg_training.config import TrainConfig
 from maddpg_training.learner import MADDPG
@@ -19,6 +21,9 @@ from maddpg_training.torch_policy import TorchPolicy
 
 pytestmark = pytest.mark.citylearn
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.toml")
+# The smoke settings without its window, teacher and phases, for tests that set their own.
+SMOKE_SETTINGS = "".join(line for line in Path(SMOKE).read_text().splitlines(keepends=True)
+                         if not line.startswith(("start =", "end =", "episodes =", "teacher =", "dagger_rounds =")))
 
 
 def train(*args):
@@ -262,3 +267,31 @@ def test_a_bad_config_file_is_reported(tmp_path):
     config.write_text("episodes = 2\nlearning_rate = 0.1\n")
     result = CliRunner().invoke(cli, ["train", "--config", str(config)])
     assert result.exit_code == 1 and "unknown training setting(s) learning_rate" in result.output
+
+
+def test_windows_are_labelled_by_a_cut_of_the_whole_pass_whatever_the_cache_held(tmp_path, schema_path, monkeypatch):
+    """teacher_whole_year: a fold's labels come from the teacher's pass over the whole dataset (computed first where
+    it is not cached), even where each window's own pass is cached, so the clone does not depend on the cache."""
+    monkeypatch.setenv("MADDPG_CITYLEARN_CACHE", str(tmp_path / "cache"))
+    schema = json.loads(schema_path.read_text())
+    schema.update(root_directory=str(schema_path.parent), simulation_end_time_step=95)   # a four-day dataset
+    short = tmp_path / "schema.json"
+    short.write_text(json.dumps(schema))
+    windows = [[0, 35], [60, 95]]
+    base = SMOKE_SETTINGS + f'windows = {windows}\nteacher = "planner"\nepisodes = 0\ndagger_rounds = 0\n'
+    passes = tmp_path / "cache" / "teacher-passes"
+    for name, whole_year in (("own", "false"), ("cut", "true")):
+        config = tmp_path / f"{name}.toml"
+        config.write_text(base + f"teacher_whole_year = {whole_year}\n")
+        result = CliRunner().invoke(cli, ["train", "--config", str(config), "--dataset", str(short), "--eval-start",
+                                          "0", "--eval-end", "35", "--no-progress", "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        assert len(list(passes.glob("*.pt"))) == (2 if name == "own" else 3)   # each window's, then the whole one
+    whole = max(passes.glob("*.pt"), key=lambda p: teacher_cache.load(p).steps)
+    cached = teacher_cache.load(whole)
+    assert cached.steps == 95 and cached.first_step == 0
+    labels = torch.load(tmp_path / "cut" / "labels.pt", weights_only=True)
+    expected = np.concatenate([cached.labels[1][a:b] for a, b in windows])
+    np.testing.assert_array_equal(labels["targets"].numpy(), expected)
+    own = torch.load(tmp_path / "own" / "labels.pt", weights_only=True)
+    assert not np.array_equal(own["targets"].numpy(), expected), "a window's own pass starts from another charge"

@@ -80,6 +80,10 @@ class TrainConfig:
                                           # charger output below 0 is clipped to 0 with no gradient, so a clone that
                                           # once undershoots a charging label never learns it back (learner.py)
     cache_demonstration: bool = True      # keep the teacher's own pass on disk (runs/.cache): seeds share it
+    teacher_whole_year: bool = False      # windows inside the dataset are labelled by a cut of the teacher's pass over
+                                          # the whole dataset, computed (and cached) first where it is not cached: the
+                                          # labels, hence the clone, then do not depend on what the cache held (a
+                                          # window's own pass differs in its first hours, where the battery starts)
 
     # --- fine-tuning through the district model (model_tuning.py) -------------------------------------------------------
     # Each episode: `model_updates` actor updates, each on `model_batch` runs of `model_horizon` hours where the actors

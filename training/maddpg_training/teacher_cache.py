@@ -46,14 +46,16 @@ def cache_path(spec: EnvSpec, policy: PolicyNetwork, config: TrainConfig, *, sta
 
 
 def cached_teacher_pass(window: Window, policy: PolicyNetwork, config: TrainConfig) -> Pass | None:
-    """The window's own cached pass, else the window cut from a cached pass over the whole dataset, else None."""
+    """The window's own cached pass, else the window cut from a cached pass over the whole dataset, else None.
+    With ``config.teacher_whole_year`` the cut comes first: a window's own pass is used only where no whole pass is
+    cached (and the trainer computes the whole pass before it comes to that)."""
     own = cache_path(window.spec, policy, config, start=window.spec.start, end=window.spec.end)
     if own is None:
         return None
-    if own.is_file():
-        return load(own)
     whole = cache_path(window.spec, policy, config, start=None, end=None)
-    if whole.is_file():
+    if own.is_file() and (own == whole or not (config.teacher_whole_year and whole.is_file())):
+        return load(own)
+    if own != whole and whole.is_file():
         start = window.first_step
         end = window.spec.end if window.spec.end is not None else start + window.env.time_steps - 1
         return cut(load(whole), start, end)

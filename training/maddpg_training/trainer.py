@@ -255,19 +255,16 @@ def teach(run: Run) -> dict:
 def teacher_pass(run: Run, window: Window, episode_id: int) -> Pass:
     """One teacher pass (its actions through the safety layer), every state labelled; from the cache when it holds
     the window. Whole days of the pass go to the held-out set that measures the critic's error."""
+    whole_spec = replace(window.spec, start=None, end=None)
+    whole_path = teacher_cache.cache_path(whole_spec, run.policy, run.config, start=None, end=None)
+    if run.config.teacher_whole_year and whole_spec != window.spec and whole_path and not whole_path.is_file():
+        log.info("teacher: no cached pass over the whole dataset to cut %s from; the teacher drives all of it "
+                 "first (teacher_whole_year), once for every run on this dataset", window.label)
+        drive_teacher(run, make_window(whole_spec, warmup(whole_spec, progress=run.progress), run.layout, run.config,
+                                       safety=run.safety))
     result = teacher_cache.cached_teacher_pass(window, run.policy, run.config)
     if result is None:
-        def drive(raw: np.ndarray) -> np.ndarray:
-            teacher_actions = window.teacher.actions(window.env, raw)
-            with torch.no_grad():
-                return run.policy.guard(torch.from_numpy(raw)[None], torch.from_numpy(teacher_actions)[None])[0].numpy()
-
-        result = rollout(window, drive, driver=f"teacher {window.label}", label_every=1, record=True,
-                         progress=run.progress)
-        path = teacher_cache.cache_path(window.spec, run.policy, run.config, start=window.spec.start,
-                                        end=window.spec.end)
-        if path is not None:
-            teacher_cache.save(path, result)
+        result = drive_teacher(run, window)
     run.teacher_records[episode_id] = result.record   # the district model reads its data off it
     if not result.kpis:
         # Cut from a longer pass: its rewards were scaled to that pass's episode, not this window's. Its labels
@@ -282,6 +279,22 @@ def teacher_pass(run: Run, window: Window, episode_id: int) -> Pass:
         (run.heldout if t // 24 in heldout_days else run.buffer).add(
             rec["observations"][t], rec["actions"][t], rec["rewards"][t], rec["next_observations"][t],
             rec["state"][t], rec["next_state"][t], episode_id, result.first_step + t)
+    return result
+
+
+def drive_teacher(run: Run, window: Window) -> Pass:
+    """The teacher drives ``window`` (its actions through the safety layer), every state labelled; the pass is
+    cached when the config caches demonstrations."""
+    def drive(raw: np.ndarray) -> np.ndarray:
+        teacher_actions = window.teacher.actions(window.env, raw)
+        with torch.no_grad():
+            return run.policy.guard(torch.from_numpy(raw)[None], torch.from_numpy(teacher_actions)[None])[0].numpy()
+
+    result = rollout(window, drive, driver=f"teacher {window.label}", label_every=1, record=True,
+                     progress=run.progress)
+    path = teacher_cache.cache_path(window.spec, run.policy, run.config, start=window.spec.start, end=window.spec.end)
+    if path is not None:
+        teacher_cache.save(path, result)
     return result
 
 
