@@ -122,6 +122,12 @@ class Run:
     teacher_records: dict[int, dict] = field(default_factory=dict)   # window index -> the teacher's recorded pass
 
     @property
+    def evaluates_on_its_training_window(self) -> bool:
+        """One training window that is also the evaluation window: a deterministic check's pass over it is the
+        evaluation's pass, and need not be driven again."""
+        return len(self.windows) == 1 and self.evaluation_window is self.windows[0]
+
+    @property
     def uses_critic(self) -> bool:
         """Only fine-tuning reads the critic: a run without it skips the critic's phases."""
         return self.config.episodes > 0
@@ -463,10 +469,8 @@ def model_tune(run: Run) -> None:
                  "kept" if accepted else f"back to episode {tuning['best_episode']}")
         run.write("last.pt", {"trained": True, "episode": state.episodes_done, "model_episodes": episode + 1})
     state.seconds += time.perf_counter() - phase_started
-    # With one training window that is also the evaluation window, the best actors' check is the evaluation's pass.
-    same_window = len(run.windows) == 1 and run.evaluation_window is run.windows[0]
     tuning.update(evaluate(run, state.episodes_done, "district-model fine-tuning done",
-                           result=best_passes[0] if same_window else None))
+                           result=best_passes[0] if run.evaluates_on_its_training_window else None))
     state.model_tuning = tuning
 
 
@@ -475,8 +479,6 @@ def fine_tune(run: Run, evaluate_every: int) -> None:
     config, state = run.config, run.state
     if state.episodes_done >= config.episodes:
         return
-    # With one training window that is also the evaluation window, the check's pass is the evaluation's.
-    same_window = len(run.windows) == 1 and run.evaluation_window is run.windows[0]
     if state.gate is None:
         start = gate_check(run.windows, run.learner, progress=run.progress)[0]
         state.gate = {"best_score": start["score"], "best_episode": 0, "actor_steps": config.actor_steps,
@@ -507,7 +509,7 @@ def fine_tune(run: Run, evaluate_every: int) -> None:
         run.trace.write("rollout", phase="finetune", **record)
         if evaluate_every and (episode + 1) % evaluate_every == 0:
             record.update(evaluate(run, episode + 1, f"episode {episode + 1}",
-                                   result=passes[0] if accepted and same_window else None))
+                                   result=passes[0] if accepted and run.evaluates_on_its_training_window else None))
         state.history.append(record)
         state.episodes_done = episode + 1
         state.seconds += result.seconds
