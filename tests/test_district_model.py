@@ -10,7 +10,7 @@ import torch
 from maddpg_evaluation.citylearn_env import EnvSpec, layout_from_env
 from maddpg_training.bootstrap import fresh_policy, without_ev_discharge
 from maddpg_training.district_model import DistrictModel, fidelity, record_pass, with_appliances_started
-from maddpg_training.model_tuning import DistrictObjective, imagine, pass_rows, replayed_terms
+from maddpg_training.model_tuning import DistrictObjective, Rollouts, imagine, pass_rows, replayed_terms
 from maddpg_training.networks import ActorSpec
 from maddpg_training.safety import safety_spec_from_env
 
@@ -117,3 +117,20 @@ def test_a_charger_the_bounds_hold_learns_from_the_districts_kpis_only_through_t
     assert float(flat.abs().sum()) == 0.0
     assert float(through[watched].abs().sum()) > 0.0
     assert (through_run.outside > 0).all(), "outputs below 0 are pulled back by the outside term"
+
+
+def test_peak_aimed_runs_hold_the_own_pass_highest_hour(recorded):
+    model = recorded["model"]
+    rows = model.observations.clone()
+    # The own pass's district draws far more at step 40 than anywhere else (row 41 holds step 40's net load).
+    rows[41, model.net_agents[0], model.net_slots[0]] = 1e3
+    rollouts = Rollouts(model=model, objective=DistrictObjective(model), rows=rows)
+    assert rollouts.peak_steps().tolist() == [40]
+    horizon = 24
+    for share, aimed in ((1.0, 64), (0.5, 32)):
+        starts, _ = rollouts.sample(64, horizon, torch.Generator().manual_seed(0), peak_share=share)
+        holds = (starts <= 40) & (40 < starts + horizon)
+        assert holds[:aimed].all(), starts
+        assert len(set(starts[:aimed].tolist())) > 5, "the lead before the peak varies"
+    uniform, _ = rollouts.sample(64, horizon, torch.Generator().manual_seed(0))
+    assert not ((uniform <= 40) & (40 < uniform + horizon)).all()

@@ -103,6 +103,9 @@ class TrainConfig:
                                           # output outside its bounds is pulled back inside). False: a charger whose
                                           # output sits below 0, or under its minimum power, learns nothing from the
                                           # district's KPIs (the safety floor's max stays exact either way)
+    model_peak_share: float = 0.0         # share of each batch's runs started so that one of the window's highest
+                                          # daily peaks (own pass; the highest tenth of days) falls inside the run:
+                                          # the all-time peak is one hour, rarely in 16 runs drawn uniformly
 
     # --- MADDPG fine-tuning (TD3-style, centralised critic, n-step returns) --------------------------------------------
     # Each episode: the actors drive (exploring) while the critic learns every step; then `critic_refit_steps` more
@@ -169,6 +172,9 @@ class TrainConfig:
         if self.model_episodes < 0 or self.model_clone_weight < 0 or self.model_lr <= 0:
             problems.append(f"model_episodes = {self.model_episodes}, model_clone_weight = {self.model_clone_weight}, "
                             f"model_lr = {self.model_lr} (need episodes >= 0, weight >= 0, lr > 0)")
+        if not 0 <= self.model_peak_share <= 1:
+            problems.append(f"model_peak_share = {self.model_peak_share} (must be in [0, 1]: the share of each batch's "
+                            f"runs aimed at the highest daily peaks)")
         if not 0 <= self.heldout_fraction < 1:
             problems.append(f"heldout_fraction = {self.heldout_fraction} (must be in [0, 1))")
         for window in self.windows:

@@ -102,6 +102,9 @@ class DistrictObjective:
         return {"cost": cost, "carbon": carbon, "daily_peak": daily, "all_time_peak": peak, "debt": debt}
 
 
+PEAK_DAYS = 0.1   # a peak-aimed run aims at the peak hour of one of the window's highest tenth of days (own pass)
+
+
 @dataclass
 class Rollouts:
     """Where imagined runs start: one window's model, its own pass's rows, and that pass's state at every step."""
@@ -110,21 +113,42 @@ class Rollouts:
     objective: DistrictObjective
     rows: torch.Tensor        # [T, agents, width] the actors' own deterministic pass over the window
 
-    def sample(self, batch: int, horizon: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def peak_steps(self) -> torch.Tensor:
+        """The steps where the own pass's highest daily peaks fall: the peak hour of each of the window's highest
+        tenth of days (consecutive 24-step blocks from its first step; at least one)."""
+        m = self.model
+        # Row t + 1 holds the net consumption of step t (CityLearn observes the hour just stepped).
+        district = torch.nan_to_num(self.rows[1:m.steps, m.net_agents, m.net_slots], nan=0.0).sum(-1)
+        days = max(1, len(district) // DAY)
+        blocks = district[:days * DAY].reshape(days, -1)
+        top = blocks.max(1).values.topk(max(1, round(days * PEAK_DAYS))).indices
+        return top * blocks.shape[1] + blocks[top].argmax(1)
+
+    def sample(self, batch: int, horizon: int, generator: torch.Generator, peak_share: float = 0.0
+               ) -> tuple[torch.Tensor, dict]:
         """``batch`` start steps, and the own pass's state ``horizon`` hours after each (what the debt is
-        measured against)."""
-        last = self.model.steps - 1 - horizon
-        starts = torch.randint(0, max(1, last), (batch,), generator=generator)
+        measured against). A ``peak_share`` of them start so that one of the own pass's highest daily peaks
+        (``peak_steps``) falls inside the run, at a uniform lead: the all-time peak is one hour of the window,
+        which runs drawn uniformly rarely hold."""
+        last = max(1, self.model.steps - 1 - horizon)
+        starts = torch.randint(0, last, (batch,), generator=generator)
+        aimed = round(batch * peak_share)
+        if aimed:
+            peaks = self.peak_steps()
+            chosen = peaks[torch.randint(0, len(peaks), (aimed,), generator=generator)]
+            lead = torch.randint(0, horizon, (aimed,), generator=generator)
+            starts[:aimed] = (chosen - lead).clamp(0, last - 1)
         reference = self.model.start(starts + horizon, self.rows[starts + horizon])
         return starts, reference
 
 
 def loss(policy, rollouts: Rollouts, *, batch: int, horizon: int, generator: torch.Generator,
-         through_bounds: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+         through_bounds: bool = False, peak_share: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """The imagined runs' objective (the sum of its terms' means, to minimise) and each term's mean. A window
-    shorter than ``horizon`` is run whole. ``through_bounds``: see ``imagine``; adds the ``outside`` term."""
+    shorter than ``horizon`` is run whole. ``through_bounds``: see ``imagine``; adds the ``outside`` term.
+    ``peak_share``: see ``Rollouts.sample``."""
     horizon = min(horizon, rollouts.model.steps - 1)
-    starts, reference = rollouts.sample(batch, horizon, generator)
+    starts, reference = rollouts.sample(batch, horizon, generator, peak_share)
     run = imagine(rollouts.model, policy, starts, rollouts.rows[starts], horizon, through_bounds=through_bounds)
     terms = rollouts.objective.terms(run, reference)
     if run.outside is not None:
