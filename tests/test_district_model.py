@@ -134,3 +134,29 @@ def test_peak_aimed_runs_hold_the_own_pass_highest_hour(recorded):
         assert len(set(starts[:aimed].tolist())) > 5, "the lead before the peak varies"
     uniform, _ = rollouts.sample(64, horizon, torch.Generator().manual_seed(0))
     assert not ((uniform <= 40) & (40 < uniform + horizon)).all()
+
+
+def test_a_run_on_scaled_loads_and_solar_sees_and_draws_them(recorded):
+    model, layout, safety = recorded["model"], recorded["layout"], recorded["safety"]
+    policy = fresh_policy(layout, recorded["record"]["observations"], ActorSpec(hidden_sizes=(16,)), seed=0,
+                          safety=safety)
+    starts = torch.tensor([5, 30])
+    same = imagine(model, policy, starts, model.observations[starts], horizon=12)
+    ones = imagine(model, policy, starts, model.observations[starts], horizon=12, scale=torch.ones(2, 2))
+    assert torch.equal(same.net, ones.net), "a scale of 1 is the data"
+    # The first step's actions depend only on the first rows: scale those and the first net load moves by exactly
+    # the scaled loads and solar, with the actors' own reaction to the rows they saw.
+    scale = torch.tensor([[1.3, 0.6], [0.8, 1.2]])
+    state = model.start(starts, model.observations[starts], scale)
+    rows = model.observe(state)
+    seen = model.observations[starts]
+    assert torch.allclose(rows[:, model.load_agents, model.load_slots],
+                          torch.nan_to_num(seen[:, model.load_agents, model.load_slots]) * scale[:, :1])
+    assert torch.allclose(rows[:, model.solar_agents, model.solar_slots],
+                          torch.nan_to_num(seen[:, model.solar_agents, model.solar_slots]) * scale[:, 1:])
+    actions = policy(rows).detach()
+    _, scaled = model.step(state, actions)
+    _, plain = model.step(model.start(starts, seen), actions)
+    expected = plain + (scale[:, :1] - 1) * model.load[starts] - (scale[:, 1:] - 1) * model.solar[starts]
+    assert torch.allclose(scaled, expected, atol=1e-4)
+    assert (scaled - plain).abs().sum() > 1.0, "the window's loads and solar are not zero: the scale must show"

@@ -25,7 +25,9 @@ from maddpg_training.protocol import (
     Protocol,
     ReplayedActions,
     _paired,
+    _run,
     is_teacher_row,
+    run_directory,
     teacher_label,
     teacher_reference,
 )
@@ -157,6 +159,19 @@ def test_an_arm_must_start_from_an_arm_trained_from_scratch(tmp_path):
     config.write_text('[folds.a]\ntest = [2000, 2100]\ntrain = [[0, 1000]]\n[arms.x]\nstart_from = "y"\n')
     result = CliRunner().invoke(cli, ["protocol", "--config", str(config), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "start_from = 'y' must name an arm" in result.output
+
+
+def test_an_arm_whose_base_run_kept_its_results_but_not_its_weights_says_how_to_retrain_it(tmp_path):
+    config = tmp_path / "protocol.toml"
+    config.write_text(TINY.replace("{schema}", "unused"))
+    protocol = Protocol.load(config)
+    out = tmp_path / "runs"
+    base = run_directory(out, "tiny", "local", 0)
+    base.mkdir(parents=True)
+    (base / HELDOUT_FILE).write_text("{}")           # e.g. copied from docs/model-card/protocol
+    with pytest.raises(MaddpgCitylearnError, match=r"local/seed-0/last.pt does not exist.*Delete .*heldout.json"):
+        _run(protocol, protocol.fold("tiny"), "local+maddpg", 0, out, False)
+    assert not run_directory(out, "tiny", "local+maddpg", 0).exists(), "nothing half-made for the arm"
 
 
 def test_a_protocol_with_an_unknown_setting_fails_before_any_work(tmp_path):

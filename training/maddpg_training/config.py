@@ -106,6 +106,9 @@ class TrainConfig:
     model_peak_share: float = 0.0         # share of each batch's runs started so that one of the window's highest
                                           # daily peaks (own pass; the highest tenth of days) falls inside the run:
                                           # the all-time peak is one hour, rarely in 16 runs drawn uniformly
+    model_load_spread: float = 0.0        # each run's loads and solar generation scaled by factors drawn from
+                                          # [1 - spread, 1 + spread] (domain randomisation: days the training
+                                          # months do not hold); 0: the data as it is
 
     # --- MADDPG fine-tuning (TD3-style, centralised critic, n-step returns) --------------------------------------------
     # Each episode: the actors drive (exploring) while the critic learns every step; then `critic_refit_steps` more
@@ -175,6 +178,9 @@ class TrainConfig:
         if not 0 <= self.model_peak_share <= 1:
             problems.append(f"model_peak_share = {self.model_peak_share} (must be in [0, 1]: the share of each batch's "
                             f"runs aimed at the highest daily peaks)")
+        if not 0 <= self.model_load_spread < 1:
+            problems.append(f"model_load_spread = {self.model_load_spread} (must be in [0, 1): loads and solar are "
+                            f"scaled by factors in [1 - spread, 1 + spread])")
         if not 0 <= self.heldout_fraction < 1:
             problems.append(f"heldout_fraction = {self.heldout_fraction} (must be in [0, 1))")
         for window in self.windows:

@@ -24,7 +24,12 @@ import torch
 from maddpg_core.errors import MaddpgCitylearnError
 from maddpg_core.layout import PolicyLayout
 from maddpg_evaluation.citylearn_env import CityLearnAdapter
-from maddpg_evaluation.citylearn_names import BATTERY_SOC, NET_ELECTRICITY_CONSUMPTION
+from maddpg_evaluation.citylearn_names import (
+    BATTERY_SOC,
+    NET_ELECTRICITY_CONSUMPTION,
+    NON_SHIFTABLE_LOAD,
+    SOLAR_GENERATION,
+)
 from maddpg_evaluation.kpis import district_kpis
 from maddpg_evaluation.planner.district import BatterySpec, District, battery_spec, read_district
 
@@ -128,6 +133,12 @@ class DistrictModel:
         # Everything but batteries and chargers, per building and step (kWh): loads - solar + the appliance.
         self.other_load = torch.as_tensor((district.base_load + district.appliance_load)[:, :steps].T,
                                           dtype=torch.float32)
+        # The loads and the solar generation it is made of, as the buildings observe them (kWh, [T, buildings]): a run
+        # may scale them (``start``'s ``scale``: a district on a hotter, darker day than the data's).
+        self.load_agents, self.load_slots = _slots(layout, NON_SHIFTABLE_LOAD)
+        self.solar_agents, self.solar_slots = _slots(layout, SOLAR_GENERATION)
+        self.load = self._building_column(self.load_agents, self.load_slots, district.n_buildings)
+        self.solar = self._building_column(self.solar_agents, self.solar_slots, district.n_buildings)
         self.price = torch.as_tensor(district.price[:, :steps].T, dtype=torch.float32)
         self.carbon = torch.as_tensor(district.carbon[:, :steps].T, dtype=torch.float32)
         self.baseline = district.baseline
@@ -194,6 +205,11 @@ class DistrictModel:
         drawn = torch.where(connected, balance / self.charger_efficiency, torch.zeros_like(balance))
         return torch.where(connected, after, energy), drawn
 
+    def _building_column(self, agents: torch.Tensor, slots: torch.Tensor, buildings: int) -> torch.Tensor:
+        column = torch.zeros(self.steps, buildings)
+        column[:, agents] = torch.nan_to_num(self.observations[:, agents, slots], nan=0.0)
+        return column
+
     def _usable_capacity(self, observations: np.ndarray, loss: list[float]) -> torch.Tensor:
         """``[T, buildings]`` kWh: each battery's degraded capacity along the recorded pass (Battery.degrade)."""
         agents, slots = self.soc_agents, self.soc_slots
@@ -227,14 +243,18 @@ class DistrictModel:
         raise MaddpgCitylearnError(f"charger {index} of the safety layer is not in the district")
 
     # --- one rollout ------------------------------------------------------------------------------------------------
-    def start(self, steps: torch.Tensor, observations: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The state at ``steps`` ``[B]`` read from ``observations`` ``[B, agents, width]`` (a pass's rows there)."""
+    def start(self, steps: torch.Tensor, observations: torch.Tensor, scale: torch.Tensor | None = None
+              ) -> dict[str, torch.Tensor]:
+        """The state at ``steps`` ``[B]`` read from ``observations`` ``[B, agents, width]`` (a pass's rows there).
+        ``scale`` ``[B, 2]``: every building's non-shiftable load and solar generation multiplied by these for the
+        whole run, in what the actors observe and in the net load alike (default 1: the data)."""
         soc = torch.zeros(len(steps), self.layout.n_agents)
         soc[:, self.soc_agents] = torch.nan_to_num(observations[:, self.soc_agents, self.soc_slots], nan=0.0)
         car_soc = torch.nan_to_num(observations[:, self.charger_agent, self.charger_soc], nan=0.0)
         return {"t": steps.clone(), "battery": soc * self.batteries.capacity,
                 "car": car_soc.clamp(0.0, 1.0) * self.car_capacity[steps],
-                "net": torch.nan_to_num(observations[:, self.net_agents, self.net_slots], nan=0.0)}
+                "net": torch.nan_to_num(observations[:, self.net_agents, self.net_slots], nan=0.0),
+                "scale": torch.ones(len(steps), 2) if scale is None else scale}
 
     def observe(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[B, agents, width]``: the recorded rows at the state's steps with what the actions changed written in."""
@@ -243,6 +263,9 @@ class DistrictModel:
         rows[:, self.soc_agents, self.soc_slots] = state["battery"][:, self.soc_agents] / self.batteries.capacity[
             self.soc_agents]
         rows[:, self.net_agents, self.net_slots] = state["net"]
+        scale = state["scale"]
+        rows[:, self.load_agents, self.load_slots] = rows[:, self.load_agents, self.load_slots] * scale[:, :1]
+        rows[:, self.solar_agents, self.solar_slots] = rows[:, self.solar_agents, self.solar_slots] * scale[:, 1:]
         connected = self.connected[t]
         car_soc = torch.where(connected & ~self.arrival[t], state["car"] / self.car_capacity[t], self.car_soc_data[t])
         rows[:, self.charger_agent, self.charger_soc] = torch.where(connected, car_soc,
@@ -260,10 +283,11 @@ class DistrictModel:
         # The car's charge before this step: on its arrival step the env's own (see _arrival_energy).
         car_before = torch.where(self.arrival[t], self.arrival_energy[t], state["car"])
         car, charger_grid = self._charge_cars(car_before, actions, t, straight_through=straight_through)
-        net = self.other_load[t] + battery_grid
-        net = net.index_add(1, self.charger_agent, charger_grid)
+        scale = state["scale"]
+        other = self.other_load[t] + (scale[:, :1] - 1) * self.load[t] - (scale[:, 1:] - 1) * self.solar[t]
+        net = (other + battery_grid).index_add(1, self.charger_agent, charger_grid)
         next_net = net[:, self.net_agents]
-        return {"t": t + 1, "battery": battery, "car": car, "net": next_net}, net
+        return {"t": t + 1, "battery": battery, "car": car, "net": next_net, "scale": scale}, net
 
 
 def record_pass(spec, layout: PolicyLayout, act) -> tuple[dict[str, np.ndarray], dict[str, float]]:

@@ -28,15 +28,16 @@ class Imagined:
 
 
 def imagine(model: DistrictModel, policy, starts: torch.Tensor, rows: torch.Tensor, horizon: int, *,
-            through_bounds: bool = False) -> Imagined:
+            through_bounds: bool = False, scale: torch.Tensor | None = None) -> Imagined:
     """The policy drives the model from ``starts`` ``[B]``, starting from ``rows`` ``[B, agents, width]``.
 
     ``through_bounds``: the applied actions are the deployed ones, but their gradient reaches an actor's output
     through the clip to its bounds and a charger's minimum power (straight through); the safety floor's max stays
     exact, so a charger the floor overrides still learns only through the charge the floor reads. Without it a
     charger output below 0 is flat: the district's KPIs cannot teach it to charge earlier. The squared distance of
-    the outputs beyond their bounds is returned (``outside``, per valid slot and step) to pull them back inside."""
-    state = model.start(starts, rows)
+    the outputs beyond their bounds is returned (``outside``, per valid slot and step) to pull them back inside.
+    ``scale``: see ``DistrictModel.start``."""
+    state = model.start(starts, rows, scale)
     steps, nets, outside = [], [], []
     for _ in range(horizon):
         observations = model.observe(state)
@@ -143,13 +144,20 @@ class Rollouts:
 
 
 def loss(policy, rollouts: Rollouts, *, batch: int, horizon: int, generator: torch.Generator,
-         through_bounds: bool = False, peak_share: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+         through_bounds: bool = False, peak_share: float = 0.0, load_spread: float = 0.0
+         ) -> tuple[torch.Tensor, dict[str, float]]:
     """The imagined runs' objective (the sum of its terms' means, to minimise) and each term's mean. A window
     shorter than ``horizon`` is run whole. ``through_bounds``: see ``imagine``; adds the ``outside`` term.
-    ``peak_share``: see ``Rollouts.sample``."""
+    ``peak_share``: see ``Rollouts.sample``. ``load_spread``: each run's loads and solar generation scaled by
+    factors drawn uniformly from [1 - spread, 1 + spread] (one each per run, the whole district alike): days the
+    training months do not hold, as held-out months bring them."""
     horizon = min(horizon, rollouts.model.steps - 1)
     starts, reference = rollouts.sample(batch, horizon, generator, peak_share)
-    run = imagine(rollouts.model, policy, starts, rollouts.rows[starts], horizon, through_bounds=through_bounds)
+    scale = None
+    if load_spread > 0:
+        scale = 1.0 + load_spread * (2.0 * torch.rand(len(starts), 2, generator=generator) - 1.0)
+    run = imagine(rollouts.model, policy, starts, rollouts.rows[starts], horizon, through_bounds=through_bounds,
+                  scale=scale)
     terms = rollouts.objective.terms(run, reference)
     if run.outside is not None:
         terms["outside"] = run.outside

@@ -169,12 +169,20 @@ def _run(protocol: Protocol, fold: Fold, arm: str, seed: int, out: Path, progres
     directory = run_directory(out, fold.name, arm, seed)
     if (directory / HELDOUT_FILE).is_file():
         return True
+    base = protocol.start_from(arm)
+    resume = None if base is None else run_directory(out, fold.name, base, seed) / "last.pt"
+    if resume is not None and not resume.is_file():
+        # The base run is finished (its heldout.json is there) but its weights are not: results copied from
+        # docs/model-card/protocol, or a run directory pruned to its results.
+        raise MaddpgCitylearnError(
+            f"arm {arm!r} resumes {base!r}'s run of seed {seed} on fold {fold.name}, but {resume} does not exist: "
+            f"{resume.parent} holds that run's results without its weights. Delete {resume.parent / HELDOUT_FILE} "
+            f"and run the same command: {base!r} is trained again first (its labels are cut from the cached "
+            f"full-year teacher pass, so it is the same run)")
     with _claim(directory) as claimed:
         if not claimed:
             log.info("protocol: %s is being trained by another process; skipped", directory)
             return False
-        base = protocol.start_from(arm)
-        resume = None if base is None else run_directory(out, fold.name, base, seed) / "last.pt"
         _train_and_score(protocol, fold, arm, seed, out, progress, resume=resume)
     return True
 

@@ -436,7 +436,8 @@ def model_tune(run: Run) -> None:
             imagined, terms = model_tuning.loss(run.policy, rollouts[which], batch=config.model_batch,
                                                 horizon=config.model_horizon, generator=run.generator,
                                                 through_bounds=config.model_through_bounds,
-                                                peak_share=config.model_peak_share)
+                                                peak_share=config.model_peak_share,
+                                                load_spread=config.model_load_spread)
             clone = run.learner.cloning_loss(*run.labelled.sample(run.learner.label_batch(), run.generator))
             optimizer.zero_grad(set_to_none=True)
             (imagined + config.model_clone_weight * clone).backward()
