@@ -174,6 +174,21 @@ def test_an_arm_whose_base_run_kept_its_results_but_not_its_weights_says_how_to_
     assert not run_directory(out, "tiny", "local+maddpg", 0).exists(), "nothing half-made for the arm"
 
 
+def test_a_protocol_that_extends_another_runs_its_recipes_on_its_own_seeds(tmp_path):
+    (tmp_path / "protocol.toml").write_text(TINY.replace("{schema}", "unused"))
+    confirm = tmp_path / "confirm.toml"
+    confirm.write_text('extends = "protocol.toml"\nseeds = [3, 4, 5]\narms = ["local", "local+maddpg"]\n'
+                       'comparisons = [["local+maddpg", "local"]]\n')
+    first, second = Protocol.load(tmp_path / "protocol.toml"), Protocol.load(confirm)
+    assert second.seeds == (3, 4, 5) and set(second.arms) == {"local", "local+maddpg"}
+    assert second.folds == first.folds and second.comparisons == (("local+maddpg", "local"),)
+    for arm in second.arms:
+        assert second.config(arm, second.folds[0], 3) == first.config(arm, first.folds[0], 3), "the same recipe"
+    confirm.write_text('extends = "protocol.toml"\narms = ["locall"]\n')
+    with pytest.raises(MaddpgCitylearnError, match="must list arms of .*protocol.toml by name"):
+        Protocol.load(confirm)
+
+
 def test_a_protocol_with_an_unknown_setting_fails_before_any_work(tmp_path):
     config = tmp_path / "protocol.toml"
     config.write_text('[folds.a]\ntest = [2000, 2100]\ntrain = [[0, 1000]]\n[arms.x]\nlearning_rate = 1\n')
@@ -209,7 +224,9 @@ def test_the_committed_protocol_and_training_configs_load():
     protocol = Protocol.load(configs / "protocol.toml")
     assert {"local", "season-blind", "local+maddpg"} <= set(protocol.arms)
     assert protocol.config("season-blind", protocol.folds[0], 0).ignore == ("season",)
-    recipes = [path for path in sorted(configs.glob("*.toml")) if path.name != "protocol.toml"]
+    for path in sorted(configs.glob("protocol-*.toml")):
+        Protocol.load(path)
+    recipes = [path for path in sorted(configs.glob("*.toml")) if not path.name.startswith("protocol")]
     assert recipes
     for path in recipes:
         TrainConfig.load(path)

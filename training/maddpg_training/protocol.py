@@ -93,6 +93,8 @@ class Protocol:
     @classmethod
     def load(cls, path: str | Path) -> "Protocol":
         data = read_toml(path, "protocol file")
+        if "extends" in data:
+            data = _extended(Path(path), data)
         folds = tuple(Fold(name, tuple(f["test"]), tuple(tuple(w) for w in f["train"]))
                       for name, f in data.get("folds", {}).items())
         # Settings the file leaves out keep this class's defaults.
@@ -140,6 +142,24 @@ class Protocol:
             if fold.name == name:
                 return fold
         raise MaddpgCitylearnError(f"no fold named {name!r} (the protocol has {', '.join(f.name for f in self.folds)})")
+
+
+def _extended(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """A protocol file that ``extends`` another (a path relative to it): the other's folds, common settings and
+    arms, only those named in this file's ``arms`` list where it gives one, and this file's other keys over the
+    other's. A confirmation on fresh seeds then runs the very recipes the first protocol ran, written once."""
+    parent_path = path.parent / str(data["extends"])
+    parent = read_toml(parent_path, "protocol file")
+    if "extends" in parent:
+        raise MaddpgCitylearnError(f"{path} extends {parent_path}, which extends another: one level only")
+    merged = {**parent, **{k: v for k, v in data.items() if k not in ("extends", "arms")}}
+    if "arms" in data:
+        chosen, known = data["arms"], parent.get("arms", {})
+        if not isinstance(chosen, list) or any(arm not in known for arm in chosen):
+            raise MaddpgCitylearnError(
+                f"{path}: arms = {chosen!r} must list arms of {parent_path} by name (it has {', '.join(known)})")
+        merged["arms"] = {arm: known[arm] for arm in chosen}
+    return merged
 
 
 def run_directory(out: Path, fold: str, arm: str, seed: int) -> Path:
