@@ -125,7 +125,7 @@ def test_peak_aimed_runs_hold_the_own_pass_highest_hour(recorded):
     # The own pass's district draws far more at step 40 than anywhere else (row 41 holds step 40's net load).
     rows[41, model.net_agents[0], model.net_slots[0]] = 1e3
     rollouts = Rollouts(model=model, objective=DistrictObjective(model), rows=rows)
-    assert rollouts.peak_steps().tolist() == [40]
+    assert rollouts.peak_steps.tolist() == [40]
     horizon = 24
     for share, aimed in ((1.0, 64), (0.5, 32)):
         starts, _ = rollouts.sample(64, horizon, torch.Generator().manual_seed(0), peak_share=share)

@@ -12,6 +12,7 @@ evening discharge pays for the 06:00 peak it leaves uncovered.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -114,9 +115,11 @@ class Rollouts:
     objective: DistrictObjective
     rows: torch.Tensor        # [T, agents, width] the actors' own deterministic pass over the window
 
+    @cached_property
     def peak_steps(self) -> torch.Tensor:
         """The steps where the own pass's highest daily peaks fall: the peak hour of each of the window's highest
-        tenth of days (consecutive 24-step blocks from its first step; at least one)."""
+        tenth of days (consecutive 24-step blocks from its first step; at least one). Read once per pass: a kept
+        episode's new pass comes as a new ``Rollouts`` (``dataclasses.replace``)."""
         m = self.model
         # Row t + 1 holds the net consumption of step t (CityLearn observes the hour just stepped).
         district = torch.nan_to_num(self.rows[1:m.steps, m.net_agents, m.net_slots], nan=0.0).sum(-1)
@@ -135,7 +138,7 @@ class Rollouts:
         starts = torch.randint(0, last, (batch,), generator=generator)
         aimed = round(batch * peak_share)
         if aimed:
-            peaks = self.peak_steps()
+            peaks = self.peak_steps
             chosen = peaks[torch.randint(0, len(peaks), (aimed,), generator=generator)]
             lead = torch.randint(0, horizon, (aimed,), generator=generator)
             starts[:aimed] = (chosen - lead).clamp(0, last - 1)
