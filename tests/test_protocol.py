@@ -78,6 +78,21 @@ def test_paired_verdicts_need_wins_beyond_the_noise_floor():
     assert _paired("w", "a", worse, a, 0.005, 2)["verdict"] == "worse"
 
 
+def test_no_difference_is_decided_once_the_seeds_left_cannot_give_the_wins_or_losses():
+    a = {s: {"score": 1.00} for s in (3, 4)}
+    level = {3: {"score": 1.001}, 4: {"score": 0.995}}      # neither beyond 0.01: one seed left cannot make two
+    decided = _paired("b", "a", level, a, 0.01, 2, planned=(3, 4, 5))
+    assert decided["verdict"] == "no difference beyond the noise" and decided["cannot_change_it"] == ["5"]
+    one_win = {3: {"score": 0.98}, 4: {"score": 1.001}}     # seed 5 could still give the second win
+    assert _paired("b", "a", one_win, a, 0.01, 2, planned=(3, 4, 5))["verdict"] == "not enough seeds yet"
+    one_loss = {3: {"score": 1.02}, 4: {"score": 1.001}}    # ... or the second loss
+    assert _paired("b", "a", one_loss, a, 0.01, 2, planned=(3, 4, 5))["verdict"] == "not enough seeds yet"
+    # A protocol of two seeds never gives "no difference": two wins are needed and a third opinion.
+    assert _paired("b", "a", level, a, 0.01, 2, planned=(3, 4))["verdict"] == "not enough seeds yet"
+    complete = _paired("b", "a", {**level, 5: {"score": 1.0}}, {**a, 5: {"score": 1.0}}, 0.01, 2, planned=(3, 4, 5))
+    assert complete["verdict"] == "no difference beyond the noise" and "cannot_change_it" not in complete
+
+
 def test_a_fold_whose_training_months_touch_its_test_months_is_refused():
     with pytest.raises(MaddpgCitylearnError, match="within 168 h"):
         Fold("leaky", test=(1000, 1200), train=((0, 900),)).check()

@@ -369,7 +369,7 @@ def summarise(protocol: Protocol, out: Path) -> dict:
         for better, than in protocol.comparisons:
             if better in arms and than in arms:
                 comparisons.append(_paired(better, than, arms[better]["seeds"], arms[than]["seeds"], noise,
-                                           protocol.wins_needed))
+                                           protocol.wins_needed, protocol.seeds))
         if coa is not None:
             teachers = {label: {**row, **_against(row["kpis"], coa["kpis"])} for label, row in teachers.items()}
         summary["folds"][fold.name] = {"test": list(fold.test), "train": [list(w) for w in fold.train],
@@ -407,17 +407,28 @@ def _bars(runs: dict, coa: dict) -> dict:
     }
 
 
-def _paired(better: str, than: str, a: dict, b: dict, noise: float, wins_needed: int) -> dict:
+def _paired(better: str, than: str, a: dict, b: dict, noise: float, wins_needed: int,
+            planned: tuple = ()) -> dict:
+    """Seed-by-seed verdict. ``planned``: the protocol's seeds; where those not run yet could not make the arm
+    better or worse (too few left to reach ``wins_needed`` wins or losses), "no difference" is already decided and
+    ``cannot_change_it`` names them. The floor only grows with more rescorings, so no later run can add a win."""
     seeds = sorted(set(a) & set(b))
     differences = {seed: a[seed]["score"] - b[seed]["score"] for seed in seeds}
     margin = 0.0 if math.isnan(noise) else noise
     wins = [seed for seed, d in differences.items() if d < -margin]
     losses = [seed for seed, d in differences.items() if d > margin]
+    left = sorted({str(seed) for seed in planned} - {str(seed) for seed in seeds})
+    enough = min(wins_needed + 1, 3)    # "no difference" takes a third opinion where two wins are needed
+    out_of_reach = len(wins) + len(left) < wins_needed and len(losses) + len(left) < wins_needed
     verdict = ("better" if len(wins) >= wins_needed else "worse" if len(losses) >= wins_needed
-               else "no difference beyond the noise" if len(seeds) >= wins_needed + 1 or len(seeds) >= 3
+               else "no difference beyond the noise"
+               if len(seeds) >= enough or (out_of_reach and len(seeds) + len(left) >= enough)
                else "not enough seeds yet")
-    return {"arm": better, "against": than, "seeds": seeds, "differences": differences, "noise_floor": noise,
-            "wins": wins, "losses": losses, "verdict": verdict}
+    result = {"arm": better, "against": than, "seeds": seeds, "differences": differences, "noise_floor": noise,
+              "wins": wins, "losses": losses, "verdict": verdict}
+    if left and verdict == "no difference beyond the noise":
+        result["cannot_change_it"] = left
+    return result
 
 
 def training_line(summary: dict) -> dict:
@@ -464,7 +475,9 @@ def markdown(summary: dict) -> str:
         lines.append("")
         for c in fold["comparisons"]:
             diffs = ", ".join(f"seed {s}: {d:+.4f}" for s, d in c["differences"].items())
+            left = c.get("cannot_change_it")
+            unrun = f"; seed {', '.join(left)} not run: it cannot change the verdict" if left else ""
             lines.append(f"* **{c['arm']} vs {c['against']}**: {c['verdict']} ({diffs}; noise floor "
-                         f"{c['noise_floor']:.4f})")
+                         f"{c['noise_floor']:.4f}{unrun})")
         lines.append("")
     return "\n".join(lines)
