@@ -11,7 +11,7 @@ from maddpg_evaluation.citylearn_env import EnvSpec, layout_from_env
 from maddpg_training.bootstrap import fresh_policy, without_ev_discharge
 from maddpg_training.district_model import DistrictModel, fidelity, record_pass, with_appliances_started
 from maddpg_training.model_tuning import DistrictObjective, Rollouts, imagine, pass_rows, replayed_terms
-from maddpg_training.networks import ActorSpec
+from maddpg_training.networks import DISTRICT_FEATURES, ActorSpec, widened
 from maddpg_training.safety import safety_spec_from_env
 
 # Three days in November with cars arriving, charging and leaving at several chargers.
@@ -160,3 +160,22 @@ def test_a_run_on_scaled_loads_and_solar_sees_and_draws_them(recorded):
     expected = plain + (scale[:, :1] - 1) * model.load[starts] - (scale[:, 1:] - 1) * model.solar[starts]
     assert torch.allclose(scaled, expected, atol=1e-4)
     assert (scaled - plain).abs().sum() > 1.0, "the window's loads and solar are not zero: the scale must show"
+
+
+@pytest.mark.parametrize("district", ["district", "district_ev"])
+def test_a_widened_clone_acts_as_before_and_its_district_inputs_learn_from_the_model(recorded, district):
+    model, layout, safety = recorded["model"], recorded["layout"], recorded["safety"]
+    observations = recorded["record"]["observations"]
+    clone = fresh_policy(layout, observations, ActorSpec(hidden_sizes=(16,), features=("hour_cycle", "ev_slack"),
+                                                         ensemble=2), seed=0, safety=safety)
+    wide = widened(clone, district, observations)
+    assert wide.spec.features == ("hour_cycle", "ev_slack", district) and not wide.spec.decentralised
+    rows = torch.as_tensor(observations, dtype=torch.float32)
+    read = wide.features(rows)[..., -len(DISTRICT_FEATURES[district]):]
+    assert read.std(dim=0).max() > 0.1, "the district signals must vary over the window for the check to mean anything"
+    assert torch.equal(wide(rows), clone(rows)), "the new inputs start at weight 0: the clone's actions unchanged"
+    run = imagine(model, wide, torch.tensor([0, 20]), model.observations[[0, 20]], horizon=24)
+    reference = model.start(torch.tensor([24, 44]), model.observations[[24, 44]])
+    sum(v.mean() for v in DistrictObjective(model).terms(run, reference).values()).backward()
+    first = wide.actors.mlp.layers[0].weight.grad
+    assert first[:, -len(DISTRICT_FEATURES[district]):].abs().sum() > 0, "the district columns must get a gradient"

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from maddpg_core.errors import MaddpgCitylearnError
 from maddpg_core.layout import layout_from_names
 from maddpg_training.config import TrainConfig
 from maddpg_training.learner import MADDPG
@@ -433,3 +434,13 @@ def test_observations_the_spec_ignores_do_not_reach_the_actors():
     assert ActorSpec.from_dict(blind.spec.to_dict()) == blind.spec
     with pytest.raises(ValueError, match="unknown observation group"):
         ActorSpec(ignore=("weather",))
+
+
+def test_a_district_feature_added_for_the_tuning_is_named_and_read_once():
+    assert TrainConfig(model_district="district_ev").model_district == "district_ev"
+    with pytest.raises(MaddpgCitylearnError, match="model_district = 'districts'.*choose one of"):
+        TrainConfig(model_district="districts")
+    with pytest.raises(MaddpgCitylearnError, match="already read a district feature"):
+        TrainConfig(features=("hour_cycle", "district"), model_district="district_ev")
+    with pytest.raises(MaddpgCitylearnError, match="critic fitted anew"):
+        TrainConfig(model_district="district", episodes=2)

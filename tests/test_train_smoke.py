@@ -191,6 +191,39 @@ def test_tuning_through_the_district_model_is_gated_traced_and_kept_only_when_ac
     assert bool(changed) == any(g["accepted"] for g in gates), (changed, gates)
 
 
+def test_a_clone_widened_to_read_the_district_is_tuned_checkpointed_resumed_and_exported(smoke_run, tmp_path,
+                                                                                         schema_path, caplog):
+    """model_district: from the first tuning update the actors also read a district feature; the run's checkpoints
+    carry the widened actors, a resume goes on with them, export writes them."""
+    out, _ = smoke_run
+    config = tmp_path / "smoke-district.toml"
+    smoke = Path(SMOKE).read_text()
+    assert "\nepisodes = 2\n" in smoke
+    config.write_text(smoke.replace("\nepisodes = 2\n", "\nepisodes = 0\n") + 'model_district = "district_ev"\n')
+
+    def tune(*args):
+        return CliRunner().invoke(cli, ["train", "--config", str(config), "--dataset", str(schema_path),
+                                        "--eval-start", "0", "--eval-end", "47", "--no-progress", *map(str, args)])
+
+    with caplog.at_level("INFO", logger="maddpg_training"):
+        result = tune("--model-episodes", "1", "--resume", out / "last.pt", "--out", tmp_path / "wide")
+    assert result.exit_code == 0, result.output
+    assert "now read the district feature 'district_ev'" in caplog.text
+    widened = load_checkpoint(tmp_path / "wide" / "last.pt")
+    assert widened.actor_spec.features[-1] == "district_ev" and not widened.actor_spec.decentralised
+    caplog.clear()
+    with caplog.at_level("INFO", logger="maddpg_training"):
+        result = tune("--model-episodes", "2", "--resume", tmp_path / "wide" / "last.pt", "--out", tmp_path / "more")
+    assert result.exit_code == 0, result.output
+    assert "now read the district feature" not in caplog.text       # already widened: resumed as it is
+    summary = json.loads((tmp_path / "more" / "summary.json").read_text())
+    assert [h["episode"] for h in summary["model_tuning"]["history"]] == [1, 2]
+    exported = CliRunner().invoke(cli, ["export", str(tmp_path / "more" / "final.pt"),
+                                        "--repository", str(tmp_path / "repo")])
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "repo" / "maddpg_ctde" / "1" / "model.onnx").is_file()
+
+
 def test_resume_continues_from_the_last_checkpoint(smoke_run, tmp_path, schema_path, caplog):
     out, _ = smoke_run
     resumed = tmp_path / "resumed"

@@ -109,6 +109,10 @@ class TrainConfig:
     model_load_spread: float = 0.0        # each run's loads and solar generation scaled by factors drawn from
                                           # [1 - spread, 1 + spread] (domain randomisation: days the training
                                           # months do not hold); 0: the data as it is
+    model_district: str = ""              # "district" or "district_ev": from the first tuning update every actor
+                                          # also reads that district feature, its input weights starting at 0 (the
+                                          # clone's actions unchanged): only the district's KPIs teach its use,
+                                          # not the teacher's labels. "": none
 
     # --- MADDPG fine-tuning (TD3-style, centralised critic, n-step returns) --------------------------------------------
     # Each episode: the actors drive (exploring) while the critic learns every step; then `critic_refit_steps` more
@@ -148,7 +152,7 @@ class TrainConfig:
     reward: TeamRewardWeights = field(default_factory=TeamRewardWeights)
 
     def __post_init__(self) -> None:
-        from .networks import FEATURES, OBSERVATION_GROUPS
+        from .networks import DISTRICT_FEATURES, FEATURES, OBSERVATION_GROUPS
         from .teachers import TEACHERS
 
         problems = []
@@ -181,6 +185,16 @@ class TrainConfig:
         if not 0 <= self.model_load_spread < 1:
             problems.append(f"model_load_spread = {self.model_load_spread} (must be in [0, 1): loads and solar are "
                             f"scaled by factors in [1 - spread, 1 + spread])")
+        if self.model_district not in ("", *DISTRICT_FEATURES):
+            problems.append(f"model_district = {self.model_district!r} (choose one of {list(DISTRICT_FEATURES)}, or "
+                            f"\"\" for none)")
+        elif self.model_district and set(self.features) & set(DISTRICT_FEATURES):
+            problems.append(f"model_district = {self.model_district!r} with features {list(self.features)}: the actors "
+                            f"already read a district feature; drop one of the two")
+        elif self.model_district and self.episodes > 0:
+            problems.append(f"model_district = {self.model_district!r} with episodes = {self.episodes}: MADDPG "
+                            f"fine-tuning after the widening would need its critic fitted anew on the wider inputs; "
+                            f"set episodes = 0 or leave model_district empty")
         if not 0 <= self.heldout_fraction < 1:
             problems.append(f"heldout_fraction = {self.heldout_fraction} (must be in [0, 1))")
         for window in self.windows:

@@ -396,6 +396,28 @@ class PolicyNetwork(nn.Module):
         return self.guard(observations, self.scaler(self.actors(self.actor_inputs(observations))))
 
 
+def widened(policy: PolicyNetwork, district: str, observations: np.ndarray) -> PolicyNetwork:
+    """``policy`` with every actor also reading the district feature ``district`` (see ``ObservationFeatures``): its
+    columns come last in what an actor reads and their first-layer weights start at 0, so the actions are the same
+    until training moves them. The signals are standardised over ``observations`` ``[steps, agents, width]``."""
+    if district not in DISTRICT_FEATURES:
+        raise ValueError(f"{district!r} is not a district feature; choose one of {list(DISTRICT_FEATURES)}")
+    spec = ActorSpec(hidden_sizes=policy.spec.hidden_sizes, features=(*policy.spec.features, district),
+                     ignore=policy.spec.ignore, ensemble=policy.spec.ensemble)
+    wide = PolicyNetwork(policy.layout, spec, policy.safety_spec)
+    state, first = wide.state_dict(), "actors.mlp.layers.0.weight"
+    for name, value in policy.state_dict().items():
+        if name == first:
+            state[name] = torch.cat([value, torch.zeros_like(state[name][:, value.shape[1]:])], dim=1)
+        elif state[name].shape != value.shape:
+            raise ValueError(f"{name}: {tuple(value.shape)} does not fit the widened policy's {tuple(state[name].shape)}")
+        else:
+            state[name] = value
+    wide.load_state_dict(state)
+    wide.features.set_district_statistics(observations)
+    return wide.train(policy.training)
+
+
 class TwinCentralCritic(nn.Module):
     """Centralised critic of CTDE: Q(every actor's inputs, every applied action, district state), one value per share.
 

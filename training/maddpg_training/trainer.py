@@ -12,7 +12,8 @@ The run, top to bottom (each phase is one function below, in this order)::
     critic       n-step TD on the replay with the actors held still; held-out days measure its error, and its
                  dQ/da on the batteries is checked against finite differences in the env (critic_probe.py)
     evaluate     the clone, deterministic, on the evaluation window (a new env): best.pt
-    model_tune   M episodes of (model_tuning.py, district_model.py):
+    model_tune   (with `model_district`, first widen: every actor also reads a district feature, weights from 0)
+                 M episodes of (model_tuning.py, district_model.py):
                    improve  `model_updates` actor updates, each on runs of `model_horizon` hours where the actors
                             drive a differentiable model of the district from states of their own last pass:
                               minimise  KPIs(those hours) + debt(energy left short at the end)
@@ -67,7 +68,7 @@ from .bootstrap import fresh_policy, reference_sample, warmup, without_ev_discha
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .learner import MADDPG
-from .networks import ActorSpec, PolicyNetwork
+from .networks import ActorSpec, PolicyNetwork, widened
 from .replay import LabelledStates, ReplayBuffer
 from .rollout import Pass, Window, rollout
 from .safety import SafetySpec, safety_spec_from_env
@@ -415,6 +416,8 @@ def model_tune(run: Run) -> None:
     if run.safety is None:
         raise CheckpointError("fine-tuning through the district model needs the safety layer (safety = true): the "
                               "model finds the chargers through it")
+    if config.model_district and config.model_district not in run.actor_spec.features:
+        widen(run, config.model_district)
     actors = run.learner.actors
     phase_started = time.perf_counter()
     check, passes = gate_check(run.windows, run.learner, progress=run.progress)
@@ -474,6 +477,18 @@ def model_tune(run: Run) -> None:
     tuning.update(evaluate(run, state.episodes_done, "district-model fine-tuning done",
                            result=best_passes[0] if run.evaluates_on_its_training_window else None))
     state.model_tuning = tuning
+
+
+def widen(run: Run, district: str) -> None:
+    """From here on every actor also reads the district feature ``district`` (networks.widened: its weights start
+    at 0, the actions unchanged). The learner is built anew over the widened actors; its critic, which reads what
+    the actors read, starts afresh (the district-model tuning does not use it)."""
+    observations = np.concatenate([w.warm.observations for w in run.windows])
+    run.policy = widened(run.policy, district, observations)
+    run.actor_spec = run.policy.spec
+    run.learner = MADDPG(run.policy, run.config, run.windows[0].reward.shares)
+    log.info("the actors now read the district feature %r too (its weights start at 0); no longer decentralised",
+             district)
 
 
 def fine_tune(run: Run, evaluate_every: int) -> None:
