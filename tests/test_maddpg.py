@@ -444,3 +444,4 @@ def test_a_district_feature_added_for_the_tuning_is_named_and_read_once():
         TrainConfig(features=("hour_cycle", "district"), model_district="district_ev")
     with pytest.raises(MaddpgCitylearnError, match="critic fitted anew"):
         TrainConfig(model_district="district", episodes=2)
+    assert TrainConfig(model_district="district", episodes=2, model_episodes=0).episodes == 2   # nothing widened

@@ -191,7 +191,7 @@ class TrainConfig:
         elif self.model_district and set(self.features) & set(DISTRICT_FEATURES):
             problems.append(f"model_district = {self.model_district!r} with features {list(self.features)}: the actors "
                             f"already read a district feature; drop one of the two")
-        elif self.model_district and self.episodes > 0:
+        elif self.model_district and self.model_episodes > 0 and self.episodes > 0:
             problems.append(f"model_district = {self.model_district!r} with episodes = {self.episodes}: MADDPG "
                             f"fine-tuning after the widening would need its critic fitted anew on the wider inputs; "
                             f"set episodes = 0 or leave model_district empty")
