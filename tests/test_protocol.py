@@ -28,6 +28,7 @@ from maddpg_training.protocol import (
     _run,
     is_teacher_row,
     run_directory,
+    summarise,
     teacher_label,
     teacher_reference,
 )
@@ -201,6 +202,21 @@ def test_a_protocol_that_extends_another_runs_its_recipes_on_its_own_seeds(tmp_p
         assert second.config(arm, second.folds[0], 3) == first.config(arm, first.folds[0], 3), "the same recipe"
     confirm.write_text('extends = "protocol.toml"\narms = ["locall"]\n')
     with pytest.raises(MaddpgCitylearnError, match="must list arms of .*protocol.toml by name"):
+        Protocol.load(confirm)
+
+
+def test_confirmations_sharing_an_out_directory_keep_their_own_summary(tmp_path):
+    (tmp_path / "protocol.toml").write_text(TINY.replace("{schema}", "unused"))
+    confirm = tmp_path / "confirm.toml"
+    confirm.write_text('extends = "protocol.toml"\nseeds = [3]\narms = ["local"]\ncomparisons = []\nsummary = "confirm.json"\n')
+    out = tmp_path / "runs"
+    summarise(Protocol.load(tmp_path / "protocol.toml"), out)
+    summarise(Protocol.load(confirm), out)
+    assert json.loads((out / "protocol.json").read_text())["folds"]["tiny"]["arms"] == {}
+    assert json.loads((out / "confirm.json").read_text())["folds"]["tiny"]["arms"] == {}
+    assert sorted(p.name for p in out.iterdir()) == ["confirm.json", "protocol.json"]
+    confirm.write_text('extends = "protocol.toml"\nsummary = "../confirm.json"\n')
+    with pytest.raises(MaddpgCitylearnError, match="name a .json file"):
         Protocol.load(confirm)
 
 

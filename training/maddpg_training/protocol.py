@@ -89,6 +89,7 @@ class Protocol:
     env_seed_runs: tuple[int, ...] = (0,)      # training seeds whose weights are rescored on them
     comparisons: tuple[tuple[str, str], ...] = ()
     wins_needed: int = 2
+    summary: str = "protocol.json"             # its file in OUT: confirmations sharing an OUT keep their own
 
     @classmethod
     def load(cls, path: str | Path) -> "Protocol":
@@ -103,6 +104,8 @@ class Protocol:
             given["comparisons"] = tuple(tuple(c) for c in data["comparisons"])
         if "wins_needed" in data:
             given["wins_needed"] = int(data["wins_needed"])
+        if "summary" in data:
+            given["summary"] = str(data["summary"])
         protocol = cls(folds=folds, arms=dict(data.get("arms", {})), common=dict(data.get("common", {})), **given)
         protocol.check()
         return protocol
@@ -110,6 +113,9 @@ class Protocol:
     def check(self) -> None:
         if not self.folds or not self.arms:
             raise MaddpgCitylearnError("a protocol needs at least one [folds.NAME] and one [arms.NAME]")
+        if Path(self.summary).name != self.summary or not self.summary.endswith(".json"):
+            raise MaddpgCitylearnError(f"summary = {self.summary!r}: name a .json file (no folder): it is written "
+                                       f"in the protocol's --out directory")
         for fold in self.folds:
             fold.check()
         for a, b in self.comparisons:
@@ -332,7 +338,7 @@ class ReplayedActions:
 # --- the summary ----------------------------------------------------------------------------------------------------
 def summarise(protocol: Protocol, out: Path) -> dict:
     """Everything finished so far: per fold, each arm's held-out scores per seed, the noise floor, the paired
-    comparisons and the bars against charge on arrival. Written to OUT/protocol.json."""
+    comparisons and the bars against charge on arrival. Written to OUT/<the protocol's summary> (protocol.json)."""
     summary: dict = {"folds": {}, "wins_needed": protocol.wins_needed}
     for fold in protocol.folds:
         references_path = out / fold.name / REFERENCES_FILE
@@ -377,7 +383,7 @@ def summarise(protocol: Protocol, out: Path) -> dict:
                                        "arms": arms,
                                        "comparisons": comparisons}
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "protocol.json", summary)
+    _write_json(out / protocol.summary, summary)
     return summary
 
 

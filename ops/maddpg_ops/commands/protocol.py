@@ -11,7 +11,7 @@ import click
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default="configs/protocol.toml",
               show_default=True, help="The protocol: folds, arms (recipes), seeds, comparisons (TOML).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/protocol", show_default=True,
-              help="Where runs and OUT/protocol.json go. Finished runs there are not trained again.")
+              help="Where runs and OUT/protocol.json (the file's `summary`) go. Finished runs there are not trained again.")
 @click.option("--fold", "folds", multiple=True, help="Only this fold (repeatable; default: all).")
 @click.option("--arm", "arms", multiple=True, help="Only this arm (repeatable; default: all).")
 @click.option("--seed", "seeds", type=int, multiple=True, help="Only this training seed (repeatable; default: all).")
@@ -52,4 +52,4 @@ def protocol(config_file, out_dir, folds, arms, seeds, summarise_only, markdown_
     if markdown_file:
         Path(markdown_file).parent.mkdir(parents=True, exist_ok=True)
         Path(markdown_file).write_text(text + "\n")
-    click.echo(f"summary: {out / 'protocol.json'}")
+    click.echo(f"summary: {out / plan.summary}")
