@@ -88,6 +88,9 @@ def test_no_difference_is_decided_once_the_seeds_left_cannot_give_the_wins_or_lo
     assert _paired("b", "a", one_win, a, 0.01, 2, planned=(3, 4, 5))["verdict"] == "not enough seeds yet"
     one_loss = {3: {"score": 1.02}, 4: {"score": 1.001}}    # ... or the second loss
     assert _paired("b", "a", one_loss, a, 0.01, 2, planned=(3, 4, 5))["verdict"] == "not enough seeds yet"
+    three = {3: {"score": 0.98}, 4: {"score": 1.001}, 5: {"score": 1.0}}   # one win of three; seed 6 could add one
+    verdict = _paired("b", "a", three, {**a, 5: {"score": 1.0}}, 0.01, 2, planned=(3, 4, 5, 6))
+    assert verdict["verdict"] == "no difference beyond the noise" and "cannot_change_it" not in verdict
     # A protocol of two seeds never gives "no difference": two wins are needed and a third opinion.
     assert _paired("b", "a", level, a, 0.01, 2, planned=(3, 4))["verdict"] == "not enough seeds yet"
     complete = _paired("b", "a", {**level, 5: {"score": 1.0}}, {**a, 5: {"score": 1.0}}, 0.01, 2, planned=(3, 4, 5))

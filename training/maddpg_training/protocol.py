@@ -432,7 +432,7 @@ def _paired(better: str, than: str, a: dict, b: dict, noise: float, wins_needed:
                else "not enough seeds yet")
     result = {"arm": better, "against": than, "seeds": seeds, "differences": differences, "noise_floor": noise,
               "wins": wins, "losses": losses, "verdict": verdict}
-    if left and verdict == "no difference beyond the noise":
+    if left and out_of_reach and verdict == "no difference beyond the noise":
         result["cannot_change_it"] = left
     return result
 
