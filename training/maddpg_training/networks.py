@@ -11,7 +11,7 @@ batch-major ``[batch, agents, width]``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -402,8 +402,7 @@ def widened(policy: PolicyNetwork, district: str, observations: np.ndarray) -> P
     until training moves them. The signals are standardised over ``observations`` ``[steps, agents, width]``."""
     if district not in DISTRICT_FEATURES:
         raise ValueError(f"{district!r} is not a district feature; choose one of {list(DISTRICT_FEATURES)}")
-    spec = ActorSpec(hidden_sizes=policy.spec.hidden_sizes, features=(*policy.spec.features, district),
-                     ignore=policy.spec.ignore, ensemble=policy.spec.ensemble)
+    spec = replace(policy.spec, features=(*policy.spec.features, district))
     wide = PolicyNetwork(policy.layout, spec, policy.safety_spec)
     state, first = wide.state_dict(), "actors.mlp.layers.0.weight"
     for name, value in policy.state_dict().items():
