@@ -97,6 +97,38 @@ def test_no_difference_is_decided_once_the_seeds_left_cannot_give_the_wins_or_lo
     assert complete["verdict"] == "no difference beyond the noise" and "cannot_change_it" not in complete
 
 
+def _heldout(path: Path, scores: dict[str, float]) -> None:
+    """A finished run's heldout.json with these scores (env seed label -> score); the KPIs are the score itself."""
+    path.mkdir(parents=True)
+    kpis = {"cost_total": 1.0, "carbon_emissions_total": 1.0, "daily_peak_average": 1.0, "all_time_peak_average": 1.0}
+    service = {"ev_departures_acceptable": 1.0, "appliance_service_level": 1.0}
+    rows = {label: {"kpis": kpis, "service": service, "score": score} for label, score in scores.items()}
+    (path / HELDOUT_FILE).write_text(json.dumps({"scores": rows}))
+
+
+def test_the_noise_floor_is_the_spread_of_a_paired_difference_over_env_seeds(tmp_path):
+    # Both arms meet the same cars on an env seed: their scores move together by 0.03 between env seeds (a single
+    # score's floor), their difference by 0.002. Arm "district" is 0.01 lower on two seeds of three: beyond the
+    # difference's noise, not beyond a single score's.
+    config = tmp_path / "protocol.toml"
+    config.write_text(TINY.replace("{schema}", "unused").replace("seeds = [0, 1]", "seeds = [0, 1, 2]")
+                      .replace("env_seeds = [1]", "env_seeds = [1, 2]"))
+    out = tmp_path / "runs"
+    env_shift = {"published": 0.0, "env-seed-1": 0.03, "env-seed-2": -0.002}
+    _heldout(run_directory(out, "tiny", "local", 0), {k: 1.0 + v for k, v in env_shift.items()})
+    _heldout(run_directory(out, "tiny", "district", 0),
+             {k: 0.99 + v + (0.002 if k == "env-seed-2" else 0.0) for k, v in env_shift.items()})
+    for seed, (local, district) in {1: (1.0, 0.99), 2: (1.0, 1.001)}.items():
+        _heldout(run_directory(out, "tiny", "local", seed), {"published": local})
+        _heldout(run_directory(out, "tiny", "district", seed), {"published": district})
+    fold = summarise(Protocol.load(config), out)["folds"]["tiny"]
+    assert fold["noise_floor"] == pytest.approx(0.002) and fold["paired_rescorings"] == 1
+    assert fold["noise_floor_single_score"] == pytest.approx(0.032)
+    (comparison,) = [c for c in fold["comparisons"] if c["arm"] == "district"]
+    assert comparison["verdict"] == "better" and comparison["wins"] == [0, 1]
+    assert comparison["verdict_single_score_floor"] == "no difference beyond the noise"
+
+
 def test_a_fold_whose_training_months_touch_its_test_months_is_refused():
     with pytest.raises(MaddpgCitylearnError, match="within 168 h"):
         Fold("leaky", test=(1000, 1200), train=((0, 900),)).check()

@@ -26,8 +26,10 @@ def protocol(config_file, out_dir, folds, arms, seeds, summarise_only, markdown_
     For every fold (test months, training months around them with a week's gap), arm (a recipe: training settings
     over the shipped defaults) and seed, `train` runs on the training months and its final policy is scored,
     deterministically, on the test months: on the env as published and on more env seeds (the same weights
-    rescored: the noise floor), beside charge on arrival and the teacher's own actions on the same months. Arms
-    are compared seed by seed: one is better where it wins on at least 2 of 3 seeds by more than the noise floor.
+    rescored), beside charge on arrival and the teacher's own actions on the same months. Arms are compared seed
+    by seed: one is better where it wins on at least 2 of 3 seeds by more than the noise floor, the largest spread
+    over env seeds of the difference between two runs of one seed (both arms meet the same cars; the single
+    score's floor, larger, is reported beside it with its verdicts).
     An arm with `start_from = "ARM"` resumes that arm's run of the same seed (e.g. fine-tuning its clone).
 
     \b
