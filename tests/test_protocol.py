@@ -54,6 +54,7 @@ dagger_rounds = 1
 label_every = 4
 buffer_size = 500
 model_episodes = 0
+model_district = ""        # arm "district" reads the district feature from the start
 
 [arms.local]
 features = ["hour_cycle", "ev_slack"]

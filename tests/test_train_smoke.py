@@ -40,6 +40,24 @@ def test_a_bad_setting_is_named_before_any_work(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_maddpg_episodes_after_the_shipped_widening_are_refused_with_the_way_out(tmp_path):
+    """The shipped recipe widens the actors to read the district when the model tuning starts; MADDPG episodes after
+    it would meet a critic fitted to narrower inputs. The error names the options that avoid it, and they work."""
+    out = tmp_path / "x"
+    result = CliRunner().invoke(cli, ["train", "--episodes", "1", "--out", str(out)])
+    assert result.exit_code == 1 and not out.exists()
+    assert "--model-district none" in result.output and "--model-episodes 0" in result.output
+    from maddpg_training.config import TrainConfig
+
+    assert TrainConfig().model_district == "district"
+    missing = tmp_path / "no-such-schema.json"     # the run stops at the env: only what is still wrong is named
+    for way_out in (["--model-district", "none"], ["--model-episodes", "0"]):
+        refused = CliRunner().invoke(cli, ["train", "--dataset", str(missing), "--episodes", "1", *way_out,
+                                           "--out", str(out)])
+        assert refused.exit_code == 1 and "model_district" not in refused.output, refused.output
+        assert f"schema file {missing} does not exist" in refused.output
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, schema_path):
     out = tmp_path_factory.mktemp("smoke")

@@ -16,6 +16,10 @@ import click
 @click.option("--model-episodes", type=click.IntRange(min=0), default=None,
               help="Fine-tuning episodes through the differentiable model of the district after the teacher "
                    "phases (each kept only if the training window's score in the env drops). 0: none.")
+@click.option("--model-district", type=click.Choice(["district", "district_ev", "none"]), default=None,
+              help="District feature every actor starts reading when the tuning through the model begins (its "
+                   "weights from 0; the shipped recipe: district). none: each actor reads its own row only "
+                   "(decentralised; needed for MADDPG episodes after that tuning).")
 @click.option("--start", type=click.IntRange(min=0), default=None, help="First time step of the training window.")
 @click.option("--end", type=click.IntRange(min=0), default=None, help="Last time step of the training window (inclusive).")
 @click.option("--dataset", metavar="NAME|PATH", default=None,
@@ -41,7 +45,7 @@ import click
               help="Evaluate deterministically every N fine-tuning episodes (0: only at the end); the teacher-taught "
                    "policy is always evaluated; the best is kept as best.pt.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars.")
-def train(config_file, episodes, model_episodes, start, end, dataset, seed, teacher, bc_alpha, device, out_dir, resume, eval_start, eval_end,
+def train(config_file, episodes, model_episodes, model_district, start, end, dataset, seed, teacher, bc_alpha, device, out_dir, resume, eval_start, eval_end,
           evaluate_every, progress):
     """Train one actor per building with a centralised twin critic on the cooperative team reward.
 
@@ -69,7 +73,9 @@ def train(config_file, episodes, model_episodes, start, end, dataset, seed, teac
     from maddpg_training.trainer import train as run_training
 
     config = TrainConfig.load(config_file) if config_file else TrainConfig()
-    config = config.override(episodes=episodes, model_episodes=model_episodes, start=start, end=end, dataset=dataset, seed=seed, teacher=teacher,
+    config = config.override(episodes=episodes, model_episodes=model_episodes,
+                             model_district={"none": ""}.get(model_district, model_district),
+                             start=start, end=end, dataset=dataset, seed=seed, teacher=teacher,
                              bc_alpha=bc_alpha, device=device, eval_start=eval_start, eval_end=eval_end)
     result = run_training(config, out_dir, resume=resume, progress=progress, evaluate_every=evaluate_every)
     (result.out_dir / "summary.json").write_text(json.dumps(result.summary, indent=2))
