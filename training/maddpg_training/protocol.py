@@ -14,9 +14,9 @@ Arms are compared in pairs, seed by seed (the same seed for both arms): an arm c
 lower by more than the noise floor on at least ``wins_needed`` of the seeds. What is compared is a difference of two
 scores on the same env seed, so the floor is that difference's noise: two runs of one training seed, rescored on the
 same env seeds, meet the same cars, and most of a score's movement (the district's cost when more cars arrive
-empty) moves both. Measured: a single score moves by up to 0.015, the difference of two by up to 0.005. The floor is
-the largest spread of such a difference over every pair of runs rescored in the fold; the single score's floor is
-reported beside it, with the verdicts it would give. The score is the mean of the four
+empty) moves both. Measured on this project's folds: a single score moves by up to 0.015, the difference of two runs
+by up to 0.0075. The floor is the largest spread of such a difference over every pair of runs rescored in the fold;
+the single score's floor is reported beside it, with the verdicts it would give. The score is the mean of the four
 headline KPIs (cost, carbon, daily peak, all-time peak; ratios to no control, lower is better).
 
 Runs that finished (their ``heldout.json``) are not trained again: a protocol can be continued across sessions and
@@ -402,7 +402,7 @@ def summarise(protocol: Protocol, out: Path) -> dict:
     return summary
 
 
-def paired_spreads(rescorings: dict[str, dict[str, dict[str, float]]]) -> list[float]:
+def paired_spreads(rescorings: dict[Any, dict[str, dict[str, float]]]) -> list[float]:
     """For every training seed and every two arms whose runs of it were rescored on the same env seeds (at least
     two in common): the spread (max - min) over those env seeds of the difference of their scores.
     ``rescorings``: seed -> arm -> env seed label -> score."""
