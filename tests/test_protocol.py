@@ -204,6 +204,19 @@ def test_the_protocol_trains_scores_compares_and_resumes(tmp_path, schema_path, 
     summary = json.loads((out / "protocol.json").read_text())
     assert "cost_vs_charge_on_arrival" in summary["folds"]["tiny"]["teachers"][label]
     assert f"| {label} | - |" in (tmp_path / "protocol.md").read_text()
+    pairs = summary["folds"]["tiny"]["paired_rescorings"]
+
+    # More training seeds rescored after the runs finished: their final policies are scored on the missing env
+    # seeds, nothing is trained again, and the floor counts the new pairs.
+    config.write_text(config.read_text().replace("env_seed_runs = [0]", "env_seed_runs = [0, 1]"))
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert (out / "tiny" / "local" / "seed-1" / "final.pt").stat().st_mtime_ns == stamp
+    rescored = json.loads((out / "tiny" / "local" / "seed-1" / HELDOUT_FILE).read_text())["scores"]
+    assert list(rescored) == ["published", "env-seed-1"]
+    fold = json.loads((out / "protocol.json").read_text())["folds"]["tiny"]
+    assert set(fold["arms"]["local"]["seeds"]["1"]["env_seed_scores"]) == {"published", "env-seed-1"}
+    assert fold["paired_rescorings"] == 2 * pairs       # three arms: three pairs per rescored seed
 
 
 def test_an_arm_must_start_from_an_arm_trained_from_scratch(tmp_path):

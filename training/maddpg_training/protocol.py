@@ -200,7 +200,7 @@ def _run(protocol: Protocol, fold: Fold, arm: str, seed: int, out: Path, progres
     """Train and score one (fold, arm, seed) unless it is finished; False where another process holds it."""
     directory = run_directory(out, fold.name, arm, seed)
     if (directory / HELDOUT_FILE).is_file():
-        return True
+        return _complete_rescorings(protocol, fold, arm, seed, directory, progress)
     base = protocol.start_from(arm)
     resume = None if base is None else run_directory(out, fold.name, base, seed) / "last.pt"
     if resume is not None and not resume.is_file():
@@ -216,6 +216,32 @@ def _run(protocol: Protocol, fold: Fold, arm: str, seed: int, out: Path, progres
             log.info("protocol: %s is being trained by another process; skipped", directory)
             return False
         _train_and_score(protocol, fold, arm, seed, out, progress, resume=resume)
+    return True
+
+
+def _complete_rescorings(protocol: Protocol, fold: Fold, arm: str, seed: int, directory: Path, progress: bool) -> bool:
+    """A finished run whose seed the protocol now rescores (``env_seed_runs`` grew after it ran): its final policy
+    is scored on the env seeds its heldout.json lacks, nothing trained again. False where another process holds it."""
+    heldout = json.loads((directory / HELDOUT_FILE).read_text())
+    wanted = protocol.env_seeds if seed in protocol.env_seed_runs else ()
+    missing = tuple(env for env in wanted if f"env-seed-{env}" not in heldout["scores"])
+    if not missing:
+        return True
+    checkpoint = directory / "final.pt"
+    if not checkpoint.is_file():
+        log.info("protocol: %s lacks env seed(s) %s but holds no final.pt to rescore (results only); left as it is",
+                 directory, list(missing))
+        return True
+    with _claim(directory) as claimed:
+        if not claimed:
+            return False
+        log.info("protocol: fold %s, arm %s, seed %d: rescoring the finished run on env seed(s) %s", fold.name, arm,
+                 seed, list(missing))
+        published = heldout["scores"]["published"]
+        rescored = score_heldout(checkpoint, protocol.config(arm, fold, seed).dataset, fold, missing,
+                                 progress=progress, published=published)
+        heldout["scores"] = {**heldout["scores"], **rescored["scores"]}
+        _write_json(directory / HELDOUT_FILE, heldout)
     return True
 
 
