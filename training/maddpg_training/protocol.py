@@ -20,7 +20,9 @@ the single score's floor is reported beside it, with the verdicts it would give.
 headline KPIs (cost, carbon, daily peak, all-time peak; ratios to no control, lower is better).
 
 Runs that finished (their ``heldout.json``) are not trained again: a protocol can be continued across sessions and
-split across processes (``--arms``, ``--folds``, ``--seeds``), and ``--summarise-only`` re-reads what exists.
+split across processes (``--arms``, ``--folds``, ``--seeds``), and ``--summarise-only`` re-reads what exists. A
+finished run whose training seed joins ``env_seed_runs`` later is rescored on the env seeds it lacks (from its
+``final.pt``).
 """
 
 from __future__ import annotations
