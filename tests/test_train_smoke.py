@@ -47,8 +47,6 @@ def test_maddpg_episodes_after_the_shipped_widening_are_refused_with_the_way_out
     result = CliRunner().invoke(cli, ["train", "--episodes", "1", "--out", str(out)])
     assert result.exit_code == 1 and not out.exists()
     assert "--model-district none" in result.output and "--model-episodes 0" in result.output
-    from maddpg_training.config import TrainConfig
-
     assert TrainConfig().model_district == "district"
     missing = tmp_path / "no-such-schema.json"     # the run stops at the env: only what is still wrong is named
     for way_out in (["--model-district", "none"], ["--model-episodes", "0"]):
