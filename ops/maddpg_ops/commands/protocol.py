@@ -35,7 +35,8 @@ def protocol(config_file, out_dir, folds, arms, seeds, summarise_only, markdown_
     \b
     A full-year planner pass in the cache (a `train` run over the whole year writes it) labels every fold.
     Continue an interrupted protocol by running the same command; split it across processes with --arm/--fold.
-    Add a seed to `env_seed_runs` and run again: its finished runs are rescored, nothing is trained again.
+    Add a seed to `env_seed_runs` and run again: its finished runs are rescored, not trained again (runs not
+    finished yet are trained as usual: pass --arm/--seed to rescore only).
 
     \b
     Example:
