@@ -10,7 +10,7 @@ import torch
 from maddpg_evaluation.citylearn_env import EnvSpec, layout_from_env
 from maddpg_training.bootstrap import fresh_policy, without_ev_discharge
 from maddpg_training.district_model import DistrictModel, fidelity, record_pass, with_appliances_started
-from maddpg_training.model_tuning import DistrictObjective, Rollouts, imagine, pass_rows, replayed_terms
+from maddpg_training.model_tuning import DistrictObjective, DistrictStep, Rollouts, imagine, pass_rows, replayed_terms
 from maddpg_training.networks import DISTRICT_FEATURES, ActorSpec, widened
 from maddpg_training.safety import safety_spec_from_env
 
@@ -179,3 +179,34 @@ def test_a_widened_clone_acts_as_before_and_its_district_inputs_learn_from_the_m
     sum(v.mean() for v in DistrictObjective(model).terms(run, reference).values()).backward()
     first = wide.actors.mlp.layers[0].weight.grad
     assert first[:, -len(DISTRICT_FEATURES[district]):].abs().sum() > 0, "the district columns must get a gradient"
+
+
+@pytest.mark.parametrize("factor", [1.0, 10.0])
+def test_the_district_step_scales_adams_step_on_the_district_columns_only(recorded, factor):
+    """model_district_step: the first-layer weights reading the district move ``factor`` times as far as Adam moves
+    them, every other weight exactly as far (compared with the same update unscaled)."""
+    model, layout, safety = recorded["model"], recorded["layout"], recorded["safety"]
+    observations = recorded["record"]["observations"]
+    clone = fresh_policy(layout, observations, ActorSpec(hidden_sizes=(16,), features=("hour_cycle", "ev_slack")),
+                         seed=0, safety=safety)
+    columns = len(DISTRICT_FEATURES["district"])
+
+    def one_update(scale: float):
+        wide = widened(clone, "district", observations)
+        start = {k: v.clone() for k, v in wide.actors.state_dict().items()}
+        optimizer = torch.optim.Adam(wide.actors.parameters(), lr=1e-3)
+        run = imagine(model, wide, torch.tensor([0, 20]), model.observations[[0, 20]], horizon=24)
+        reference = model.start(torch.tensor([24, 44]), model.observations[[24, 44]])
+        sum(v.mean() for v in DistrictObjective(model).terms(run, reference).values()).backward()
+        step = DistrictStep(wide, scale)
+        step.before()
+        optimizer.step()
+        step.after()
+        return {k: v - start[k] for k, v in wide.actors.state_dict().items()}
+
+    plain, scaled = one_update(1.0), one_update(factor)
+    first = "mlp.layers.0.weight"
+    assert plain[first][:, -columns:].abs().max() > 1e-4, "the district columns must move for the check to mean anything"
+    assert torch.allclose(scaled[first][:, -columns:], factor * plain[first][:, -columns:], rtol=1e-4, atol=1e-8)
+    assert torch.equal(scaled[first][:, :-columns], plain[first][:, :-columns])
+    assert all(torch.equal(scaled[k], plain[k]) for k in plain if k != first)

@@ -114,6 +114,9 @@ class TrainConfig:
                                           # also reads that district feature, its input weights starting at 0 (the
                                           # clone's actions unchanged): only the district's KPIs teach its use,
                                           # not the teacher's labels. "": none (actors read their own row only)
+    model_district_step: float = 1.0      # Adam's steps on the first-layer weights reading the district feature,
+                                          # times this (the rest of the actor at model_lr): from 0, at model_lr,
+                                          # they moved 0.0035 in version 7's tuning against the clone's 0.078
 
     # --- MADDPG fine-tuning (TD3-style, centralised critic, n-step returns) --------------------------------------------
     # Each episode: the actors drive (exploring) while the critic learns every step; then `critic_refit_steps` more
@@ -186,6 +189,9 @@ class TrainConfig:
         if not 0 <= self.model_load_spread < 1:
             problems.append(f"model_load_spread = {self.model_load_spread} (must be in [0, 1): loads and solar are "
                             f"scaled by factors in [1 - spread, 1 + spread])")
+        if self.model_district_step <= 0:
+            problems.append(f"model_district_step = {self.model_district_step} (must be > 0: 1 steps the district "
+                            f"weights as far as every other weight)")
         if self.model_district not in ("", *DISTRICT_FEATURES):
             problems.append(f"model_district = {self.model_district!r} (choose one of {list(DISTRICT_FEATURES)}, or "
                             f"\"\" for none)")

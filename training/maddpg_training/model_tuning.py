@@ -168,6 +168,35 @@ def loss(policy, rollouts: Rollouts, *, batch: int, horizon: int, generator: tor
     return total, {k: float(v.detach().mean()) for k, v in terms.items()}
 
 
+class DistrictStep:
+    """Adam's step on the first-layer weights that read the district feature, times ``factor``.
+
+    Widened actors read the district from weights that start at 0 (``networks.widened``): at the rate that suits a
+    clone's weights they barely move in a few hundred updates. Adam's step is a per-weight rate, so scaling the
+    step of those columns after ``optimizer.step()`` is the same as giving them their own rate; the moments stay
+    Adam's. Call ``before()`` ahead of the step and ``after()`` once it is taken."""
+
+    def __init__(self, policy, factor: float):
+        self.weight = policy.actors.mlp.layers[0].weight       # [members, inputs, hidden]: inputs on dim 1
+        self.columns = len(policy.features.district_signals_read)   # the district's columns come last
+        self.factor = factor
+        self._before: torch.Tensor | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.columns > 0 and self.factor != 1.0
+
+    def before(self) -> None:
+        if self.active:
+            self._before = self.weight.detach()[:, -self.columns:].clone()
+
+    def after(self) -> None:
+        if self.active:
+            with torch.no_grad():
+                block = self.weight[:, -self.columns:]
+                block.copy_(self._before + self.factor * (block - self._before))
+
+
 def pass_rows(record: dict[str, np.ndarray]) -> torch.Tensor:
     """``[T + 1, agents, width]``: a recorded pass's observations of every step and the last next one."""
     return torch.as_tensor(np.concatenate([record["observations"], record["next_observations"][-1:]]),

@@ -429,6 +429,7 @@ def model_tune(run: Run) -> None:
                 for i, (w, p) in enumerate(zip(run.windows, passes))]
     weights = torch.tensor([float(r.model.steps) for r in rollouts])
     optimizer = torch.optim.Adam(actors.parameters(), lr=config.model_lr)
+    district_step = model_tuning.DistrictStep(run.policy, config.model_district_step)
     best = (copy.deepcopy(actors.state_dict()), copy.deepcopy(optimizer.state_dict()))
     best_passes = passes
     for episode in range(tuning["episodes_done"], config.model_episodes):
@@ -445,7 +446,9 @@ def model_tune(run: Run) -> None:
             optimizer.zero_grad(set_to_none=True)
             (imagined + config.model_clone_weight * clone).backward()
             torch.nn.utils.clip_grad_norm_(actors.parameters(), config.grad_clip)
+            district_step.before()
             optimizer.step()
+            district_step.after()
             if update % 10 == 0:
                 run.trace.write("update", phase="model", episode=episode + 1, update=update, loss=imagined.item(),
                                 clone=clone.item(), **terms)
