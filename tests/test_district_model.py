@@ -162,6 +162,13 @@ def test_a_run_on_scaled_loads_and_solar_sees_and_draws_them(recorded):
     assert (scaled - plain).abs().sum() > 1.0, "the window's loads and solar are not zero: the scale must show"
 
 
+def backward_through_two_days(model, policy) -> None:
+    """The district objective's gradient, into ``policy``'s weights, of two imagined 24-hour runs (steps 0 and 20)."""
+    run = imagine(model, policy, torch.tensor([0, 20]), model.observations[[0, 20]], horizon=24)
+    reference = model.start(torch.tensor([24, 44]), model.observations[[24, 44]])
+    sum(v.mean() for v in DistrictObjective(model).terms(run, reference).values()).backward()
+
+
 @pytest.mark.parametrize("district", ["district", "district_ev"])
 def test_a_widened_clone_acts_as_before_and_its_district_inputs_learn_from_the_model(recorded, district):
     model, layout, safety = recorded["model"], recorded["layout"], recorded["safety"]
@@ -174,9 +181,7 @@ def test_a_widened_clone_acts_as_before_and_its_district_inputs_learn_from_the_m
     read = wide.features(rows)[..., -len(DISTRICT_FEATURES[district]):]
     assert read.std(dim=0).max() > 0.1, "the district signals must vary over the window for the check to mean anything"
     assert torch.equal(wide(rows), clone(rows)), "the new inputs start at weight 0: the clone's actions unchanged"
-    run = imagine(model, wide, torch.tensor([0, 20]), model.observations[[0, 20]], horizon=24)
-    reference = model.start(torch.tensor([24, 44]), model.observations[[24, 44]])
-    sum(v.mean() for v in DistrictObjective(model).terms(run, reference).values()).backward()
+    backward_through_two_days(model, wide)
     first = wide.actors.mlp.layers[0].weight.grad
     assert first[:, -len(DISTRICT_FEATURES[district]):].abs().sum() > 0, "the district columns must get a gradient"
 
@@ -195,13 +200,8 @@ def test_the_district_step_scales_adams_step_on_the_district_columns_only(record
         wide = widened(clone, "district", observations)
         start = {k: v.clone() for k, v in wide.actors.state_dict().items()}
         optimizer = torch.optim.Adam(wide.actors.parameters(), lr=1e-3)
-        run = imagine(model, wide, torch.tensor([0, 20]), model.observations[[0, 20]], horizon=24)
-        reference = model.start(torch.tensor([24, 44]), model.observations[[24, 44]])
-        sum(v.mean() for v in DistrictObjective(model).terms(run, reference).values()).backward()
-        step = DistrictStep(wide, scale)
-        step.before()
-        optimizer.step()
-        step.after()
+        backward_through_two_days(model, wide)
+        DistrictStep(wide, scale).step(optimizer)
         return {k: v - start[k] for k, v in wide.actors.state_dict().items()}
 
     plain, scaled = one_update(1.0), one_update(factor)

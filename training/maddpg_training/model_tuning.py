@@ -173,28 +173,24 @@ class DistrictStep:
 
     Widened actors read the district from weights that start at 0 (``networks.widened``): at the rate that suits a
     clone's weights they barely move in a few hundred updates. Adam's step is a per-weight rate, so scaling the
-    step of those columns after ``optimizer.step()`` is the same as giving them their own rate; the moments stay
-    Adam's. Call ``before()`` ahead of the step and ``after()`` once it is taken."""
+    step of those columns once ``optimizer.step()`` has taken it is the same as giving them their own rate; the
+    moments stay Adam's."""
 
     def __init__(self, policy, factor: float):
         self.weight = policy.actors.mlp.layers[0].weight       # [members, inputs, hidden]: inputs on dim 1
         self.columns = len(policy.features.district_signals_read)   # the district's columns come last
         self.factor = factor
-        self._before: torch.Tensor | None = None
 
-    @property
-    def active(self) -> bool:
-        return self.columns > 0 and self.factor != 1.0
-
-    def before(self) -> None:
-        if self.active:
-            self._before = self.weight.detach()[:, -self.columns:].clone()
-
-    def after(self) -> None:
-        if self.active:
-            with torch.no_grad():
-                block = self.weight[:, -self.columns:]
-                block.copy_(self._before + self.factor * (block - self._before))
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer.step()``, the district columns' part of it scaled by ``factor``."""
+        if self.columns == 0 or self.factor == 1.0:
+            optimizer.step()
+            return
+        before = self.weight.detach()[:, -self.columns:].clone()
+        optimizer.step()
+        with torch.no_grad():
+            block = self.weight[:, -self.columns:]
+            block.copy_(before + self.factor * (block - before))
 
 
 def pass_rows(record: dict[str, np.ndarray]) -> torch.Tensor:

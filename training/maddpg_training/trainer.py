@@ -446,9 +446,7 @@ def model_tune(run: Run) -> None:
             optimizer.zero_grad(set_to_none=True)
             (imagined + config.model_clone_weight * clone).backward()
             torch.nn.utils.clip_grad_norm_(actors.parameters(), config.grad_clip)
-            district_step.before()
-            optimizer.step()
-            district_step.after()
+            district_step.step(optimizer)
             if update % 10 == 0:
                 run.trace.write("update", phase="model", episode=episode + 1, update=update, loss=imagined.item(),
                                 clone=clone.item(), **terms)
