@@ -237,6 +237,11 @@ def _complete_rescorings(protocol: Protocol, fold: Fold, arm: str, seed: int, di
     with _claim(directory) as claimed:
         if not claimed:
             return False
+        # Read again under the lock: another process may have rescored the run since the first read.
+        heldout = json.loads((directory / HELDOUT_FILE).read_text())
+        missing = tuple(env for env in wanted if f"env-seed-{env}" not in heldout["scores"])
+        if not missing:
+            return True
         log.info("protocol: fold %s, arm %s, seed %d: rescoring the finished run on env seed(s) %s", fold.name, arm,
                  seed, list(missing))
         published = heldout["scores"]["published"]
