@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from maddpg_evaluation.citylearn_env import EnvSpec, layout_from_env
 from maddpg_evaluation.episode import run_episode
 from maddpg_evaluation.kpis import headline_score
 from maddpg_evaluation.planner import Planner, PlannerPolicy
+from maddpg_evaluation.planner.forecast import seasonal_naive
 from maddpg_evaluation.planner.lp import LinearProgram
 from maddpg_evaluation.planner.planner import read_state
 from maddpg_evaluation.reference_controllers import ChargeOnArrivalPolicy, SelfConsumptionPolicy
@@ -136,6 +138,8 @@ def test_charge_on_arrival_charges_a_parked_car_at_full_power_and_stops_at_the_t
     (["--objective", "cheapest"], "Invalid value for '--objective'"),
     (["--horizon", "0"], "Invalid value for '--horizon'"),
     (["--mode", "closed"], "Invalid value for '--mode'"),
+    (["--forecast", "tomorrow"], "Invalid value for '--forecast'"),
+    (["--forecast", "yesterday", "--mode", "open-loop"], "needs --mode receding"),
     (["--start", "50", "--end", "10"], "need 0 <= --start <= --end"),
     (["--start", "8000", "--end", "9000"], "ends outside the episode"),
     (["--schema", "/nonexistent/schema.json"], "does not exist"),
@@ -282,3 +286,42 @@ def test_a_planner_inside_a_paced_rule_charges_as_early_as_the_rule_asks(schema_
     paced_plans = np.asarray(_floor_excess(window, paced))
     assert (unpaced_plans > 0.2).sum() >= 5             # 13 measured: the paced floor would overrule them
     assert (paced_plans > 0.2).sum() == 0
+
+
+def test_the_seasonal_naive_forecast_reads_the_same_hour_of_the_last_day_seen():
+    series = np.arange(100, dtype=np.float64)[None, :] * np.array([[1.0], [10.0]])
+    out = seasonal_naive(series, 30)
+    np.testing.assert_array_equal(out[:, :31], series[:, :31])           # what has been observed stays
+    assert out[0, 31] == 7 and out[0, 54] == 30 and out[0, 55] == 7 and out[1, 78] == 300
+    assert out[0, 99] == 27                                                 # 99 - 3 days, the same hour
+    early = seasonal_naive(series, 5)
+    assert early[0, 10] == 5 and early[0, 29] == 5 and early[0, 30] == 5   # no day seen yet: the current hour
+
+
+def test_planning_on_yesterdays_loads_uses_nothing_a_controller_could_not_know(two_days):
+    """The plan from step 30 is the same whatever the future holds; with foresight it is not."""
+    env = two_days.build()
+    env.reset()
+    step = 30
+    for _ in range(step):
+        env.step([[0.0] * len(names) for names in env.action_names])
+    plans = {}
+    for forecast in ("yesterday", "exact"):
+        for changed in (False, True):
+            planner = Planner(env, horizon=24, ev=True, forecast=forecast)
+            d = planner.district
+            if changed:   # another future: loads and carbon after this step, and the cars still to come
+                d.base_load[:, step + 1:] *= 1.7
+                d.carbon[:, step + 1:] *= 0.5
+                coming = [k for k, s in enumerate(d.sessions) if s.arrival > step and not s.continues_previous
+                          and s.arrival < step + 24]
+                assert coming, "cars arrive within the horizon of this test"
+                for k in coming:
+                    d.sessions[k] = dataclasses.replace(d.sessions[k], arrival_energy=d.sessions[k].min_energy,
+                                                        required_energy=d.sessions[k].capacity)
+            state = read_state(env, d, 24)
+            assert state.step == step and state.ev_energy, "cars are parked now"
+            plan = planner.solve(state, 24)
+            plans[forecast, changed] = np.concatenate([plan.battery[:, 0], plan.charger[:, 0]])
+    np.testing.assert_allclose(plans["yesterday", True], plans["yesterday", False], atol=1e-7)
+    assert np.abs(plans["exact", True] - plans["exact", False]).max() > 1e-3

@@ -20,6 +20,7 @@ from maddpg_core.errors import PlannerError
 from ..citylearn_env import layout_from_env
 from ..ev_service import EvServiceRule
 from .district import HOURS_PER_DAY, District, earliest_start_load, read_district
+from .forecast import check_forecast, forecast_view
 from .lp import LinearProgram
 from .objective import Weights, objective_weights
 
@@ -89,12 +90,16 @@ class Planner:
     ``objective``: ``balanced`` | ``cost`` | ``carbon`` | ``peak`` (weights of :mod:`.objective`).
     ``horizon``: hours of foresight per solve (receding mode). ``ev``: charge every parked car to its required SOC
     by departure (or as close as the charger allows); ``False`` leaves the cars alone (charger actions 0).
+    ``forecast``: what each solve knows of the future (:mod:`.forecast`): ``exact`` (the upper bound) or
+    ``yesterday`` (only what a deployed controller could know; receding mode only).
     """
 
     def __init__(self, env, *, objective: str = "balanced", horizon: int = 48, ev: bool = True,
-                 mode: str = "receding", weights: Weights | None = None, ev_rule: EvServiceRule | None = None):
-        check_options(objective=objective, horizon=horizon, mode=mode)
+                 mode: str = "receding", weights: Weights | None = None, ev_rule: EvServiceRule | None = None,
+                 forecast: str = "exact"):
+        check_options(objective=objective, horizon=horizon, mode=mode, forecast=forecast)
         self.objective, self.horizon, self.ev, self.mode = objective, int(horizon), bool(ev), mode
+        self.forecast = forecast
         # With an EV service rule (the deployed policy's safety layer), plans stay inside it: every car is charged
         # at least as the rule would force it to be, and to the rule's target. A teacher must only demonstrate what
         # the policy it teaches can do.
@@ -124,8 +129,9 @@ class Planner:
     def solve(self, state: State, horizon: int) -> Plan:
         """One LP over ``horizon`` steps from ``state``, warm-started from the previous solve (receding mode)."""
         started = time.perf_counter()
-        program, variables = build_program(self.district, state, horizon, self.weights, ev=self.ev,
-                                           previous=self._previous, ev_rule=self.ev_rule)
+        known = forecast_view(self.district, state.step, self.forecast)
+        program, variables = build_program(known, state, horizon, self.weights, ev=self.ev, previous=self._previous,
+                                           ev_rule=self.ev_rule)
         built = time.perf_counter()
         if self.mode == "open-loop":
             solution = program.solve(method="ipm")
@@ -172,7 +178,7 @@ class PlannerPolicy:
         return self.planner.actions(self.env)
 
 
-def check_options(*, objective: str, horizon: int, mode: str) -> None:
+def check_options(*, objective: str, horizon: int, mode: str, forecast: str = "exact") -> None:
     from .objective import OBJECTIVES
 
     if objective not in OBJECTIVES:
@@ -181,6 +187,9 @@ def check_options(*, objective: str, horizon: int, mode: str) -> None:
         raise PlannerError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
     if int(horizon) < 1:
         raise PlannerError(f"--horizon must be at least 1 hour, got {horizon}")
+    check_forecast(forecast)
+    if forecast != "exact" and mode == "open-loop":
+        raise PlannerError(f"--forecast {forecast} plans from what is known at each step: it needs --mode receding")
 
 
 def charger_action(energy_kwh: float, charger) -> float:

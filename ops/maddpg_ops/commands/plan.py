@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from maddpg_evaluation.planner.forecast import FORECASTS
+
 from ..options import env_options, env_spec_from
 
 
@@ -13,6 +15,11 @@ from ..options import env_options, env_spec_from
                                       "ramping), or one of them.")
 @click.option("--horizon", type=click.IntRange(min=1), default=48, show_default=True, metavar="HOURS",
               help="Hours of perfect foresight per solve (receding mode).")
+@click.option("--forecast", type=click.Choice(list(FORECASTS)), default="exact", show_default=True,
+              help="What each solve knows of the future. exact: everything (the upper bound). yesterday: only what a "
+                   "deployed controller could know: loads, solar and carbon as the same hour of the last day seen, "
+                   "the tariff, and only the cars parked now. yesterday-loads: yesterday's loads, every car known "
+                   "ahead. parked-cars: the loads exactly, only the cars parked now.")
 @click.option("--mode", type=click.Choice(["receding", "open-loop"]), default="receding", show_default=True,
               help="receding: re-solve from the env's true state every step and apply the first hour; open-loop: "
                    "one solve for the whole window, replayed.")
@@ -24,21 +31,24 @@ from ..options import env_options, env_spec_from
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
               help="Also run zero actions, BasicBatteryRBC and charge on arrival on the same window.")
 @click.option("--progress/--no-progress", default=True)
-def plan(objective, horizon, mode, ev, schema, dataset, start, end, out_dir, baselines, progress):
+def plan(objective, horizon, forecast, mode, ev, schema, dataset, start, end, out_dir, baselines, progress):
     """Replay the perfect-foresight LP planner in the CityLearn env and report its KPIs.
 
     \b
     The planner knows the dataset's whole future (loads, solar, prices, carbon, every car's arrival, departure
     and required SOC, the appliance's cycles) and solves a linear program (HiGHS) whose objective is
     env.evaluate()'s own: per-building cost and carbon relative to no control, daily and all-time peaks, ramping.
-    It is an upper bound on what a controller could reach, not a deployable controller. The report has the same
-    table, report.json and report.png as `evaluate`, with the planner as the controller and its solve time.
+    It is an upper bound on what a controller could reach, not a deployable controller. With --forecast yesterday
+    it knows only what a deployed controller could (its history, the tariff, the cars parked now): what is left
+    of the upper bound without foresight. The report has the same table, report.json and report.png as
+    `evaluate`, with the planner as the controller and its solve time.
 
     \b
     Examples:
       maddpg-citylearn plan --start 0 --end 167                          # a week, cars charged
       maddpg-citylearn plan --objective balanced --no-ev --out reports/plan-no-ev    # the full year
       maddpg-citylearn plan --mode open-loop --start 0 --end 719
+      maddpg-citylearn plan --forecast yesterday --no-baselines --out reports/plan-yesterday   # deployable knowledge
     """
     from maddpg_evaluation.episode import run_episode
     from maddpg_evaluation.evaluation import EvaluationReport, ModelIdentity, run_baselines
@@ -46,13 +56,14 @@ def plan(objective, horizon, mode, ev, schema, dataset, start, end, out_dir, bas
     from maddpg_evaluation.planner.planner import check_options
     from maddpg_evaluation.report import format_table, write_evaluation_report
 
-    check_options(objective=objective, horizon=horizon, mode=mode)
+    check_options(objective=objective, horizon=horizon, mode=mode, forecast=forecast)
     spec = env_spec_from(schema, dataset, start, end)
     spec.check_window()  # before building anything
     env = spec.build()
-    planner = Planner(env, objective=objective, horizon=horizon, ev=ev, mode=mode)
+    planner = Planner(env, objective=objective, horizon=horizon, ev=ev, mode=mode, forecast=forecast)
     cars = "cars charged" if ev else "cars left alone"
-    name = f"planner ({mode}{f' {horizon} h' if mode == 'receding' else ''}, {objective}, {cars})"
+    known = "" if forecast == "exact" else f", forecast {forecast}"
+    name = f"planner ({mode}{f' {horizon} h' if mode == 'receding' else ''}{known}, {objective}, {cars})"
     click.echo(f"... {name}", err=True)
     result = run_episode(env, PlannerPolicy(planner, env), name="planner", progress=progress)
     results = run_baselines(spec, progress=progress) if baselines else {}
@@ -64,8 +75,9 @@ def plan(objective, horizon, mode, ev, schema, dataset, start, end, out_dir, bas
         policy=result,
         baselines=results,
         throughput={"planner": planner.timing.as_dict()},
-        layout_source={"controller": "perfect-foresight LP planner", "objective": objective, "mode": mode,
-                       "horizon_hours": horizon if mode == "receding" else None, "ev": ev,
+        layout_source={"controller": "perfect-foresight LP planner" if forecast == "exact" else
+                       f"LP planner, forecast {forecast}", "objective": objective, "mode": mode,
+                       "horizon_hours": horizon if mode == "receding" else None, "forecast": forecast, "ev": ev,
                        "weights": vars(planner.weights)},
         model=ModelIdentity(name="planner", backend="HiGHS (linear program)"),
     )

@@ -1,0 +1,79 @@
+"""What the planner may know of the future: all of it (``exact``), or what a deployed controller could (``yesterday``).
+
+``exact`` is the perfect-foresight upper bound. ``yesterday`` plans from information a controller in the field has
+at the step it acts on, so its KPIs say how much of the upper bound is foresight and how much is coordination.
+``yesterday-loads`` and ``parked-cars`` withhold one half each (the loads' future, the cars to come), to say which
+half the upper bound owes most to. What ``yesterday`` knows:
+
+* the current hour's loads, solar and carbon intensity as observed, every later hour's as the same hour of the
+  last observed day (seasonal naive; before a day has been seen, the current hour's value);
+* prices as they are: a published tariff (CityLearn's observations carry its 6/12/24 h predictions);
+* the cars that are parked now, with the departure and required SOC their chargers report; a car not yet arrived
+  is unknown. A stay whose countdown has not appeared yet keeps the dataset's departure (those stays are few and
+  CityLearn itself scores them where the countdown appears);
+* the appliance's booked cycles, as its device reports them (the same in both modes).
+
+The no-control denominators of the objective (``District.baseline``) are the year's true ones in both modes: they
+only scale the objective's terms against each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from maddpg_core.errors import PlannerError
+
+from .district import HOURS_PER_DAY, District
+
+FORECASTS = ("exact", "yesterday", "yesterday-loads", "parked-cars")
+
+
+def check_forecast(forecast: str) -> None:
+    if forecast not in FORECASTS:
+        raise PlannerError(f"unknown forecast {forecast!r}: use one of {', '.join(FORECASTS)}")
+
+
+def forecast_view(district: District, step: int, forecast: str) -> District:
+    """The district as the planner sees it at episode step ``step`` under ``forecast`` (``exact``: unchanged)."""
+    check_forecast(forecast)
+    if forecast == "exact":
+        return district
+    changes = {}
+    if forecast in ("yesterday", "yesterday-loads"):
+        changes.update(base_load=seasonal_naive(district.base_load, step), carbon=seasonal_naive(district.carbon, step))
+    if forecast in ("yesterday", "parked-cars"):
+        # Indices into ``sessions`` key the cars' observed energies (``State.ev_energy``): a car not yet arrived is
+        # moved out of every horizon rather than dropped.
+        changes["sessions"] = [session if _arrived(district.sessions, index, step) else dataclasses.replace(
+            session, arrival=district.steps, departure=district.steps)
+            for index, session in enumerate(district.sessions)]
+    view = dataclasses.replace(district, **changes)
+    view.baseline = district.baseline
+    return view
+
+
+def seasonal_naive(series: np.ndarray, step: int) -> np.ndarray:
+    """``series`` (``[rows, steps]``) with every step after ``step`` replaced by the same hour of the last day seen.
+
+    Step ``k > step`` reads step ``k - 24 * ceil((k - step) / 24)``, the latest step at or before ``step`` with the
+    same hour of day; where that is before the episode's start, the current step's value.
+    """
+    out = np.array(series, dtype=np.float64, copy=True)
+    later = np.arange(step + 1, series.shape[-1])
+    if later.size == 0:
+        return out
+    source = later - HOURS_PER_DAY * np.ceil((later - step) / HOURS_PER_DAY).astype(int)
+    source = np.where(source >= 0, source, step)
+    out[..., later] = series[..., source]
+    return out
+
+
+def _arrived(sessions, index: int, step: int) -> bool:
+    """The car of ``sessions[index]`` is parked at ``step`` or was: it arrived, or it is a stay that goes on."""
+    while sessions[index].arrival > step:
+        if not sessions[index].continues_previous or index == 0:
+            return False
+        index -= 1   # the same car staying on: a continuation follows its predecessor in ``sessions``
+    return True
