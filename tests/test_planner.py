@@ -16,7 +16,7 @@ from maddpg_evaluation.citylearn_env import EnvSpec, layout_from_env
 from maddpg_evaluation.episode import run_episode
 from maddpg_evaluation.kpis import headline_score
 from maddpg_evaluation.planner import Planner, PlannerPolicy
-from maddpg_evaluation.planner.forecast import seasonal_naive
+from maddpg_evaluation.planner.forecast import hour_profile, seasonal_naive
 from maddpg_evaluation.planner.lp import LinearProgram
 from maddpg_evaluation.planner.planner import read_state
 from maddpg_evaluation.reference_controllers import ChargeOnArrivalPolicy, SelfConsumptionPolicy
@@ -139,6 +139,7 @@ def test_charge_on_arrival_charges_a_parked_car_at_full_power_and_stops_at_the_t
     (["--horizon", "0"], "Invalid value for '--horizon'"),
     (["--mode", "closed"], "Invalid value for '--mode'"),
     (["--forecast", "tomorrow"], "Invalid value for '--forecast'"),
+    (["--peak-weight", "0"], "Invalid value for '--peak-weight'"),
     (["--forecast", "yesterday", "--mode", "open-loop"], "needs --mode receding"),
     (["--start", "50", "--end", "10"], "need 0 <= --start <= --end"),
     (["--start", "8000", "--end", "9000"], "ends outside the episode"),
@@ -288,6 +289,16 @@ def test_a_planner_inside_a_paced_rule_charges_as_early_as_the_rule_asks(schema_
     assert (paced_plans > 0.2).sum() == 0
 
 
+def test_the_peak_weight_scales_the_peak_and_ramping_terms_and_nothing_else():
+    from maddpg_evaluation.planner.objective import objective_weights
+
+    balanced, light = objective_weights("balanced"), objective_weights("balanced", 0.3)
+    assert (light.cost, light.carbon) == (balanced.cost, balanced.carbon)
+    assert light.daily_peak == pytest.approx(0.3 * balanced.daily_peak)
+    assert light.all_time_peak == pytest.approx(0.3 * balanced.all_time_peak)
+    assert light.ramping == pytest.approx(0.3 * balanced.ramping)
+
+
 def test_the_seasonal_naive_forecast_reads_the_same_hour_of_the_last_day_seen():
     series = np.arange(100, dtype=np.float64)[None, :] * np.array([[1.0], [10.0]])
     out = seasonal_naive(series, 30)
@@ -296,6 +307,16 @@ def test_the_seasonal_naive_forecast_reads_the_same_hour_of_the_last_day_seen():
     assert out[0, 99] == 27                                                 # 99 - 3 days, the same hour
     early = seasonal_naive(series, 5)
     assert early[0, 10] == 5 and early[0, 29] == 5 and early[0, 30] == 5   # no day seen yet: the current hour
+
+
+def test_the_hour_profile_forecast_is_the_mean_day_shifted_by_the_current_hours_departure_from_it():
+    day = np.arange(24, dtype=np.float64)
+    series = np.concatenate([day, day + 2.0, day + 4.0])[None, :]      # three days, each 2 above the last
+    out = hour_profile(series, 30)                                         # hour 6 of day 2: 8, its hour's mean 8
+    np.testing.assert_array_equal(out[:, :31], series[:, :31])
+    np.testing.assert_allclose(out[0, 31:], (np.arange(31, 72) % 24) + 2.0)
+    out = hour_profile(series, 60)                                         # hour 12 of day 3: 16, 2 above its mean
+    np.testing.assert_allclose(out[0, 61:], (np.arange(61, 72) % 24) + 4.0)
 
 
 def test_planning_on_yesterdays_loads_uses_nothing_a_controller_could_not_know(two_days):

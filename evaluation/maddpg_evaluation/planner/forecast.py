@@ -3,7 +3,9 @@
 ``exact`` is the perfect-foresight upper bound. ``yesterday`` plans from information a controller in the field has
 at the step it acts on, so its KPIs say how much of the upper bound is foresight and how much is coordination.
 ``yesterday-loads`` and ``parked-cars`` withhold one half each (the loads' future, the cars to come), to say which
-half the upper bound owes most to. What ``yesterday`` knows:
+half the upper bound owes most to. ``hour-profile`` is what a controller without memory could know of the loads:
+the window's mean profile by hour of day (what a policy trained on it can carry in its weights), shifted by how far
+the current hour is from it; the cars as in ``yesterday``. What ``yesterday`` knows:
 
 * the current hour's loads, solar and carbon intensity as observed, every later hour's as the same hour of the
   last observed day (seasonal naive; before a day has been seen, the current hour's value);
@@ -27,7 +29,7 @@ from maddpg_core.errors import PlannerError
 
 from .district import HOURS_PER_DAY, District
 
-FORECASTS = ("exact", "yesterday", "yesterday-loads", "parked-cars")
+FORECASTS = ("exact", "yesterday", "yesterday-loads", "parked-cars", "hour-profile")
 
 
 def check_forecast(forecast: str) -> None:
@@ -43,7 +45,9 @@ def forecast_view(district: District, step: int, forecast: str) -> District:
     changes = {}
     if forecast in ("yesterday", "yesterday-loads"):
         changes.update(base_load=seasonal_naive(district.base_load, step), carbon=seasonal_naive(district.carbon, step))
-    if forecast in ("yesterday", "parked-cars"):
+    if forecast == "hour-profile":
+        changes.update(base_load=hour_profile(district.base_load, step), carbon=hour_profile(district.carbon, step))
+    if forecast in ("yesterday", "parked-cars", "hour-profile"):
         # Indices into ``sessions`` key the cars' observed energies (``State.ev_energy``): a car not yet arrived is
         # moved out of every horizon rather than dropped.
         changes["sessions"] = [session if _arrived(district.sessions, index, step) else dataclasses.replace(
@@ -67,6 +71,20 @@ def seasonal_naive(series: np.ndarray, step: int) -> np.ndarray:
     source = later - HOURS_PER_DAY * np.ceil((later - step) / HOURS_PER_DAY).astype(int)
     source = np.where(source >= 0, source, step)
     out[..., later] = series[..., source]
+    return out
+
+
+def hour_profile(series: np.ndarray, step: int) -> np.ndarray:
+    """``series`` with every step after ``step`` replaced by the whole window's mean at that hour of the day, plus the
+    current step's departure from its own hour's mean (hours counted from the window's first step)."""
+    out = np.array(series, dtype=np.float64, copy=True)
+    later = np.arange(step + 1, series.shape[-1])
+    if later.size == 0:
+        return out
+    hours = np.arange(series.shape[-1]) % HOURS_PER_DAY
+    profile = np.stack([series[..., hours == h].mean(axis=-1) for h in range(HOURS_PER_DAY)], axis=-1)
+    anomaly = series[..., step] - profile[..., hours[step]]
+    out[..., later] = profile[..., hours[later]] + anomaly[..., None]
     return out
 
 

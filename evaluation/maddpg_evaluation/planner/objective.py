@@ -10,7 +10,7 @@ steps. The weights below say how much the planner cares for each; ``balanced`` i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -32,5 +32,9 @@ OBJECTIVES: dict[str, Weights] = {
 }
 
 
-def objective_weights(name: str) -> Weights:
-    return OBJECTIVES[name]
+def objective_weights(name: str, peak_weight: float = 1.0) -> Weights:
+    """The named objective, its peak and ramping terms scaled by ``peak_weight`` (a point on the trade between
+    energy bought, cost and carbon, and the peaks it is bought at)."""
+    w = OBJECTIVES[name]
+    return replace(w, daily_peak=w.daily_peak * peak_weight, all_time_peak=w.all_time_peak * peak_weight,
+                   ramping=w.ramping * peak_weight)
