@@ -13,10 +13,10 @@ the current hour is from it; the cars as in ``yesterday``. What ``yesterday`` kn
 * the cars that are parked now, with the departure and required SOC their chargers report; a car not yet arrived
   is unknown. A stay whose countdown has not appeared yet keeps the dataset's departure (those stays are few and
   CityLearn itself scores them where the countdown appears);
-* the appliance's booked cycles, as its device reports them (the same in both modes).
+* the appliance's booked cycles, as its device reports them (the same in every mode).
 
-The no-control denominators of the objective (``District.baseline``) are the year's true ones in both modes: they
-only scale the objective's terms against each other.
+The no-control denominators of the objective (``District.baseline``) are the window's true ones in every mode:
+they only scale the objective's terms against each other.
 """
 
 from __future__ import annotations

@@ -90,8 +90,8 @@ class Planner:
     ``objective``: ``balanced`` | ``cost`` | ``carbon`` | ``peak`` (weights of :mod:`.objective`).
     ``horizon``: hours of foresight per solve (receding mode). ``ev``: charge every parked car to its required SOC
     by departure (or as close as the charger allows); ``False`` leaves the cars alone (charger actions 0).
-    ``forecast``: what each solve knows of the future (:mod:`.forecast`): ``exact`` (the upper bound) or
-    ``yesterday`` (only what a deployed controller could know; receding mode only).
+    ``forecast``: what each solve knows of the future (:mod:`.forecast`): ``exact`` (the upper bound), or a forecast
+    from what a deployed controller could know (``yesterday``, ``hour-profile``, ...; receding mode only).
     """
 
     def __init__(self, env, *, objective: str = "balanced", horizon: int = 48, ev: bool = True,
