@@ -224,9 +224,8 @@ def _run(protocol: Protocol, fold: Fold, arm: str, seed: int, out: Path, progres
 def _complete_rescorings(protocol: Protocol, fold: Fold, arm: str, seed: int, directory: Path, progress: bool) -> bool:
     """A finished run whose seed the protocol now rescores (``env_seed_runs`` grew after it ran): its final policy
     is scored on the env seeds its heldout.json lacks, nothing trained again. False where another process holds it."""
-    heldout = json.loads((directory / HELDOUT_FILE).read_text())
     wanted = protocol.env_seeds if seed in protocol.env_seed_runs else ()
-    missing = tuple(env for env in wanted if f"env-seed-{env}" not in heldout["scores"])
+    heldout, missing = _unscored(directory, wanted)
     if not missing:
         return True
     checkpoint = directory / "final.pt"
@@ -238,8 +237,7 @@ def _complete_rescorings(protocol: Protocol, fold: Fold, arm: str, seed: int, di
         if not claimed:
             return False
         # Read again under the lock: another process may have rescored the run since the first read.
-        heldout = json.loads((directory / HELDOUT_FILE).read_text())
-        missing = tuple(env for env in wanted if f"env-seed-{env}" not in heldout["scores"])
+        heldout, missing = _unscored(directory, wanted)
         if not missing:
             return True
         log.info("protocol: fold %s, arm %s, seed %d: rescoring the finished run on env seed(s) %s", fold.name, arm,
@@ -250,6 +248,12 @@ def _complete_rescorings(protocol: Protocol, fold: Fold, arm: str, seed: int, di
         heldout["scores"] = {**heldout["scores"], **rescored["scores"]}
         _write_json(directory / HELDOUT_FILE, heldout)
     return True
+
+
+def _unscored(directory: Path, wanted: tuple[int, ...]) -> tuple[dict, tuple[int, ...]]:
+    """The run's heldout.json, and which of the ``wanted`` env seeds it holds no score for."""
+    heldout = json.loads((directory / HELDOUT_FILE).read_text())
+    return heldout, tuple(env for env in wanted if f"env-seed-{env}" not in heldout["scores"])
 
 
 @contextlib.contextmanager
