@@ -37,25 +37,37 @@ def check_forecast(forecast: str) -> None:
         raise PlannerError(f"unknown forecast {forecast!r}: use one of {', '.join(FORECASTS)}")
 
 
-def forecast_view(district: District, step: int, forecast: str) -> District:
-    """The district as the planner sees it at episode step ``step`` under ``forecast`` (``exact``: unchanged)."""
-    check_forecast(forecast)
-    if forecast == "exact":
-        return district
-    changes = {}
-    if forecast in ("yesterday", "yesterday-loads"):
-        changes.update(base_load=seasonal_naive(district.base_load, step), carbon=seasonal_naive(district.carbon, step))
-    if forecast == "hour-profile":
-        changes.update(base_load=hour_profile(district.base_load, step), carbon=hour_profile(district.carbon, step))
-    if forecast in ("yesterday", "parked-cars", "hour-profile"):
-        # Indices into ``sessions`` key the cars' observed energies (``State.ev_energy``): a car not yet arrived is
-        # moved out of every horizon rather than dropped.
-        changes["sessions"] = [session if _arrived(district.sessions, index, step) else dataclasses.replace(
-            session, arrival=district.steps, departure=district.steps)
-            for index, session in enumerate(district.sessions)]
-    view = dataclasses.replace(district, **changes)
-    view.baseline = district.baseline
-    return view
+class Forecast:
+    """What the planner knows of ``district`` at each step under ``mode`` (``exact``: the district itself)."""
+
+    def __init__(self, district: District, mode: str):
+        check_forecast(mode)
+        self.district, self.mode = district, mode
+        # The hourly profiles are the whole window's: computed once, not at every step.
+        self._profiles = ({name: hourly_profile(getattr(district, name)) for name in ("base_load", "carbon")}
+                          if mode == "hour-profile" else {})
+
+    def view(self, step: int) -> District:
+        """The district as the planner sees it at episode step ``step``."""
+        district, mode = self.district, self.mode
+        if mode == "exact":
+            return district
+        changes = {}
+        if mode in ("yesterday", "yesterday-loads"):
+            changes.update(base_load=seasonal_naive(district.base_load, step),
+                           carbon=seasonal_naive(district.carbon, step))
+        if mode == "hour-profile":
+            changes.update({name: hour_profile(getattr(district, name), step, profile)
+                            for name, profile in self._profiles.items()})
+        if mode in ("yesterday", "parked-cars", "hour-profile"):
+            # Indices into ``sessions`` key the cars' observed energies (``State.ev_energy``): a car not yet arrived
+            # is moved out of every horizon rather than dropped.
+            changes["sessions"] = [session if _arrived(district.sessions, index, step) else dataclasses.replace(
+                session, arrival=district.steps, departure=district.steps)
+                for index, session in enumerate(district.sessions)]
+        view = dataclasses.replace(district, **changes)
+        view.baseline = district.baseline
+        return view
 
 
 def seasonal_naive(series: np.ndarray, step: int) -> np.ndarray:
@@ -64,27 +76,33 @@ def seasonal_naive(series: np.ndarray, step: int) -> np.ndarray:
     Step ``k > step`` reads step ``k - 24 * ceil((k - step) / 24)``, the latest step at or before ``step`` with the
     same hour of day; where that is before the episode's start, the current step's value.
     """
-    out = np.array(series, dtype=np.float64, copy=True)
-    later = np.arange(step + 1, series.shape[-1])
-    if later.size == 0:
-        return out
-    source = later - HOURS_PER_DAY * np.ceil((later - step) / HOURS_PER_DAY).astype(int)
-    source = np.where(source >= 0, source, step)
-    out[..., later] = series[..., source]
-    return out
+    def same_hour_seen(later: np.ndarray) -> np.ndarray:
+        source = later - HOURS_PER_DAY * np.ceil((later - step) / HOURS_PER_DAY).astype(int)
+        return series[..., np.where(source >= 0, source, step)]
+
+    return _with_later(series, step, same_hour_seen)
 
 
-def hour_profile(series: np.ndarray, step: int) -> np.ndarray:
-    """``series`` with every step after ``step`` replaced by the whole window's mean at that hour of the day, plus the
-    current step's departure from its own hour's mean (hours counted from the window's first step)."""
-    out = np.array(series, dtype=np.float64, copy=True)
-    later = np.arange(step + 1, series.shape[-1])
-    if later.size == 0:
-        return out
+def hourly_profile(series: np.ndarray) -> np.ndarray:
+    """``[rows, 24]``: the mean of ``series`` at each hour of the day (hours counted from the window's first step)."""
     hours = np.arange(series.shape[-1]) % HOURS_PER_DAY
-    profile = np.stack([series[..., hours == h].mean(axis=-1) for h in range(HOURS_PER_DAY)], axis=-1)
-    anomaly = series[..., step] - profile[..., hours[step]]
-    out[..., later] = profile[..., hours[later]] + anomaly[..., None]
+    return np.stack([series[..., hours == h].mean(axis=-1) for h in range(HOURS_PER_DAY)], axis=-1)
+
+
+def hour_profile(series: np.ndarray, step: int, profile: np.ndarray | None = None) -> np.ndarray:
+    """``series`` with every step after ``step`` replaced by its hourly profile (``hourly_profile``, computed here
+    unless given) plus the current step's departure from its own hour's mean."""
+    profile = hourly_profile(series) if profile is None else profile
+    anomaly = series[..., step] - profile[..., step % HOURS_PER_DAY]
+    return _with_later(series, step, lambda later: profile[..., later % HOURS_PER_DAY] + anomaly[..., None])
+
+
+def _with_later(series: np.ndarray, step: int, forecast_of) -> np.ndarray:
+    """A copy of ``series`` whose steps after ``step`` are ``forecast_of(those steps)``."""
+    out = np.array(series, dtype=np.float64, copy=True)
+    later = np.arange(step + 1, series.shape[-1])
+    if later.size:
+        out[..., later] = forecast_of(later)
     return out
 
 

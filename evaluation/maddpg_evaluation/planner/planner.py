@@ -20,7 +20,7 @@ from maddpg_core.errors import PlannerError
 from ..citylearn_env import layout_from_env
 from ..ev_service import EvServiceRule
 from .district import HOURS_PER_DAY, District, earliest_start_load, read_district
-from .forecast import check_forecast, forecast_view
+from .forecast import Forecast, check_forecast
 from .lp import LinearProgram
 from .objective import Weights, objective_weights
 
@@ -99,13 +99,13 @@ class Planner:
                  forecast: str = "exact"):
         check_options(objective=objective, horizon=horizon, mode=mode, forecast=forecast)
         self.objective, self.horizon, self.ev, self.mode = objective, int(horizon), bool(ev), mode
-        self.forecast = forecast
         # With an EV service rule (the deployed policy's safety layer), plans stay inside it: every car is charged
         # at least as the rule would force it to be, and to the rule's target. A teacher must only demonstrate what
         # the policy it teaches can do.
         self.ev_rule = ev_rule
         self.weights = weights or objective_weights(objective)
         self.district: District = read_district(env)
+        self.known = Forecast(self.district, forecast)   # what each solve knows of the district's future
         self.layout = layout_from_env(env)
         self.timing = Timing()
         self._previous: Plan | None = None     # last solve: its powers linearise the next solve's efficiencies
@@ -129,9 +129,8 @@ class Planner:
     def solve(self, state: State, horizon: int) -> Plan:
         """One LP over ``horizon`` steps from ``state``, warm-started from the previous solve (receding mode)."""
         started = time.perf_counter()
-        known = forecast_view(self.district, state.step, self.forecast)
-        program, variables = build_program(known, state, horizon, self.weights, ev=self.ev, previous=self._previous,
-                                           ev_rule=self.ev_rule)
+        program, variables = build_program(self.known.view(state.step), state, horizon, self.weights, ev=self.ev,
+                                           previous=self._previous, ev_rule=self.ev_rule)
         built = time.perf_counter()
         if self.mode == "open-loop":
             solution = program.solve(method="ipm")
